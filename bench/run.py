@@ -1,0 +1,450 @@
+"""Benchmark the webhook against the floor (bench/floor.py) on the same uvicorn + TLS setup.
+
+One command (`make bench`): makes a dev CA and serving certificate, starts both servers on free
+loopback ports, checks that the webhook really patches the request, drives each with wrk over
+HTTPS keep-alive, prints req/s, p50 and p99 with the webhook/floor ratios against the targets,
+and writes the figures to bench/results/latest.json. The servers are always stopped at the end.
+
+Exit status: 0 when the benchmark ran (a missed target prints MISS), 1 when it could not run or
+a server answered errors under load, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+REQUEST_FILE = BENCH_DIR / "request.json"
+LUA_SCRIPT = BENCH_DIR / "post.lua"
+RESULTS_FILE = BENCH_DIR / "results" / "latest.json"
+
+HOST = "127.0.0.1"  # load goes to loopback only
+MUTATE_PATH = "/mutate"
+HEALTH_PATH = "/healthz"
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+# Targets from the spec: the webhook keeps >= 70% of the floor's throughput, and its p99 stays
+# within 1.5x the floor's.
+MIN_RPS_RATIO = 0.7
+MAX_P99_RATIO = 1.5
+
+
+class BenchError(Exception):
+    """The benchmark cannot run (or its figures would mean nothing); the message says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: int
+    warmup_s: int
+    connections: int
+    threads: int
+    rounds: int
+    floor_only: bool
+    cert_dir: Path | None
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass(frozen=True)
+class Run:
+    server: str
+    round: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = _parse_args(argv)
+    try:
+        return _benchmark(settings)
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+def _parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per server")
+    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--rounds", type=int, default=2, help="measured runs per server")
+    parser.add_argument("--floor-only", action="store_true", help="benchmark the floor alone")
+    parser.add_argument(
+        "--cert-dir", type=Path, help="use ca.crt, tls.crt, tls.key from here instead of new ones"
+    )
+    args = parser.parse_args(argv)
+    if min(args.duration, args.warmup, args.connections, args.threads, args.rounds) < 1:
+        parser.error("--duration, --warmup, --connections, --threads, --rounds must be >= 1")
+    if args.connections < args.threads:
+        parser.error("--connections must be >= --threads (each wrk thread needs one)")
+    return Settings(
+        args.duration,
+        args.warmup,
+        args.connections,
+        args.threads,
+        args.rounds,
+        args.floor_only,
+        args.cert_dir,
+    )
+
+
+def _benchmark(settings: Settings) -> int:
+    wrk = _find_wrk()
+    body = _compact_request()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"bench: load average is {load:.2f} before starting: figures will be noisy")
+    with tempfile.TemporaryDirectory(prefix="outrigger-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        certs = settings.cert_dir or _make_certs(work / "certs")
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        commands = {"floor": _floor_command(certs)}
+        if not settings.floor_only:
+            commands["webhook"] = _webhook_command(certs)
+        servers = [stack.enter_context(_running(cmd, name, work)) for name, cmd in commands.items()]
+        for server in servers:
+            _wait_ready(server, context)
+        if not settings.floor_only:
+            _check_webhook(servers[1], body, context)
+        body_file = work / "request.json"
+        body_file.write_bytes(body)
+        runs = _measure(wrk, servers, body_file, settings)
+    return _report(runs, settings, {"request_bytes": len(body), "loadavg_1m_before": load})
+
+
+def _find_wrk() -> str:
+    """Debian's wrk; installed on the spot when missing and we are root (machines are fresh)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BenchError("wrk not found: install it (Debian: apt-get install -y wrk)")
+    print("bench: wrk not found; installing it with apt-get", file=sys.stderr)
+    install = ["apt-get", "install", "-y", "-qq", "wrk"]
+    if subprocess.run(install, timeout=300, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], timeout=300, check=False)
+        subprocess.run(install, timeout=300, check=False)
+    found = shutil.which("wrk")
+    if not found:
+        raise BenchError("wrk is missing and apt-get could not install it")
+    return found
+
+
+def _compact_request() -> bytes:
+    """The request as the API server sends it: compact JSON, not the readable file."""
+    review = json.loads(REQUEST_FILE.read_text(encoding="utf-8"))
+    return json.dumps(review, separators=(",", ":")).encode()
+
+
+def _outrigger() -> Path:
+    path = VENV_BIN / "outrigger"
+    if not path.exists():
+        raise BenchError(f"{path} not found: run `make bench` (or pip install -e .) first")
+    return path
+
+
+def _make_certs(out: Path) -> Path:
+    command = [str(_outrigger()), "certs", "--dns", "localhost", "--ip", HOST, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    missing = [name for name in ("ca.crt", "tls.crt", "tls.key") if not (out / name).is_file()]
+    if done.returncode != 0 or missing:
+        raise BenchError(f"`outrigger certs` failed (missing {missing}):\n{done.stderr.strip()}")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _floor_command(certs: Path) -> list[str]:
+    return [
+        str(VENV_BIN / "python"),
+        "-m",
+        "uvicorn",
+        "bench.floor:app",
+        "--host",
+        HOST,
+        "--port",
+        "{port}",
+        "--ssl-certfile",
+        str(certs / "tls.crt"),
+        "--ssl-keyfile",
+        str(certs / "tls.key"),
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+def _webhook_command(certs: Path) -> list[str]:
+    # Served as deployed (default log level): its per-request logging is part of its cost.
+    return [
+        str(_outrigger()),
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        "{port}",
+        "--cert-dir",
+        str(certs),
+    ]
+
+
+@contextmanager
+def _running(template: list[str], name: str, work: Path) -> Iterator[Server]:
+    """Start a server on a free port, its output to a log file; stop it however we leave."""
+    port = _free_port()
+    command = [part.replace("{port}", str(port)) for part in template]
+    log = work / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield Server(name, f"https://{HOST}:{port}", process, log)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_ready(server: Server, context: ssl.SSLContext) -> None:
+    """Poll over HTTPS, trusting only our CA, until the server answers anything at all."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(
+                f"{server.name} exited with {server.process.returncode}" + _tail(server)
+            )
+        try:
+            _request(server, "GET", HEALTH_PATH, b"", context)
+            return
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.1)
+    raise BenchError(f"{server.name} did not answer within {READY_TIMEOUT_S:.0f}s" + _tail(server))
+
+
+def _tail(server: Server) -> str:
+    lines = server.log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+    return "; last lines of its log:\n" + "\n".join(lines) if lines else ""
+
+
+def _request(
+    server: Server, method: str, path: str, body: bytes, context: ssl.SSLContext
+) -> tuple[int, bytes]:
+    host, port = server.url.removeprefix("https://").split(":")
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=5)
+    try:
+        headers = {"Content-Type": "application/json"} if body else {}
+        connection.request(method, path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _check_webhook(server: Server, body: bytes, context: ssl.SSLContext) -> None:
+    """Refuse to benchmark a webhook that does not patch this pod: its figures would be moot."""
+    status, answer = _request(server, "POST", MUTATE_PATH, body, context)
+    uid = json.loads(body)["request"]["uid"]
+    try:
+        review = json.loads(answer)
+        response = review["response"]
+        problems = _review_problems(review, response, uid)
+    except (ValueError, KeyError, TypeError) as error:
+        problems = [f"unreadable response ({error!r})"]
+    if status != 200 or problems:
+        detail = "; ".join(problems) or "no detail"
+        raise BenchError(f"webhook answered HTTP {status}: {detail}\n{answer[:500]!r}")
+
+
+def _review_problems(review: dict[str, Any], response: dict[str, Any], uid: str) -> list[str]:
+    expected = {
+        "apiVersion": (review.get("apiVersion"), "admission.k8s.io/v1"),
+        "kind": (review.get("kind"), "AdmissionReview"),
+        "response.uid": (response.get("uid"), uid),
+        "response.allowed": (response.get("allowed"), True),
+        "response.patchType": (response.get("patchType"), "JSONPatch"),
+    }
+    problems = [
+        f"{key} is {got!r}, not {want!r}" for key, (got, want) in expected.items() if got != want
+    ]
+    encoded = response.get("patch")
+    if not encoded:
+        return [*problems, "response.patch is missing"]
+    patch = json.loads(base64.b64decode(encoded))
+    if not isinstance(patch, list) or not patch:
+        problems.append("response.patch has no operations")
+    return problems
+
+
+def _measure(wrk: str, servers: list[Server], body: Path, settings: Settings) -> list[Run]:
+    """Warm each server up, then alternate them round by round.
+
+    Alternating (floor, webhook, floor, webhook) spreads slow drift on this shared 2-core
+    machine over both servers instead of penalising whichever ran last; `_best` then keeps each
+    server's fastest round, since noise from other processes only ever slows a run down.
+    """
+    for server in servers:
+        print(f"  {server.name:<8} warm-up {settings.warmup_s}s", flush=True)
+        _wrk(wrk, server, body, settings, settings.warmup_s)
+    runs = []
+    for round_ in range(1, settings.rounds + 1):
+        for server in servers:
+            output = _wrk(wrk, server, body, settings, settings.duration_s)
+            run = _parse_wrk(output, server.name, round_)
+            print(
+                f"  {run.server:<8} round {round_}: {run.requests_per_s:9.1f} req/s  "
+                f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  errors {run.errors}",
+                flush=True,
+            )
+            runs.append(run)
+    return runs
+
+
+def _wrk(wrk: str, server: Server, body: Path, settings: Settings, seconds: int) -> str:
+    command = [
+        wrk,
+        f"-t{settings.threads}",
+        f"-c{settings.connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(LUA_SCRIPT),
+        server.url + MUTATE_PATH,
+    ]
+    env = {**os.environ, "BENCH_BODY": str(body)}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=seconds + 30, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed on {server.name}: {done.stderr.strip() or done.stdout}")
+    return done.stdout
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _parse_wrk(output: str, server: str, round_: int) -> Run:
+    """Read req/s, the 50% and 99% lines of `--latency`, and every kind of error wrk counts."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+    if not (rps and p50 and p99):
+        raise BenchError(f"cannot read wrk's output for {server}:\n{output}")
+    socket_errors = re.search(r"Socket errors: (.*)", output)
+    status_errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1))) if socket_errors else 0
+    errors += int(status_errors.group(1)) if status_errors else 0
+    return Run(
+        server,
+        round_,
+        float(rps.group(1)),
+        float(p50.group(1)) * _UNIT_MS[p50.group(2)],
+        float(p99.group(1)) * _UNIT_MS[p99.group(2)],
+        errors,
+    )
+
+
+def _best(runs: list[Run], server: str) -> Run:
+    return max((run for run in runs if run.server == server), key=lambda run: run.requests_per_s)
+
+
+def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int:
+    """Print the best run of each server and the verdicts; save everything as JSON."""
+    names = ["floor"] if settings.floor_only else ["floor", "webhook"]
+    best = {name: _best(runs, name) for name in names}
+    print(
+        f"\nbest of {settings.rounds} x {settings.duration_s}s, wrk -t{settings.threads} "
+        f"-c{settings.connections}, {facts['request_bytes']:.0f}-byte AdmissionReview, "
+        f"{os.cpu_count()} CPUs shared by wrk and the server"
+    )
+    print(f"{'server':<10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    for run in best.values():
+        print(f"{run.server:<10}{run.requests_per_s:>10.1f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}")
+    verdicts = {} if settings.floor_only else _verdicts(best["floor"], best["webhook"])
+    results = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {**asdict(settings), "cert_dir": str(settings.cert_dir or "")},
+        "machine": {"cpus": os.cpu_count(), **facts},
+        "runs": [asdict(run) for run in runs],
+        "best": {name: asdict(run) for name, run in best.items()},
+        "targets": verdicts,
+    }
+    RESULTS_FILE.parent.mkdir(exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {RESULTS_FILE.relative_to(ROOT)}")
+    errors = sum(run.errors for run in runs)
+    if errors:
+        print(f"bench: INVALID: {errors} errors under load (see wrk's counts)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verdicts(floor: Run, webhook: Run) -> dict[str, dict[str, Any]]:
+    """Compare the webhook to the floor against the spec's targets, and print the comparison."""
+    verdicts = {
+        "rps_ratio": _verdict(webhook.requests_per_s / floor.requests_per_s, ">=", MIN_RPS_RATIO),
+        "p99_ratio": _verdict(webhook.p99_ms / floor.p99_ms, "<=", MAX_P99_RATIO),
+    }
+    print(f"\n{'webhook/floor':<14}{'ratio':>7}{'target':>10}  verdict")
+    for label, verdict in zip(("req/s", "p99"), verdicts.values(), strict=True):
+        mark = "PASS" if verdict["pass"] else "MISS"
+        print(f"{label:<14}{verdict['value']:>7.2f}{verdict['target']:>10}  {mark}")
+    return verdicts
+
+
+def _verdict(ratio: float, comparison: str, target: float) -> dict[str, Any]:
+    passed = ratio >= target if comparison == ">=" else ratio <= target
+    return {"value": round(ratio, 3), "target": f"{comparison} {target}", "pass": passed}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

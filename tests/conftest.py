@@ -1,0 +1,72 @@
+"""Shared test helpers: the default policy, AdmissionReview builders, strict schema validation."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from webhook.policy import Policy, default_policy
+
+# Kubernetes version whose OpenAPI schema every mutated object is validated against.
+KUBERNETES_VERSION = "1.31.0"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def policy() -> Policy:
+    return default_policy()
+
+
+def validate_strict(obj: dict[str, Any]) -> None:
+    """Raise if `obj` is not valid against the Kubernetes schema (unknown fields included)."""
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def as_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod template or pod body as a complete Pod object, for schema validation."""
+    return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
+def admission_review(
+    pod: Any,
+    *,
+    namespace: str = "default",
+    operation: str = "CREATE",
+    uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002",
+    kind: dict[str, str] | None = None,
+    sub_resource: str | None = None,
+) -> dict[str, Any]:
+    """An admission.k8s.io/v1 AdmissionReview request as the API server sends it."""
+    kind = kind or {"group": "", "version": "v1", "kind": "Pod"}
+    request: dict[str, Any] = {
+        "uid": uid,
+        "kind": kind,
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": kind,
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": namespace,
+        "operation": operation,
+        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "object": pod,
+        "oldObject": None,
+        "dryRun": False,
+        "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+    }
+    if sub_resource:
+        request["subResource"] = sub_resource
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+
+
+def outrigger_executable() -> str:
+    """The installed `outrigger` console script of the environment running the tests."""
+    beside_python = Path(sys.executable).parent / "outrigger"
+    found = str(beside_python) if beside_python.exists() else shutil.which("outrigger")
+    if not found:
+        raise RuntimeError("the outrigger entry point is not installed (pip install -e .)")
+    return found

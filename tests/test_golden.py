@@ -1,0 +1,68 @@
+"""Golden AdmissionReviews: `fixtures/<case>.yaml` is a request, `<case>.injected.yaml` the answer.
+
+Each request goes through the whole envelope (`webhook.admission.review`, as the HTTP route
+calls it); the patch is applied with `jsonpatch` and the resulting pod compared with the
+golden one, validated strictly against the Kubernetes schema, and injected again to show that
+a second pass changes nothing. Regenerate after an intended change with
+`OUTRIGGER_REGENERATE=1 make test` and review the diff; a golden without a request fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import FIXTURES, as_pod, validate_strict
+from webhook.admission import review
+from webhook.policy import Policy
+
+REGENERATE = os.environ.get("OUTRIGGER_REGENERATE") == "1"
+REQUESTS = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
+
+
+def outcome(request: dict[str, Any], policy: Policy) -> dict[str, Any]:
+    """What the webhook's answer means: the resulting pod, or the denial."""
+    status, body = review(orjson.dumps(request), policy)
+    assert status == 200
+    answer = orjson.loads(body)
+    assert answer["apiVersion"] == "admission.k8s.io/v1"
+    assert answer["kind"] == "AdmissionReview"
+    response = answer["response"]
+    assert response["uid"] == request["request"]["uid"]
+    if not response["allowed"]:
+        return {"allowed": False, "status": response["status"]}
+    result: dict[str, Any] = {"allowed": True}
+    if "patch" in response:
+        assert response["patchType"] == "JSONPatch"
+        operations = orjson.loads(base64.b64decode(response["patch"]))
+        result["pod"] = jsonpatch.apply_patch(request["request"]["object"], operations)
+    if response.get("warnings"):
+        result["warnings"] = response["warnings"]
+    return result
+
+
+@pytest.mark.parametrize("request_file", REQUESTS, ids=lambda p: p.stem)
+def test_golden(request_file: Path, policy: Policy) -> None:
+    request = yaml.safe_load(request_file.read_text())
+    result = outcome(request, policy)
+    golden = request_file.with_name(request_file.stem + ".injected.yaml")
+    if REGENERATE:
+        golden.write_text(yaml.safe_dump(result, sort_keys=False, width=1 << 16))
+    assert result == yaml.safe_load(golden.read_text())
+    if "pod" in result:
+        validate_strict(as_pod(result["pod"]))
+        again = {**request, "request": {**request["request"], "object": result["pod"]}}
+        assert outcome(again, policy) == {"allowed": True}
+
+
+def test_every_golden_has_a_request() -> None:
+    goldens = {p.name.removesuffix(".injected.yaml") for p in FIXTURES.glob("*.injected.yaml")}
+    assert goldens == {p.stem for p in REQUESTS}
+    assert len(REQUESTS) >= 10

@@ -1,0 +1,204 @@
+"""The pure core: what `inject` keeps, what it adds, and what it refuses."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from webhook import annotations as ann
+from webhook.injector import (
+    ALREADY_INJECTED,
+    INJECTED,
+    NAMESPACE_EXCLUDED,
+    NOT_REQUESTED,
+    InjectionDenied,
+    RequestContext,
+    inject,
+)
+from webhook.policy import Policy, parse_policy
+
+DEFAULT = RequestContext("default")
+UPSTREAM = {ann.AMBASSADOR_UPSTREAM: "external-service:80"}
+
+
+def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": "p", "labels": {"app": "p"}}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    containers = spec.pop("containers", [{"name": "main-app", "image": "myapp:1.0"}])
+    return {"metadata": metadata, "spec": {"containers": containers, **spec}}
+
+
+def names(containers: list[dict[str, Any]]) -> list[str]:
+    return [c["name"] for c in containers]
+
+
+def test_input_pod_is_never_modified(policy: Policy) -> None:
+    original = pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM})
+    snapshot = copy.deepcopy(original)
+    inject(original, DEFAULT, policy)
+    assert original == snapshot
+
+
+def test_everything_else_in_the_pod_is_kept(policy: Policy) -> None:
+    init = [{"name": "init", "image": "busybox:1.36"}]
+    volumes = [{"name": "data", "emptyDir": {}}]
+    before = pod(
+        {ann.INJECT: "log-watcher", "team": "shop"},
+        containers=[
+            {"name": "a", "image": "a:1", "volumeMounts": [{"name": "data", "mountPath": "/d"}]},
+            {"name": "b", "image": "b:1"},
+        ],
+        initContainers=init,
+        volumes=volumes,
+        nodeSelector={"disk": "ssd"},
+    )
+    after = inject(before, DEFAULT, policy).pod
+    assert after["metadata"]["labels"] == {"app": "p"}
+    assert after["metadata"]["annotations"]["team"] == "shop"
+    assert after["spec"]["initContainers"] == init
+    assert after["spec"]["nodeSelector"] == {"disk": "ssd"}
+    assert after["spec"]["volumes"][:1] == volumes
+    assert names(after["spec"]["containers"]) == ["a", "b", "log-watcher"]
+    a_mounts = after["spec"]["containers"][0]["volumeMounts"]
+    assert a_mounts == [
+        {"name": "data", "mountPath": "/d"},
+        {"name": "shared-logs", "mountPath": "/var/log/app"},
+    ]
+
+
+def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Policy) -> None:
+    before = pod(
+        {ann.INJECT: "log-watcher", ann.LOG_PATH: "/srv/logs"},
+        containers=[{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}],
+    )
+    spec = inject(before, DEFAULT, policy).pod["spec"]
+    assert spec["volumes"] == [{"name": "shared-logs", "emptyDir": {}}]
+    for container in spec["containers"]:
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {"shared-logs": "/srv/logs"}
+    watcher = spec["containers"][-1]
+    assert "path=/srv/logs/*.log" in watcher["args"]
+    assert watcher["volumeMounts"][0]["readOnly"] is True
+
+
+def test_ambassador_listens_where_the_app_expects_it(policy: Policy) -> None:
+    before = pod({ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "9090"})
+    ambassador = inject(before, DEFAULT, policy).pod["spec"]["containers"][-1]
+    assert ambassador["name"] == "ambassador"
+    assert ambassador["ports"] == [{"containerPort": 9090, "protocol": "TCP"}]
+    assert ambassador["env"] == [
+        {"name": "SERVICE_HOST", "value": "external-service"},
+        {"name": "SERVICE_PORT", "value": "80"},
+    ]
+    assert ambassador["args"][0] == "--config-yaml"
+    assert '"port_value":9090' in ambassador["args"][1]
+    assert ambassador["image"] == policy.sidecars.ambassador.image
+
+
+def test_injected_containers_are_locked_down_by_policy(policy: Policy) -> None:
+    before = pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM})
+    for container in inject(before, DEFAULT, policy).pod["spec"]["containers"][1:]:
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert "limits" in container["resources"]
+
+
+def test_status_records_what_was_injected_and_the_policy(policy: Policy) -> None:
+    before = pod({ann.INJECT: "ambassador,log-watcher", **UPSTREAM})
+    result = inject(before, DEFAULT, policy)
+    assert result.reason == INJECTED
+    assert result.injected == ("ambassador", "log-watcher")
+    status = result.pod["metadata"]["annotations"][ann.STATUS]
+    assert status == f'{{"injected":["ambassador","log-watcher"],"policy":"{policy.version}"}}'
+
+
+@pytest.mark.parametrize(
+    ("before", "context", "reason"),
+    [
+        pytest.param(pod(), DEFAULT, NOT_REQUESTED, id="no-annotations"),
+        pytest.param(pod({ann.INJECT: "false"}), DEFAULT, NOT_REQUESTED, id="opt-out"),
+        pytest.param(
+            pod({ann.INJECT: "log-watcher"}),
+            RequestContext("kube-system"),
+            NAMESPACE_EXCLUDED,
+            id="kube-system",
+        ),
+        pytest.param(
+            pod({ann.INJECT: "log-watcher", ann.STATUS: "{}"}),
+            DEFAULT,
+            ALREADY_INJECTED,
+            id="already-injected",
+        ),
+    ],
+)
+def test_pods_left_as_they_are(
+    before: dict[str, Any], context: RequestContext, reason: str, policy: Policy
+) -> None:
+    result = inject(before, context, policy)
+    assert result.reason == reason
+    assert result.pod is before
+
+
+def test_policy_excluded_namespaces_are_skipped(policy: Policy) -> None:
+    document = policy.model_dump(by_alias=True)
+    custom = parse_policy({**document, "excludedNamespaces": ["batch"]})
+    result = inject(pod({ann.INJECT: "log-watcher"}), RequestContext("batch"), custom)
+    assert result.reason == NAMESPACE_EXCLUDED
+
+
+def test_injecting_twice_equals_injecting_once(policy: Policy) -> None:
+    once = inject(pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}), DEFAULT, policy).pod
+    assert inject(copy.deepcopy(once), DEFAULT, policy).pod == once
+
+
+@pytest.mark.parametrize(
+    ("before", "message"),
+    [
+        pytest.param(pod({ann.INJECT: "nope"}), "outrigger.dev/inject", id="bad-annotation"),
+        pytest.param(
+            pod(
+                {ann.INJECT: "log-watcher"},
+                initContainers=[{"name": "log-watcher", "image": "x:1"}],
+            ),
+            "container name 'log-watcher' is already used",
+            id="init-container-name",
+        ),
+        pytest.param(
+            pod(
+                {ann.INJECT: "ambassador", **UPSTREAM},
+                containers=[{"name": "app", "image": "a:1", "ports": [{"containerPort": 9901}]}],
+            ),
+            "already uses port 9901",
+            id="admin-port-taken",
+        ),
+        pytest.param(
+            pod({ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "9901"}),
+            "admin port",
+            id="local-port-is-admin-port",
+        ),
+        pytest.param(
+            {"metadata": {"annotations": {ann.INJECT: "log-watcher"}}, "spec": {}},
+            "no spec.containers",
+            id="no-containers",
+        ),
+        pytest.param(
+            {"metadata": {"annotations": {ann.AMBASSADOR_PORT: 8081}}, "spec": {}},
+            "must be strings",
+            id="non-string-annotation",
+        ),
+        pytest.param(
+            {"metadata": {"annotations": {ann.INJECT: "log-watcher"}}, "spec": {"containers": {}}},
+            "must be a list",
+            id="containers-not-a-list",
+        ),
+    ],
+)
+def test_denied(before: dict[str, Any], message: str, policy: Policy) -> None:
+    with pytest.raises(InjectionDenied) as caught:
+        inject(before, DEFAULT, policy)
+    assert message in str(caught.value)

@@ -1,0 +1,107 @@
+"""Properties over generated pods and annotation sets, through the whole admission envelope.
+
+For every pod: the answer is well formed and never an internal error; a patch applies with
+`jsonpatch`, the result validates strictly against the Kubernetes schema, and injecting the
+result again changes nothing (the API server's reinvocation, re-applied manifests).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import jsonpatch
+import orjson
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import admission_review, as_pod, validate_strict
+from webhook import annotations as ann
+from webhook.admission import review
+from webhook.policy import default_policy
+
+POLICY = default_policy()
+NAMES = st.sampled_from(["app", "main-app", "worker", "db"] * 3 + ["ambassador", "log-watcher"])
+PATHS = st.sampled_from(["/var/log/app", "/data", "/logs/", "/tmp/x"] * 3 + ["relative", "/a/../b"])
+PORTS = st.sampled_from([80, 1024, 8080, 9090] * 3 + [8081, 9901])
+
+
+@st.composite
+def containers(draw: st.DrawFn) -> list[dict[str, Any]]:
+    names = draw(st.lists(NAMES, min_size=1, max_size=3, unique=True))
+    result = []
+    for name in names:
+        container: dict[str, Any] = {"name": name, "image": "registry.example.com/app:1.0"}
+        if draw(st.booleans()):
+            ports = draw(st.lists(PORTS, max_size=2, unique=True))
+            container["ports"] = [{"containerPort": port} for port in ports]
+        if draw(st.booleans()):
+            path = draw(st.sampled_from(["/data", "/cache", "/data", "/var/log/app"]))
+            container["volumeMounts"] = [{"name": "data", "mountPath": path}]
+        result.append(container)
+    return result
+
+
+# Mostly valid values, so that most examples inject; a few invalid ones exercise denials.
+annotation_values = st.fixed_dictionaries(
+    {
+        ann.INJECT: st.sampled_from(
+            ["log-watcher", "ambassador", "log-watcher,ambassador", "ambassador, log-watcher,"] * 3
+            + ["", "false", "bogus", "true"]
+        ),
+    },
+    optional={
+        ann.LOG_PATH: PATHS,
+        ann.AMBASSADOR_UPSTREAM: st.sampled_from(
+            ["external-service:80", "api.example.com:443", "10.0.0.7:8080"] * 3 + ["nope", "x:0"]
+        ),
+        ann.AMBASSADOR_PORT: st.sampled_from(["8081", "9090", "15001"] * 3 + ["9901", "80"]),
+        "outrigger.dev/unknown": st.just("x"),
+        "example.com/a~b/c": st.just("kept"),
+    },
+)
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    metadata: dict[str, Any] = draw(
+        st.sampled_from([{"name": "p"}, {"generateName": "web-7d4b9c-"}])
+    )
+    if draw(st.integers(0, 9)):  # one pod in ten has no annotations at all
+        metadata["annotations"] = draw(annotation_values)
+    spec: dict[str, Any] = {"containers": draw(containers())}
+    mounts_data = any(c.get("volumeMounts") for c in spec["containers"])
+    if mounts_data or draw(st.booleans()):
+        spec["volumes"] = [{"name": "data", "emptyDir": {}}]
+    if draw(st.booleans()):
+        spec["initContainers"] = [{"name": "init", "image": "busybox:1.36"}]
+    return {"metadata": metadata, "spec": spec}
+
+
+def answer_for(pod: dict[str, Any], namespace: str) -> dict[str, Any]:
+    status, body = review(orjson.dumps(admission_review(pod, namespace=namespace)), POLICY)
+    assert status == 200
+    response: dict[str, Any] = orjson.loads(body)["response"]
+    return response
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pods(), st.sampled_from(["default", "shop"] * 4 + ["kube-system"]))
+def test_injection_is_valid_and_idempotent(pod: dict[str, Any], namespace: str) -> None:
+    original = copy.deepcopy(pod)
+    response = answer_for(pod, namespace)
+    assert pod == original  # the request object is never modified
+    event("denied" if not response["allowed"] else "patched" if "patch" in response else "as is")
+    if not response["allowed"]:
+        assert response["status"]["code"] == 400
+        assert response["status"]["message"].startswith("outrigger: ")
+        return
+    if "patch" not in response:
+        return
+    operations = orjson.loads(base64.b64decode(response["patch"]))
+    injected = jsonpatch.apply_patch(pod, operations)
+    validate_strict(as_pod(injected))
+    assert ann.STATUS in injected["metadata"]["annotations"]
+    again = answer_for(injected, namespace)
+    assert again["allowed"] and "patch" not in again

@@ -1,0 +1,39 @@
+"""The HTTP layer: three routes around `webhook.admission`. It knows FastAPI; nothing else does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from webhook.admission import review
+from webhook.policy import Policy
+
+# The API server sends objects of at most ~3 MiB; anything far larger is not a review.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+_JSON = "application/json"
+
+
+def create_app(policy: Callable[[], Policy]) -> FastAPI:
+    """`policy` returns the policy in force, so a reload takes effect on the next request."""
+    app = FastAPI(title="Outrigger", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/mutate")
+    async def mutate(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return Response(b'{"error":"request body too large"}', 413, media_type=_JSON)
+        status, body = review(await request.body(), policy())
+        return Response(body, status, media_type=_JSON)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        policy()  # ready once a valid policy is in force
+        return Response(b'{"status":"ready"}', media_type=_JSON)
+
+    return app

@@ -1,0 +1,140 @@
+"""`outrigger` command line: serve, inject, certs. A thin layer over the core and the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webhook.certs import ca_bundle, write_certificates
+from webhook.injector import InjectionDenied
+from webhook.policy import Policy, PolicyError, default_policy, load_policy
+from webhook.workloads import inject_workload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except PolicyError as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outrigger", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the admission webhook over HTTPS")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=Path("certs"),
+        help="holds tls.crt and tls.key; generated for localhost if missing",
+    )
+    serve.add_argument("--policy", type=Path, help="policy file (default: the embedded policy)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(run=_serve)
+
+    inject = commands.add_parser("inject", help="inject into manifests, print the result")
+    inject.add_argument(
+        "-f", "--filename", required=True, help="multi-document YAML file, or - for standard input"
+    )
+    inject.add_argument("--policy", type=Path, help="policy file (default: the embedded policy)")
+    inject.add_argument(
+        "-n",
+        "--namespace",
+        default="default",
+        help="namespace for objects that name none (default: default)",
+    )
+    inject.set_defaults(run=_inject)
+
+    certs = commands.add_parser("certs", help="make a CA and a serving certificate")
+    certs.add_argument("--dns", nargs="*", default=[], metavar="NAME", help="DNS names (SANs)")
+    certs.add_argument("--ip", nargs="*", default=[], metavar="IP", help="IP addresses (SANs)")
+    certs.add_argument("--out", type=Path, default=Path("certs"), help="output directory")
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.set_defaults(run=_certs)
+    return parser
+
+
+def _policy(path: Path | None) -> Policy:
+    return load_policy(path) if path else default_policy()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from webhook.server import serve  # uvicorn is only needed here
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    serve(args.host, args.port, args.cert_dir, _policy(args.policy), args.log_level)
+    return 0
+
+
+def _inject(args: argparse.Namespace) -> int:
+    policy = _policy(args.policy)
+    try:
+        documents = list(yaml.safe_load_all(_read(args.filename)))
+    except (OSError, yaml.YAMLError) as error:
+        print(f"outrigger: cannot read {args.filename}: {error}", file=sys.stderr)
+        return 2
+    output, failures = [], 0
+    for document in documents:
+        if document is None:
+            continue
+        try:
+            output.append(_inject_document(document, args.namespace, policy))
+        except InjectionDenied as error:
+            failures += 1
+            print(f"outrigger: {_describe(document)}: {error}", file=sys.stderr)
+            output.append(document)
+    yaml.dump_all(output, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
+    return 1 if failures else 0
+
+
+def _inject_document(document: Any, namespace: str, policy: Policy) -> Any:
+    if not isinstance(document, dict):
+        return document
+    if document.get("kind") == "List" and isinstance(document.get("items"), list):
+        items = [_inject_document(item, namespace, policy) for item in document["items"]]
+        return {**document, "items": items}
+    return inject_workload(document, namespace, policy)[0]
+
+
+def _describe(document: Any) -> str:
+    if not isinstance(document, dict):
+        return "document"
+    name = (document.get("metadata") or {}).get("name", "?")
+    return f"{document.get('kind', '?')}/{name}"
+
+
+def _read(filename: str) -> str:
+    return sys.stdin.read() if filename == "-" else Path(filename).read_text(encoding="utf-8")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    try:
+        paths = write_certificates(args.out, args.dns, args.ip, days=args.days)
+    except ValueError as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths.ca_cert}, {paths.cert}, {paths.key}", file=sys.stderr)
+    print(ca_bundle(paths.ca_cert))
+    return 0
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML: the injector shares sub-objects, which must not come out as &anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True

@@ -1,0 +1,48 @@
+"""Where each workload kind keeps its pod template, for `outrigger inject` on manifests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webhook.injector import Injection, RequestContext, inject
+from webhook.policy import Policy
+
+# Path of field names from the object to its pod (template); a Pod is its own template.
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+def inject_workload(
+    document: dict[str, Any], default_namespace: str, policy: Policy
+) -> tuple[dict[str, Any], Injection | None]:
+    """The document with its pod template injected; other kinds come back unchanged (None)."""
+    path = TEMPLATE_PATHS.get(str(document.get("kind")))
+    if path is None:
+        return document, None
+    metadata = document.get("metadata") or {}
+    namespace = str(metadata.get("namespace") or default_namespace)
+    template = _get(document, path)
+    injection = inject(template, RequestContext(namespace), policy)
+    return _replace(document, path, injection.pod), injection
+
+
+def _get(document: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    node: Any = document
+    for field in path:
+        node = node.get(field) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _replace(document: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    if not path:
+        return dict(value)
+    head, rest = path[0], path[1:]
+    return {**document, head: _replace(document.get(head) or {}, rest, value)}
