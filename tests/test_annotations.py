@@ -38,8 +38,8 @@ def test_inject_names(annotations: dict[str, str], sidecars: tuple[str, ...]) ->
     [
         ("api.example.com:443", Upstream("api.example.com", 443)),
         ("External-Service:80", Upstream("external-service", 80)),
-        ("10.0.0.7:8080", Upstream("10.0.0.7", 8080)),
-        ("[fd00::7]:80", Upstream("fd00::7", 80)),
+        ("10.0.0.7:8080", Upstream("10.0.0.7", 8080, is_ip=True)),
+        ("[fd00::7]:80", Upstream("fd00::7", 80, is_ip=True)),
         (
             "payments.prod.svc.cluster.local:65535",
             Upstream("payments.prod.svc.cluster.local", 65535),

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, as_pod, validate_strict
+from tests.envoy_schema import validate_bootstrap
 from webhook.admission import review
 from webhook.policy import Policy
 
@@ -58,6 +59,9 @@ def test_golden(request_file: Path, policy: Policy) -> None:
     assert result == yaml.safe_load(golden.read_text())
     if "pod" in result:
         validate_strict(as_pod(result["pod"]))
+        for container in result["pod"]["spec"]["containers"]:
+            if container["name"] == "ambassador":
+                validate_bootstrap(orjson.loads(container["args"][1]))
         again = {**request, "request": {**request["request"], "object": result["pod"]}}
         assert outcome(again, policy) == {"allowed": True}
 

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 PREFIX = "outrigger.dev/"
 INJECT = PREFIX + "inject"
@@ -41,14 +42,7 @@ class Upstream:
 
     host: str
     port: int
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
+    is_ip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,26 +148,32 @@ def _parse_ambassador(
 
 
 def _parse_upstream(raw: str, problems: list[str]) -> Upstream | None:
-    host, sep, port_text = raw.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
-    if not sep or not 1 <= port <= 65535 or not _valid_host(host):
+    upstream = _upstream(raw)
+    if upstream is None:
         problems.append(
             f"annotation {AMBASSADOR_UPSTREAM}: {raw!r} is not accepted; expected host:port "
             "with a DNS name or IP address and a port from 1 to 65535 "
             "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
         )
+    return upstream
+
+
+@lru_cache(maxsize=4096)
+def _upstream(raw: str) -> Upstream | None:
+    """Cached: the pods of one workload name the same upstream, and IP parsing is not cheap."""
+    host, sep, port_text = raw.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
+    if not sep or not 1 <= port <= 65535:
         return None
-    return Upstream(host=host.lower(), port=port)
-
-
-def _valid_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return len(host) <= 253 and bool(_DNS_NAME.match(host.lower()))
-    return True
+        if len(host) > 253 or not _DNS_NAME.match(host.lower()):
+            return None
+        return Upstream(host=host.lower(), port=port)
+    return Upstream(host=host, port=port, is_ip=True)
 
 
 def _parse_port(raw: str | None, problems: list[str]) -> int | None:

@@ -21,11 +21,11 @@ def create_app(policy: Callable[[], Policy]) -> FastAPI:
 
     @app.post("/mutate")
     async def mutate(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        body = await _read_body(request)
+        if body is None:
             return Response(b'{"error":"request body too large"}', 413, media_type=_JSON)
-        status, body = review(await request.body(), policy())
-        return Response(body, status, media_type=_JSON)
+        status, answer = review(body, policy())
+        return Response(answer, status, media_type=_JSON)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -37,3 +37,16 @@ def create_app(policy: Callable[[], Policy]) -> FastAPI:
         return Response(b'{"status":"ready"}', media_type=_JSON)
 
     return app
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None past the limit (also for chunked bodies that declare no length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    return body

@@ -10,6 +10,7 @@ import base64
 import datetime
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+_DNS_SAN = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 CA_CERT = "ca.crt"
 SERVING_CERT = "tls.crt"
 SERVING_KEY = "tls.key"
@@ -110,8 +112,11 @@ def _validated_sans(
     if not dns_names and not ip_addresses:
         raise ValueError("a serving certificate needs at least one DNS name or IP address")
     for name in dns_names:
-        if not name.strip():
-            raise ValueError(f"invalid DNS name {name!r}: must not be empty")
+        if not _DNS_SAN.match(name) or len(name) > 253:
+            raise ValueError(
+                f"invalid DNS name {name!r}: expected lowercase labels of letters, digits and "
+                "'-' separated by dots, optionally starting with '*.'"
+            )
     ips: list[IPAddress] = []
     for value in ip_addresses:
         try:

@@ -88,27 +88,27 @@ def _inject(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as error:
         print(f"outrigger: cannot read {args.filename}: {error}", file=sys.stderr)
         return 2
-    output, failures = [], 0
-    for document in documents:
-        if document is None:
-            continue
-        try:
-            output.append(_inject_document(document, args.namespace, policy))
-        except InjectionDenied as error:
-            failures += 1
-            print(f"outrigger: {_describe(document)}: {error}", file=sys.stderr)
-            output.append(document)
+    failures: list[str] = []
+    output = [_inject_document(d, args.namespace, policy, failures) for d in documents if d]
+    for failure in failures:
+        print(f"outrigger: {failure}", file=sys.stderr)
     yaml.dump_all(output, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
     return 1 if failures else 0
 
 
-def _inject_document(document: Any, namespace: str, policy: Policy) -> Any:
+def _inject_document(document: Any, namespace: str, policy: Policy, failures: list[str]) -> Any:
+    """The document injected; a denied object is kept unchanged and its reason recorded."""
     if not isinstance(document, dict):
         return document
-    if document.get("kind") == "List" and isinstance(document.get("items"), list):
-        items = [_inject_document(item, namespace, policy) for item in document["items"]]
-        return {**document, "items": items}
-    return inject_workload(document, namespace, policy)[0]
+    items = document.get("items")
+    if document.get("kind") == "List" and isinstance(items, list):
+        injected = [_inject_document(item, namespace, policy, failures) for item in items]
+        return {**document, "items": injected}
+    try:
+        return inject_workload(document, namespace, policy)[0]
+    except InjectionDenied as error:
+        failures.append(f"{_describe(document)}: {error}")
+        return document
 
 
 def _describe(document: Any) -> str:

@@ -13,11 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 Operation = dict[str, Any]
+_ABSENT = object()
 
 
 def escape(key: str) -> str:
     """JSON Pointer token escaping (RFC 6901): `~` first, then `/`."""
-    return key.replace("~", "~0").replace("/", "~1")
+    if "~" in key or "/" in key:
+        return key.replace("~", "~0").replace("/", "~1")
+    return key
 
 
 def diff(before: Any, after: Any) -> list[Operation]:
@@ -43,11 +46,14 @@ def _diff_objects(
     for key in [key for key in before if key not in after]:
         operations.append({"op": "remove", "path": f"{path}/{escape(key)}"})
     for key, value in after.items():
+        previous = before.get(key, _ABSENT)
+        if previous is value:
+            continue  # shared with the original: the common case, kept cheap
         child = f"{path}/{escape(key)}"
-        if key in before:
-            _diff(before[key], value, child, operations)
-        else:
+        if previous is _ABSENT:
             operations.append({"op": "add", "path": child, "value": value})
+        else:
+            _diff(previous, value, child, operations)
 
 
 def _diff_lists(
@@ -55,7 +61,8 @@ def _diff_lists(
 ) -> None:
     common = min(len(before), len(after))
     for index in range(common):
-        _diff(before[index], after[index], f"{path}/{index}", operations)
+        if before[index] is not after[index]:
+            _diff(before[index], after[index], f"{path}/{index}", operations)
     for index in range(common, len(after)):
         operations.append({"op": "add", "path": f"{path}/{index}", "value": after[index]})
     for index in range(len(before) - 1, common - 1, -1):

@@ -30,15 +30,17 @@ def inject_workload(
     metadata = document.get("metadata") or {}
     namespace = str(metadata.get("namespace") or default_namespace)
     template = _get(document, path)
+    if template is None:
+        return document, None  # nothing to inject into; leave the object exactly as it is
     injection = inject(template, RequestContext(namespace), policy)
     return _replace(document, path, injection.pod), injection
 
 
-def _get(document: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+def _get(document: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
     node: Any = document
     for field in path:
         node = node.get(field) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else None
 
 
 def _replace(document: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
