@@ -42,6 +42,7 @@ MUTATE_PATH = "/mutate"
 HEALTH_PATH = "/healthz"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+CERT_FILES = ("ca.crt", "tls.crt", "tls.key")
 
 # Targets from the spec: the webhook keeps >= 70% of the floor's throughput, and its p99 stays
 # within 1.5x the floor's.
@@ -125,7 +126,8 @@ def _parse_args(argv: Sequence[str] | None) -> Settings:
         args.threads,
         args.rounds,
         args.floor_only,
-        args.cert_dir,
+        # Absolute: the servers run from the repository root, not from the caller's directory.
+        args.cert_dir.resolve() if args.cert_dir else None,
     )
 
 
@@ -137,7 +139,7 @@ def _benchmark(settings: Settings) -> int:
         print(f"bench: load average is {load:.2f} before starting: figures will be noisy")
     with tempfile.TemporaryDirectory(prefix="outrigger-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        certs = settings.cert_dir or _make_certs(work / "certs")
+        certs = _checked_certs(settings.cert_dir or _make_certs(work / "certs"))
         context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         commands = {"floor": _floor_command(certs)}
         if not settings.floor_only:
@@ -187,10 +189,16 @@ def _outrigger() -> Path:
 def _make_certs(out: Path) -> Path:
     command = [str(_outrigger()), "certs", "--dns", "localhost", "--ip", HOST, "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-    missing = [name for name in ("ca.crt", "tls.crt", "tls.key") if not (out / name).is_file()]
-    if done.returncode != 0 or missing:
-        raise BenchError(f"`outrigger certs` failed (missing {missing}):\n{done.stderr.strip()}")
+    if done.returncode != 0:
+        raise BenchError(f"`outrigger certs` failed:\n{done.stderr.strip()}")
     return out
+
+
+def _checked_certs(directory: Path) -> Path:
+    missing = [name for name in CERT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise BenchError(f"{directory} lacks {', '.join(missing)}")
+    return directory
 
 
 def _free_port() -> int:
