@@ -54,6 +54,18 @@ class BenchError(Exception):
     """The benchmark cannot run (or its figures would mean nothing); the message says why."""
 
 
+DISTINCT = "webhook-distinct"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one wrk run loads: a server, fed alike pods or a distinct pod per request."""
+
+    name: str
+    server: Server
+    distinct: bool
+
+
 @dataclass(frozen=True)
 class Settings:
     duration_s: int
@@ -147,11 +159,14 @@ def _benchmark(settings: Settings) -> int:
         servers = [stack.enter_context(_running(cmd, name, work)) for name, cmd in commands.items()]
         for server in servers:
             _wait_ready(server, context)
+        targets = [Target("floor", servers[0], distinct=False)]
         if not settings.floor_only:
             _check_webhook(servers[1], body, context)
+            targets.append(Target("webhook", servers[1], distinct=False))
+            targets.append(Target(DISTINCT, servers[1], distinct=True))
         body_file = work / "request.json"
         body_file.write_bytes(body)
-        runs = _measure(wrk, servers, body_file, settings)
+        runs = _measure(wrk, targets, body_file, settings)
     return _report(runs, settings, {"request_bytes": len(body), "loadavg_1m_before": load})
 
 
@@ -341,22 +356,22 @@ def _review_problems(review: dict[str, Any], response: dict[str, Any], uid: str)
     return problems
 
 
-def _measure(wrk: str, servers: list[Server], body: Path, settings: Settings) -> list[Run]:
-    """Warm each server up, then alternate them round by round.
+def _measure(wrk: str, targets: list[Target], body: Path, settings: Settings) -> list[Run]:
+    """Warm each server up, then alternate the targets round by round.
 
-    Alternating (floor, webhook, floor, webhook) spreads slow drift on this shared 2-core
-    machine over both servers instead of penalising whichever ran last.
+    Alternating (floor, webhook, webhook-distinct, floor, ...) spreads slow drift on this
+    shared 2-core machine over every target instead of penalising whichever ran last.
     """
-    for server in servers:
-        print(f"  {server.name:<8} warm-up {settings.warmup_s}s", flush=True)
-        _wrk(wrk, server, body, settings, settings.warmup_s)
+    for target in targets:
+        print(f"  {target.name:<17} warm-up {settings.warmup_s}s", flush=True)
+        _wrk(wrk, target, body, settings, settings.warmup_s)
     runs = []
     for round_ in range(1, settings.rounds + 1):
-        for server in servers:
-            output = _wrk(wrk, server, body, settings, settings.duration_s)
-            run = _parse_wrk(output, server.name, round_)
+        for target in targets:
+            output = _wrk(wrk, target, body, settings, settings.duration_s)
+            run = _parse_wrk(output, target.name, round_)
             print(
-                f"  {run.server:<8} round {round_}: {run.requests_per_s:9.1f} req/s  "
+                f"  {run.server:<17} round {round_}: {run.requests_per_s:9.1f} req/s  "
                 f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  errors {run.errors}",
                 flush=True,
             )
@@ -364,7 +379,7 @@ def _measure(wrk: str, servers: list[Server], body: Path, settings: Settings) ->
     return runs
 
 
-def _wrk(wrk: str, server: Server, body: Path, settings: Settings, seconds: int) -> str:
+def _wrk(wrk: str, target: Target, body: Path, settings: Settings, seconds: int) -> str:
     command = [
         wrk,
         f"-t{settings.threads}",
@@ -373,14 +388,14 @@ def _wrk(wrk: str, server: Server, body: Path, settings: Settings, seconds: int)
         "--latency",
         "-s",
         str(LUA_SCRIPT),
-        server.url + MUTATE_PATH,
+        target.server.url + MUTATE_PATH,
     ]
-    env = {**os.environ, "BENCH_BODY": str(body)}
+    env = {**os.environ, "BENCH_BODY": str(body), "BENCH_DISTINCT": "1" if target.distinct else ""}
     done = subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=seconds + 30, check=False
     )
     if done.returncode != 0:
-        raise BenchError(f"wrk failed on {server.name}: {done.stderr.strip() or done.stdout}")
+        raise BenchError(f"wrk failed on {target.name}: {done.stderr.strip() or done.stdout}")
     return done.stdout
 
 
@@ -420,18 +435,21 @@ def _best(runs: list[Run], server: str) -> Best:
 
 
 def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int:
-    """Print the best run of each server and the verdicts; save everything as JSON."""
-    names = ["floor"] if settings.floor_only else ["floor", "webhook"]
+    """Print the best run of each target and the verdicts; save everything as JSON."""
+    names = ["floor"] if settings.floor_only else ["floor", "webhook", DISTINCT]
     best = {name: _best(runs, name) for name in names}
     print(
         f"\nbest of {settings.rounds} x {settings.duration_s}s, wrk -t{settings.threads} "
         f"-c{settings.connections}, {facts['request_bytes']:.0f}-byte AdmissionReview, "
         f"{os.cpu_count()} CPUs shared by wrk and the server"
     )
-    print(f"{'server':<10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'target':<18}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for run in best.values():
-        print(f"{run.server:<10}{run.requests_per_s:>10.1f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}")
-    verdicts = {} if settings.floor_only else _verdicts(best["floor"], best["webhook"])
+        print(f"{run.server:<18}{run.requests_per_s:>10.1f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}")
+    verdicts = {}
+    if not settings.floor_only:
+        for name in ("webhook", DISTINCT):
+            verdicts[name] = _verdicts(name, best["floor"], best[name])
     results = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {**asdict(settings), "cert_dir": str(settings.cert_dir or "")},
@@ -450,16 +468,16 @@ def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int
     return 0
 
 
-def _verdicts(floor: Best, webhook: Best) -> dict[str, dict[str, Any]]:
-    """Compare the webhook to the floor against the spec's targets, and print the comparison."""
+def _verdicts(name: str, floor: Best, webhook: Best) -> dict[str, dict[str, Any]]:
+    """Compare one webhook target to the floor against the spec's targets, and print it."""
     verdicts = {
         "rps_ratio": _verdict(webhook.requests_per_s / floor.requests_per_s, ">=", MIN_RPS_RATIO),
         "p99_ratio": _verdict(webhook.p99_ms / floor.p99_ms, "<=", MAX_P99_RATIO),
     }
-    print(f"\n{'webhook/floor':<14}{'ratio':>7}{'target':>10}  verdict")
+    print(f"\n{name + '/floor':<24}{'ratio':>7}{'target':>10}  verdict")
     for label, verdict in zip(("req/s", "p99"), verdicts.values(), strict=True):
         mark = "PASS" if verdict["pass"] else "MISS"
-        print(f"{label:<14}{verdict['value']:>7.2f}{verdict['target']:>10}  {mark}")
+        print(f"{label:<24}{verdict['value']:>7.2f}{verdict['target']:>10}  {mark}")
     return verdicts
 
 

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from tests.conftest import admission_review, as_pod, validate_strict
 from webhook import annotations as ann
 from webhook.admission import review
+from webhook.injector import RequestContext, inject
+from webhook.patch import diff
 from webhook.policy import default_policy
 
 POLICY = default_policy()
@@ -100,6 +102,9 @@ def test_injection_is_valid_and_idempotent(pod: dict[str, Any], namespace: str) 
     if "patch" not in response:
         return
     operations = orjson.loads(base64.b64decode(response["patch"]))
+    # The webhook decodes only what the injector reads (webhook.wire): its patch must be
+    # exactly the patch made from the whole pod.
+    assert operations == diff(pod, inject(pod, RequestContext(namespace), POLICY).pod)
     injected = jsonpatch.apply_patch(pod, operations)
     validate_strict(as_pod(injected))
     assert ann.STATUS in injected["metadata"]["annotations"]

@@ -11,11 +11,13 @@ import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
 
 import orjson
 
-from webhook.injector import INJECTED, Injection, InjectionDenied, RequestContext, inject
+from webhook import wire
+from webhook.injector import INJECTED, InjectionDenied, RequestContext, inject
 from webhook.patch import diff
 from webhook.policy import Policy
 
@@ -34,45 +36,61 @@ class BadReview(ValueError):
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     uid: str
-    kind: dict[str, Any]
-    operation: str
     namespace: str
-    sub_resource: str
-    obj: Any
+    # The pod as canonical JSON of what the injector reads (see `webhook.wire`); None when
+    # the request is no pod creation.
+    pod_json: bytes | None
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """The answer for one pod: a base64 JSON Patch (None: nothing to change) and warnings."""
+
+    patch: str | None
+    warnings: tuple[str, ...]
+    injected: tuple[str, ...]
 
 
 def decode_review(body: bytes) -> AdmissionRequest:
     try:
-        review = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
+        review = wire.decode_review(body)
+    except wire.MalformedJSON as error:
         raise BadReview(f"body is not valid JSON: {error}") from None
-    if not isinstance(review, dict):
-        raise BadReview("body must be a JSON object (an AdmissionReview)")
+    except wire.DecodeError as error:
+        raise BadReview(f"not a valid AdmissionReview: {error}") from None
     if review.get("apiVersion") != API_VERSION or review.get("kind") != KIND:
         raise BadReview(f"expected apiVersion {API_VERSION!r} and kind {KIND!r}")
     request = review.get("request")
-    if not isinstance(request, dict):
+    if request is None:
         raise BadReview("AdmissionReview has no 'request' object")
     uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
+    if not uid:
         raise BadReview("request.uid must be a non-empty string")
-    kind = request.get("kind")
-    operation = request.get("operation")
-    if not isinstance(kind, dict) or not isinstance(operation, str):
-        raise BadReview("request.kind must be an object and request.operation a string")
-    obj = request.get("object")
-    metadata = obj.get("metadata") if isinstance(obj, dict) else None
-    name = (metadata or {}).get("name") or (metadata or {}).get("generateName") or ""
+    pod = _created_pod(request)
+    metadata = (pod or {}).get("metadata") or {}
     return AdmissionRequest(
         uid=uid,
-        kind=kind,
-        operation=operation,
-        namespace=str(request.get("namespace") or ""),
-        sub_resource=str(request.get("subResource") or ""),
-        obj=obj,
-        name=str(name),
+        namespace=request.get("namespace", ""),
+        pod_json=None if pod is None else wire.encode(pod),
+        name=metadata.get("name") or metadata.get("generateName") or "",
     )
+
+
+def _created_pod(request: wire.Request) -> wire.Pod | None:
+    """The pod of a CREATE of a v1 Pod (not of a subresource); None for any other request."""
+    raw = request.get("object")
+    if (
+        request.get("operation") != "CREATE"
+        or request.get("subResource")
+        or request.get("kind") != _POD_KIND
+        or raw is None
+    ):
+        return None
+    try:
+        return wire.decode_pod(raw)
+    except wire.DecodeError as error:
+        raise BadReview(f"request.object is not a valid Pod: {error}") from None
 
 
 def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
@@ -81,16 +99,17 @@ def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
         request = decode_review(body)
     except BadReview as error:
         return 400, orjson.dumps({"error": str(error)})
+    except Exception:
+        log.exception("cannot decode an AdmissionReview")
+        return 400, b'{"error":"cannot decode the AdmissionReview"}'
     return 200, orjson.dumps(answer(request, policy))
 
 
 def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:
-    if not _is_pod_creation(request):
+    if request.pod_json is None:
         return allowed(request)
-    if not isinstance(request.obj, dict):
-        return denied(request, "request.object must be a Pod object", 400)
     try:
-        injection = inject(request.obj, RequestContext(request.namespace), policy)
+        result = mutation(request.pod_json, request.namespace, policy)
     except InjectionDenied as error:
         log.info("denied %s/%s: %s", request.namespace, request.name, error)
         return denied(request, str(error), 400)
@@ -100,35 +119,35 @@ def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:
             "internal error on %s/%s (uid %s)", request.namespace, request.name, request.uid
         )
         return denied(request, "internal error while injecting; see the webhook's logs", 500)
-    return patched(request, injection)
+    if result.injected:
+        log.debug("injected %s into %s/%s", result.injected, request.namespace, request.name)
+    return allowed(request, result.patch, result.warnings)
 
 
-def _is_pod_creation(request: AdmissionRequest) -> bool:
-    return request.operation == "CREATE" and not request.sub_resource and request.kind == _POD_KIND
+@lru_cache(maxsize=1024)
+def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
+    """Inject into the pod and encode the patch; memoised, as pods come in series.
 
-
-def patched(request: AdmissionRequest, injection: Injection) -> dict[str, Any]:
+    The replicas of a workload are created alike, so a rollout asks the same question once per
+    replica. `inject` is a pure function of exactly these arguments (`pod_json` holds every
+    field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
+    so no cached object is ever shared with a request. Denials raise and are not cached.
+    """
+    pod = cast(dict[str, Any], wire.decode_pod(pod_json))
+    injection = inject(pod, RequestContext(namespace), policy)
     if injection.reason != INJECTED:
-        return allowed(request, warnings=injection.warnings)
-    operations = diff(request.obj, injection.pod)
-    log.info(
-        "injected %s into %s/%s",
-        ",".join(injection.injected),
-        request.namespace,
-        request.name,
-    )
-    return allowed(request, operations, injection.warnings)
+        return Mutation(None, injection.warnings, ())
+    patch = base64.b64encode(orjson.dumps(diff(pod, injection.pod))).decode()
+    return Mutation(patch, injection.warnings, injection.injected)
 
 
 def allowed(
-    request: AdmissionRequest,
-    operations: Sequence[dict[str, Any]] = (),
-    warnings: Sequence[str] = (),
+    request: AdmissionRequest, patch: str | None = None, warnings: Sequence[str] = ()
 ) -> dict[str, Any]:
     response: dict[str, Any] = {"uid": request.uid, "allowed": True}
-    if operations:
+    if patch:
         response["patchType"] = _PATCH_TYPE
-        response["patch"] = base64.b64encode(orjson.dumps(operations)).decode()
+        response["patch"] = patch
     if warnings:
         response["warnings"] = list(warnings)
     return _envelope(response)

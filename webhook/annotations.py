@@ -73,8 +73,16 @@ class InvalidAnnotations(ValueError):
         self.problems = problems
 
 
-def parse(annotations: Mapping[str, str], available: Collection[str]) -> InjectionRequest:
+def parse(annotations: Mapping[str, str], available: frozenset[str]) -> InjectionRequest:
     """Parse and validate the pod's annotations against the sidecars the policy defines."""
+    ours = tuple(item for item in annotations.items() if item[0].startswith(PREFIX))
+    return _parse(ours, available)
+
+
+@lru_cache(maxsize=4096)
+def _parse(ours: tuple[tuple[str, str], ...], available: frozenset[str]) -> InjectionRequest:
+    """Cached on our annotations alone: every pod of a workload carries the same ones."""
+    annotations = dict(ours)
     problems: list[str] = []
     sidecars = _parse_inject(annotations.get(INJECT, ""), available, problems)
     log_path = _parse_log_path(annotations.get(LOG_PATH), problems)

@@ -1,31 +1,37 @@
-"""The HTTP layer: three routes around `webhook.admission`. It knows FastAPI; nothing else does."""
+"""The HTTP layer: FastAPI around `webhook.admission`. It knows HTTP; nothing else does.
+
+`POST /mutate` is answered by `AdmissionEndpoint`, a bare ASGI app in front of FastAPI, not by
+a FastAPI route: the API server calls it for every pod, and FastAPI's per-request machinery
+(telemetry hooks, middleware, route matching, dependency solving, response classes) costs more
+than the mutation itself. Every other request goes on to the FastAPI app and its routes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from webhook.admission import review
 from webhook.policy import Policy
 
+MUTATE_PATH = "/mutate"
 # The API server sends objects of at most ~3 MiB; anything far larger is not a review.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _JSON = "application/json"
+_TOO_LARGE = b'{"error":"request body too large"}'
+_NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
 
 
-def create_app(policy: Callable[[], Policy]) -> FastAPI:
+def create_app(policy: Callable[[], Policy]) -> AdmissionEndpoint:
     """`policy` returns the policy in force, so a reload takes effect on the next request."""
-    app = FastAPI(title="Outrigger", docs_url=None, redoc_url=None, openapi_url=None)
+    return AdmissionEndpoint(_fastapi_app(policy), policy)
 
-    @app.post("/mutate")
-    async def mutate(request: Request) -> Response:
-        body = await _read_body(request)
-        if body is None:
-            return Response(b'{"error":"request body too large"}', 413, media_type=_JSON)
-        status, answer = review(body, policy())
-        return Response(answer, status, media_type=_JSON)
+
+def _fastapi_app(policy: Callable[[], Policy]) -> FastAPI:
+    app = FastAPI(title="Outrigger", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -39,14 +45,54 @@ def create_app(policy: Callable[[], Policy]) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request) -> bytes | None:
+class AdmissionEndpoint:
+    """Answers `POST /mutate`; passes every other request (and lifespan) on to FastAPI."""
+
+    def __init__(self, app: ASGIApp, policy: Callable[[], Policy]) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != MUTATE_PATH:
+            await self.app(scope, receive, send)
+        elif scope["method"] != "POST":
+            await _respond(send, 405, _NOT_ALLOWED, ((b"allow", b"POST"),))
+        else:
+            body = await _read_body(scope, receive)
+            if body is None:
+                await _respond(send, 413, _TOO_LARGE)
+            else:
+                await _respond(send, *review(body, self.policy()))
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     """The body, or None past the limit (also for chunked bodies that declare no length)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
             return None
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""  # the client is gone; an empty body is answered with a 400 no one reads
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

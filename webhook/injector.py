@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -73,21 +74,35 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
 
 
 def _injected_spec(spec: Mapping[str, Any], request: ann.InjectionRequest, policy: Policy) -> Pod:
+    sidecars, volumes = _sidecars(policy, request)
     containers: list[dict[str, Any]] = spec["containers"]
-    new_volumes: list[dict[str, Any]] = []
-    sidecars: list[dict[str, Any]] = []
+    if ann.LOG_WATCHER in request.sidecars:
+        containers = [with_mount(c, SHARED_LOGS, request.log_path) for c in containers]
+    injected = {**spec, "containers": [*containers, *sidecars]}
+    if volumes:
+        injected["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    return injected
+
+
+@lru_cache(maxsize=1024)
+def _sidecars(
+    policy: Policy, request: ann.InjectionRequest
+) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """The containers and volumes to add, built once per policy and request.
+
+    Pods of one workload ask for the same thing, so the result is shared between them, and
+    so are its dicts: nothing may modify an injected pod in place.
+    """
+    containers: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
     for name in request.sidecars:
         if name == ann.LOG_WATCHER:
             settings = policy.sidecars.log_watcher
-            containers = [with_mount(c, SHARED_LOGS, request.log_path) for c in containers]
-            new_volumes.append(empty_dir_volume(SHARED_LOGS, settings.volumeSizeLimit))
-            sidecars.append(log_watcher_container(settings, request.log_path))
+            volumes.append(empty_dir_volume(SHARED_LOGS, settings.volumeSizeLimit))
+            containers.append(log_watcher_container(settings, request.log_path))
         elif name == ann.AMBASSADOR and request.ambassador is not None:
-            sidecars.append(ambassador_container(policy.sidecars.ambassador, request.ambassador))
-    injected = {**spec, "containers": containers + sidecars}
-    if new_volumes:
-        injected["volumes"] = [*(spec.get("volumes") or ()), *new_volumes]
-    return injected
+            containers.append(ambassador_container(policy.sidecars.ambassador, request.ambassador))
+    return tuple(containers), tuple(volumes)
 
 
 def _check_fits(spec: Mapping[str, Any], request: ann.InjectionRequest, policy: Policy) -> None:
@@ -172,11 +187,13 @@ def _annotations(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _containers(spec: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
-    containers = _list(spec.get(field), f"spec.{field}")
+    containers = spec.get(field)
+    if containers is None:
+        containers = []
+    elif not isinstance(containers, list) or not all(isinstance(c, dict) for c in containers):
+        raise InjectionDenied(f"spec.{field} must be a list of containers")
     if field == "containers" and not containers:
         raise InjectionDenied("the pod has no spec.containers to inject next to")
-    if not all(isinstance(c, dict) for c in containers):
-        raise InjectionDenied(f"spec.{field} must be a list of containers")
     return containers
 
 

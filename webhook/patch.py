@@ -43,12 +43,13 @@ def _diff(before: Any, after: Any, path: str, operations: list[Operation]) -> No
 def _diff_objects(
     before: dict[str, Any], after: dict[str, Any], path: str, operations: list[Operation]
 ) -> None:
-    for key in [key for key in before if key not in after]:
-        operations.append({"op": "remove", "path": f"{path}/{escape(key)}"})
-    for key, value in after.items():
-        previous = before.get(key, _ABSENT)
-        if previous is value:
-            continue  # shared with the original: the common case, kept cheap
+    if before.keys() - after.keys():  # rare; the ordered scan keeps patches deterministic
+        for key in [key for key in before if key not in after]:
+            operations.append({"op": "remove", "path": f"{path}/{escape(key)}"})
+    get = before.get
+    # One comprehension finds what is not shared with the original: usually a key or two.
+    for key, value in [item for item in after.items() if get(item[0], _ABSENT) is not item[1]]:
+        previous = get(key, _ABSENT)
         child = f"{path}/{escape(key)}"
         if previous is _ABSENT:
             operations.append({"op": "add", "path": child, "value": value})

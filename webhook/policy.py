@@ -92,6 +92,11 @@ class Policy(_Model):
     excludedNamespaces: frozenset[str] = frozenset()
     sidecars: Sidecars
 
+    def __hash__(self) -> int:
+        # By identity, so that a policy can key caches of what is built from it; equal
+        # policies loaded twice only miss each other's cache entries.
+        return id(self)
+
     @cached_property
     def available_sidecars(self) -> frozenset[str]:
         return frozenset({LOG_WATCHER, AMBASSADOR})

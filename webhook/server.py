@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import ssl
 import sys
@@ -51,4 +52,7 @@ def serve(host: str, port: int, cert_dir: Path, policy: Policy, log_level: str =
         proxy_headers=False,
     )
     log.info("policy %s in force; serving https://%s:%d/mutate", policy.version, host, port)
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # collector's scans, which would otherwise walk it again and again under load.
+    gc.freeze()
     uvicorn.Server(config).run()

@@ -1,0 +1,98 @@
+"""The AdmissionReview wire format, decoded by msgspec into plain dicts of what Outrigger reads.
+
+A pod is decoded partially: only the fields the injector looks at (annotations, names, ports,
+mounts, volumes). The rest (managedFields, env, probes, ...) is skipped without ever becoming
+Python objects, and building those objects is most of the cost of a request. This is sound
+because the JSON Patch is the difference between this partial pod and the injected one: every
+path the injector changes, and each parent of one, is present in the partial pod, and the
+injector only ever appends to lists. `tests/test_properties.py` checks, for generated pods, that
+the patch made from the partial pod equals the patch made from the whole pod.
+
+A field the injector starts to read must be added here.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import msgspec
+
+
+class ContainerPort(TypedDict, total=False):
+    containerPort: int
+
+
+class VolumeMount(TypedDict, total=False):
+    name: str
+    mountPath: str
+
+
+class Container(TypedDict, total=False):
+    name: str
+    ports: list[ContainerPort] | None
+    volumeMounts: list[VolumeMount] | None
+
+
+class Volume(TypedDict, total=False):
+    name: str
+
+
+class PodSpec(TypedDict, total=False):
+    containers: list[Container] | None
+    initContainers: list[Container] | None
+    ephemeralContainers: list[Container] | None
+    volumes: list[Volume] | None
+    hostNetwork: bool | None
+
+
+class ObjectMeta(TypedDict, total=False):
+    name: str
+    generateName: str
+    annotations: dict[str, str] | None
+
+
+class Pod(TypedDict, total=False):
+    metadata: ObjectMeta | None
+    spec: PodSpec | None
+
+
+class GroupVersionKind(TypedDict):
+    group: str
+    version: str
+    kind: str
+
+
+class Request(TypedDict, total=False):
+    uid: str
+    kind: GroupVersionKind
+    operation: str
+    namespace: str
+    subResource: str
+    # Kept as raw JSON (`null` included): decoded, partially, only for a pod to mutate.
+    object: msgspec.Raw
+
+
+class AdmissionReview(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    request: Request
+
+
+DecodeError = msgspec.MsgspecError
+MalformedJSON = msgspec.DecodeError
+_review_decoder = msgspec.json.Decoder(AdmissionReview)
+_pod_decoder = msgspec.json.Decoder(Pod)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_review(body: bytes) -> AdmissionReview:
+    """Raises `DecodeError` with msgspec's message, which names the bad path (`$.request.uid`)."""
+    return _review_decoder.decode(body)
+
+
+def decode_pod(raw: msgspec.Raw | bytes) -> Pod:
+    return _pod_decoder.decode(raw)
+
+
+def encode(pod: Pod) -> bytes:
+    return _encoder.encode(pod)
