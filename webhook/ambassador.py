@@ -31,7 +31,8 @@ def ambassador_container(
     return {
         "name": AMBASSADOR,
         "image": settings.image,
-        "args": ["--config-yaml", config, "--log-level", "warn"],
+        # No hot restart: nothing restarts Envoy in place in a pod, and it needs shared memory.
+        "args": ["--config-yaml", config, "--log-level", "warn", "--disable-hot-restart"],
         "ports": [{"containerPort": request.local_port, "protocol": "TCP"}],
         "env": [
             {"name": "SERVICE_HOST", "value": upstream.host},
