@@ -5,10 +5,35 @@ from __future__ import annotations
 import pytest
 
 from webhook import annotations as ann
-from webhook.annotations import AmbassadorRequest, InvalidAnnotations, Upstream, parse
+from webhook.annotations import InvalidAnnotations, Upstream
+from webhook.policy import default_policy
+from webhook.selection import decide
 
-AVAILABLE = frozenset({"log-watcher", "ambassador"})
-UPSTREAM = {ann.AMBASSADOR_UPSTREAM: "api.example.com:443"}
+POLICY = default_policy()
+AVAILABLE = frozenset(POLICY.templates)
+LOG_PATH = "outrigger.dev/log-path"
+AMBASSADOR_UPSTREAM = "outrigger.dev/ambassador-upstream"
+AMBASSADOR_PORT = "outrigger.dev/ambassador-port"
+KNOWN_KEYS = (ann.INJECT, LOG_PATH, AMBASSADOR_UPSTREAM, AMBASSADOR_PORT)
+UPSTREAM = {AMBASSADOR_UPSTREAM: "api.example.com:443"}
+
+
+class Parsed:
+    """What the annotations of a pod in namespace "default" come to under the default policy."""
+
+    def __init__(self, annotations: dict[str, str]) -> None:
+        decision = decide("default", {}, annotations, POLICY)
+        self.sidecars = decision.sidecars
+        templates = [POLICY.templates[name] for name in self.sidecars]
+        self.values = ann.parse_parameters(annotations, templates, POLICY.image_problem)
+        unknown, idle = ann.unused(annotations, self.sidecars, POLICY.sidecars)
+        self.warnings = tuple(f"{key} is not an Outrigger annotation" for key in unknown) + tuple(
+            idle
+        )
+
+
+def parse(annotations: dict[str, str], _available: object = None) -> Parsed:
+    return Parsed(annotations)
 
 
 @pytest.mark.parametrize(
@@ -21,9 +46,10 @@ UPSTREAM = {ann.AMBASSADOR_UPSTREAM: "api.example.com:443"}
         pytest.param({ann.INJECT: "log-watcher"}, ("log-watcher",), id="one"),
         pytest.param(
             {ann.INJECT: " ambassador , log-watcher,", **UPSTREAM},
-            ("ambassador", "log-watcher"),
-            id="order-kept-spaces-trailing-comma",
+            ("log-watcher", "ambassador"),
+            id="policy-order-spaces-trailing-comma",
         ),
+        pytest.param({ann.INJECT: "true"}, (), id="true-is-the-rules-defaults"),
         pytest.param(
             {ann.INJECT: "log-watcher,log-watcher"}, ("log-watcher",), id="duplicates-once"
         ),
@@ -47,91 +73,87 @@ def test_inject_names(annotations: dict[str, str], sidecars: tuple[str, ...]) ->
     ],
 )
 def test_upstream_accepted(raw: str, expected: Upstream) -> None:
-    request = parse({ann.INJECT: "ambassador", ann.AMBASSADOR_UPSTREAM: raw}, AVAILABLE)
-    assert request.ambassador == AmbassadorRequest(expected, ann.DEFAULT_AMBASSADOR_PORT)
+    request = parse({ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: raw})
+    assert request.values["ambassador"] == {"upstream": expected, "port": 8081}
 
 
 def test_defaults() -> None:
-    request = parse({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}, AVAILABLE)
-    assert request.log_path == "/var/log/app"
-    assert request.ambassador is not None
-    assert request.ambassador.local_port == 8081
+    request = parse({ann.INJECT: "log-watcher,ambassador", **UPSTREAM})
+    assert request.values["log-watcher"] == {"log-path": "/var/log/app"}
+    assert request.values["ambassador"]["port"] == 8081
     assert request.warnings == ()
 
 
 def test_log_path_trailing_slash_is_dropped() -> None:
-    request = parse({ann.INJECT: "log-watcher", ann.LOG_PATH: "/data/logs/"}, AVAILABLE)
-    assert request.log_path == "/data/logs"
+    request = parse({ann.INJECT: "log-watcher", LOG_PATH: "/data/logs/"})
+    assert request.values["log-watcher"] == {"log-path": "/data/logs"}
 
 
 @pytest.mark.parametrize(
     ("annotations", "named", "accepted"),
     [
         pytest.param({ann.INJECT: "bogus"}, ann.INJECT, "log-watcher", id="unknown-sidecar"),
-        pytest.param({ann.INJECT: "true"}, ann.INJECT, "ambassador", id="true-is-no-name"),
         pytest.param(
-            {ann.INJECT: "log-watcher", ann.LOG_PATH: "var/log"},
-            ann.LOG_PATH,
+            {ann.INJECT: "log-watcher", LOG_PATH: "var/log"},
+            LOG_PATH,
             "absolute",
             id="relative-path",
         ),
         pytest.param(
-            {ann.INJECT: "log-watcher", ann.LOG_PATH: "/var/../etc"},
-            ann.LOG_PATH,
+            {ann.INJECT: "log-watcher", LOG_PATH: "/var/../etc"},
+            LOG_PATH,
             "..",
             id="backsteps",
         ),
+        pytest.param({ann.INJECT: "log-watcher", LOG_PATH: "/"}, LOG_PATH, "below /", id="root"),
         pytest.param(
-            {ann.INJECT: "log-watcher", ann.LOG_PATH: "/"}, ann.LOG_PATH, "below /", id="root"
-        ),
-        pytest.param(
-            {ann.INJECT: "log-watcher", ann.LOG_PATH: "/a b"},
-            ann.LOG_PATH,
+            {ann.INJECT: "log-watcher", LOG_PATH: "/a b"},
+            LOG_PATH,
             "absolute",
             id="space",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador"}, ann.AMBASSADOR_UPSTREAM, "host:port", id="upstream-missing"
+            {ann.INJECT: "ambassador"}, AMBASSADOR_UPSTREAM, "host:port", id="upstream-missing"
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", ann.AMBASSADOR_UPSTREAM: "api.example.com"},
-            ann.AMBASSADOR_UPSTREAM,
+            {ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: "api.example.com"},
+            AMBASSADOR_UPSTREAM,
             "host:port",
             id="upstream-no-port",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", ann.AMBASSADOR_UPSTREAM: "api.example.com:0"},
-            ann.AMBASSADOR_UPSTREAM,
+            {ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: "api.example.com:0"},
+            AMBASSADOR_UPSTREAM,
             "1 to 65535",
             id="upstream-port-zero",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", ann.AMBASSADOR_UPSTREAM: "api.example.com:70000"},
-            ann.AMBASSADOR_UPSTREAM,
+            {ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: "api.example.com:70000"},
+            AMBASSADOR_UPSTREAM,
             "1 to 65535",
             id="upstream-port-high",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", ann.AMBASSADOR_UPSTREAM: "bad_host!:80"},
-            ann.AMBASSADOR_UPSTREAM,
+            {ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: "bad_host!:80"},
+            AMBASSADOR_UPSTREAM,
             "DNS name",
             id="upstream-bad-host",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "http"},
-            ann.AMBASSADOR_PORT,
+            {ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "http"},
+            AMBASSADOR_PORT,
             "1024 to 65535",
             id="port-not-number",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "80"},
-            ann.AMBASSADOR_PORT,
+            {ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "80"},
+            AMBASSADOR_PORT,
             "1024 to 65535",
             id="port-privileged",
         ),
         pytest.param(
-            {ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "٨٠٨١"},
-            ann.AMBASSADOR_PORT,
+            {ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "٨٠٨١"},
+            AMBASSADOR_PORT,
             "1024 to 65535",
             id="port-non-ascii-digits",
         ),
@@ -149,15 +171,15 @@ def test_every_problem_is_reported_at_once() -> None:
         parse(
             {
                 ann.INJECT: "log-watcher,ambassador",
-                ann.LOG_PATH: "relative",
-                ann.AMBASSADOR_UPSTREAM: "nope",
-                ann.AMBASSADOR_PORT: "-1",
+                LOG_PATH: "relative",
+                AMBASSADOR_UPSTREAM: "nope",
+                AMBASSADOR_PORT: "-1",
             },
             AVAILABLE,
         )
     assert len(caught.value.problems) == 3
-    assert {ann.LOG_PATH, ann.AMBASSADOR_UPSTREAM, ann.AMBASSADOR_PORT} <= {
-        key for key in ann.KNOWN_KEYS if key in str(caught.value)
+    assert {LOG_PATH, AMBASSADOR_UPSTREAM, AMBASSADOR_PORT} <= {
+        key for key in KNOWN_KEYS if key in str(caught.value)
     }
 
 
@@ -167,7 +189,7 @@ def test_every_problem_is_reported_at_once() -> None:
         pytest.param(
             {"outrigger.dev/injct": "x"}, "outrigger.dev/injct is not an Outrigger", id="typo"
         ),
-        pytest.param({ann.LOG_PATH: "/x"}, "log-watcher is not injected", id="log-path-unused"),
+        pytest.param({LOG_PATH: "/x"}, "log-watcher is not injected", id="log-path-unused"),
         pytest.param(
             {ann.INJECT: "log-watcher", **UPSTREAM},
             "ambassador is not injected",

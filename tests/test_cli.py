@@ -16,7 +16,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import outrigger_executable, validate_strict
+from tests.conftest import FIXTURES, outrigger_executable, validate_strict
+from webhook.policy import load_policy
 
 MANIFESTS = """\
 # A Deployment whose labels are shared through a YAML anchor, as hand-written manifests often do.
@@ -368,14 +369,46 @@ def test_missing_policy_file(tmp_path: Path, manifests: Path, command: str) -> N
 def test_invalid_policy_file_names_the_field(tmp_path: Path, manifests: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(
-        "apiVersion: outrigger.dev/v1alpha1\nkind: InjectionPolicy\nsidecars:\n"
-        "  log-watcher: {image: 'fluent/fluent-bit:latest'}\n"
-        "  ambassador: {image: 'envoyproxy/envoy:v1.32.6'}\n"
+        "apiVersion: outrigger.dev/v1alpha1\nkind: InjectionPolicy\n"
+        "images: {allowed: [docker.io/]}\nsidecars:\n"
+        "  - {name: log-watcher, container: {image: 'docker.io/fluent/fluent-bit:4.2.0'}}\n"
+        "  - {name: ambassador, container: {image: 'docker.io/envoyproxy/envoy:latest'}}\n"
     )
     result = outrigger("inject", "-f", manifests, "--policy", policy)
     assert_clean_failure(result, 2)
     assert str(policy) in result.stderr
-    assert "log-watcher" in result.stderr and "latest" in result.stderr
+    assert "sidecars[1].container.image: image 'docker.io/envoyproxy/envoy:latest'" in result.stderr
+
+
+def test_policy_check(tmp_path: Path) -> None:
+    good = FIXTURES / "policies" / "good-platform-team.yaml"
+    result = outrigger("policy", "check", good)
+    assert result.returncode == 0, result.stderr
+    assert f"version {load_policy(good).version}" in result.stdout
+    bad = outrigger("policy", "check", FIXTURES / "policies" / "bad-unknown-reference.yaml")
+    assert_clean_failure(bad, 2)
+    assert "sidecars[0]: container refers to ${log-dir}" in bad.stderr
+
+
+def test_inject_explain_says_why(tmp_path: Path) -> None:
+    manifests = tmp_path / "in.yaml"
+    manifests.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: quiet\n  namespace: kube-system\n"
+        "  annotations: {outrigger.dev/inject: log-watcher}\n"
+        "spec: {containers: [{name: a, image: a:1}]}\n---\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n"
+        "  annotations: {outrigger.dev/inject: log-watcher, outrigger.dev/logpath: /x}\n"
+        "spec: {containers: [{name: a, image: a:1}]}\n"
+    )
+    result = outrigger("inject", "--explain", "-n", "shop", "-f", manifests)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "Pod/quiet in namespace kube-system: nothing injected (namespace-excluded)",
+        "  namespace 'kube-system' is excluded",
+        "Pod/web in namespace shop: injected log-watcher",
+        "  log-watcher: asked for by outrigger.dev/inject",
+        "  warning: annotation outrigger.dev/logpath is not an Outrigger annotation and is ignored",
+    ]
 
 
 # certs ----------------------------------------------------------------------------------------

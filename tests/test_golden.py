@@ -21,6 +21,7 @@ import yaml
 
 from tests.conftest import FIXTURES, as_pod, validate_strict
 from tests.envoy_schema import validate_bootstrap
+from tests.pod_security import container_violations
 from webhook.admission import review
 from webhook.policy import Policy
 
@@ -62,6 +63,9 @@ def test_golden(request_file: Path, policy: Policy) -> None:
         for container in result["pod"]["spec"]["containers"]:
             if container["name"] == "ambassador":
                 validate_bootstrap(orjson.loads(container["args"][1]))
+        status = orjson.loads(result["pod"]["metadata"]["annotations"]["outrigger.dev/status"])
+        for name in status["injected"]:  # the app's own containers are the app's business
+            assert container_violations(as_pod(result["pod"]), name) == []
         again = {**request, "request": {**request["request"], "object": result["pod"]}}
         assert outcome(again, policy) == {"allowed": True}
 

@@ -8,19 +8,20 @@ from typing import Any
 import pytest
 
 from webhook import annotations as ann
-from webhook.injector import (
+from webhook.injector import InjectionDenied, RequestContext, inject
+from webhook.policy import Policy, parse_policy
+from webhook.selection import (
     ALREADY_INJECTED,
     INJECTED,
     NAMESPACE_EXCLUDED,
     NOT_REQUESTED,
-    InjectionDenied,
-    RequestContext,
-    inject,
+    OPTED_OUT,
 )
-from webhook.policy import Policy, parse_policy
 
 DEFAULT = RequestContext("default")
-UPSTREAM = {ann.AMBASSADOR_UPSTREAM: "external-service:80"}
+LOG_PATH = "outrigger.dev/log-path"
+AMBASSADOR_PORT = "outrigger.dev/ambassador-port"
+UPSTREAM = {"outrigger.dev/ambassador-upstream": "external-service:80"}
 
 
 def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def test_everything_else_in_the_pod_is_kept(policy: Policy) -> None:
 
 def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Policy) -> None:
     before = pod(
-        {ann.INJECT: "log-watcher", ann.LOG_PATH: "/srv/logs"},
+        {ann.INJECT: "log-watcher", LOG_PATH: "/srv/logs"},
         containers=[{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}],
     )
     spec = inject(before, DEFAULT, policy).pod["spec"]
@@ -85,7 +86,7 @@ def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Poli
 
 
 def test_ambassador_listens_where_the_app_expects_it(policy: Policy) -> None:
-    before = pod({ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "9090"})
+    before = pod({ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "9090"})
     ambassador = inject(before, DEFAULT, policy).pod["spec"]["containers"][-1]
     assert ambassador["name"] == "ambassador"
     assert ambassador["ports"] == [{"containerPort": 9090, "protocol": "TCP"}]
@@ -95,7 +96,7 @@ def test_ambassador_listens_where_the_app_expects_it(policy: Policy) -> None:
     ]
     assert ambassador["args"][0] == "--config-yaml"
     assert '"port_value":9090' in ambassador["args"][1]
-    assert ambassador["image"] == policy.sidecars.ambassador.image
+    assert ambassador["image"] == policy.templates["ambassador"].container["image"]
 
 
 def test_injected_containers_are_locked_down_by_policy(policy: Policy) -> None:
@@ -112,16 +113,16 @@ def test_status_records_what_was_injected_and_the_policy(policy: Policy) -> None
     before = pod({ann.INJECT: "ambassador,log-watcher", **UPSTREAM})
     result = inject(before, DEFAULT, policy)
     assert result.reason == INJECTED
-    assert result.injected == ("ambassador", "log-watcher")
+    assert result.injected == ("log-watcher", "ambassador")  # the policy's order
     status = result.pod["metadata"]["annotations"][ann.STATUS]
-    assert status == f'{{"injected":["ambassador","log-watcher"],"policy":"{policy.version}"}}'
+    assert status == f'{{"injected":["log-watcher","ambassador"],"policy":"{policy.version}"}}'
 
 
 @pytest.mark.parametrize(
     ("before", "context", "reason"),
     [
         pytest.param(pod(), DEFAULT, NOT_REQUESTED, id="no-annotations"),
-        pytest.param(pod({ann.INJECT: "false"}), DEFAULT, NOT_REQUESTED, id="opt-out"),
+        pytest.param(pod({ann.INJECT: "false"}), DEFAULT, OPTED_OUT, id="opt-out"),
         pytest.param(
             pod({ann.INJECT: "log-watcher"}),
             RequestContext("kube-system"),
@@ -147,6 +148,7 @@ def test_pods_left_as_they_are(
 def test_policy_excluded_namespaces_are_skipped(policy: Policy) -> None:
     document = policy.model_dump(by_alias=True)
     custom = parse_policy({**document, "excludedNamespaces": ["batch"]})
+    assert inject(pod({ann.INJECT: "log-watcher"}), RequestContext("batchx"), custom).injected
     result = inject(pod({ann.INJECT: "log-watcher"}), RequestContext("batch"), custom)
     assert result.reason == NAMESPACE_EXCLUDED
 
@@ -177,8 +179,8 @@ def test_injecting_twice_equals_injecting_once(policy: Policy) -> None:
             id="admin-port-taken",
         ),
         pytest.param(
-            pod({ann.INJECT: "ambassador", **UPSTREAM, ann.AMBASSADOR_PORT: "9901"}),
-            "admin port",
+            pod({ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "9901"}),
+            "would bind port 9901 twice",
             id="local-port-is-admin-port",
         ),
         pytest.param(
@@ -187,7 +189,7 @@ def test_injecting_twice_equals_injecting_once(policy: Policy) -> None:
             id="no-containers",
         ),
         pytest.param(
-            {"metadata": {"annotations": {ann.AMBASSADOR_PORT: 8081}}, "spec": {}},
+            {"metadata": {"annotations": {AMBASSADOR_PORT: 8081}}, "spec": {}},
             "must be strings",
             id="non-string-annotation",
         ),

@@ -66,3 +66,13 @@ def test_bool_and_int_are_different_json() -> None:
 def test_escape_order_matters() -> None:
     assert escape("a/b~c") == "a~1b~0c"
     assert escape("~1") == "~01"
+
+
+@given(st.lists(json_values, max_size=4), st.lists(json_values, min_size=1, max_size=3))
+def test_front_insertion_adds_only(items: list[Any], inserted: list[Any]) -> None:
+    """Native sidecars go first in initContainers: the items behind them get no operation."""
+    before = {"initContainers": items}
+    after = {"initContainers": [*inserted, *items]}
+    patch = diff(before, after)
+    assert jsonpatch.apply_patch(before, patch) == after
+    assert [op["op"] for op in patch] == ["add"] * len(inserted)

@@ -1,4 +1,5 @@
-"""Policy loading: the embedded default, custom files, and errors that name the bad field."""
+"""Policy loading: the embedded default, the platform team's example, and errors that name the
+path of the bad field."""
 
 from __future__ import annotations
 
@@ -12,34 +13,87 @@ from webhook.policy import PolicyError, default_policy, is_pinned_image, load_po
 POLICIES = FIXTURES / "policies"
 
 
-def test_default_policy_defines_both_sidecars_with_pinned_images() -> None:
+def test_default_policy_defines_both_sidecars_with_pinned_allowed_images() -> None:
     policy = default_policy()
-    assert policy.available_sidecars == {"log-watcher", "ambassador"}
-    assert is_pinned_image(policy.sidecars.log_watcher.image)
-    assert is_pinned_image(policy.sidecars.ambassador.image)
+    assert list(policy.templates) == ["log-watcher", "ambassador"]
+    for template in policy.sidecars:
+        assert policy.image_problem(template.container["image"]) is None
+    assert not policy.nativeSidecars and policy.unknownAnnotations == "Warn"
 
 
-def test_custom_policy_is_loaded() -> None:
-    policy = load_policy(POLICIES / "good-custom-images.yaml")
-    assert policy.excludes("batch") and policy.excludes("kube-system")
-    assert not policy.excludes("shop")
-    assert policy.sidecars.ambassador.adminPort == 15000
+def test_platform_team_policy_is_loaded() -> None:
+    policy = load_policy(POLICIES / "good-platform-team.yaml")
+    assert list(policy.templates) == ["ambassador", "log-watcher", "config-reloader"]
+    assert policy.excluded_namespace("batch-nightly") and policy.excluded_namespace("kube-system")
+    assert not policy.excluded_namespace("prod-eu")
+    assert [r.name for r in policy.matching_rules("prod-eu", {"tier": "frontend"})] == [
+        "frontends-ship-logs"
+    ]
+    assert policy.matching_rules("prod-eu", {"tier": "backend"}) == []
+    assert policy.native(policy.templates["ambassador"])
+    assert not policy.native(policy.templates["log-watcher"])
     assert policy.version != default_policy().version
+
+
+def test_own_namespace_is_always_excluded(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = default_policy()
+    assert not policy.excluded_namespace("outrigger-system")
+    monkeypatch.setenv("POD_NAMESPACE", "outrigger-system")
+    assert policy.excluded_namespace("outrigger-system")
 
 
 @pytest.mark.parametrize(
     ("name", "errors"),
     [
-        (
+        pytest.param(
             "bad-latest-image.yaml",
-            ["sidecars.log-watcher.image: Value error, image 'fluent/fluent-bit:latest' must be"],
-        ),
-        (
-            "bad-unknown-field.yaml",
             [
-                "sidecars.log-watcher.privileged: Extra inputs are not permitted",
-                "sidecars.ambassador.adminPort: Input should be greater than",
+                "sidecars[1].container.image: image 'docker.io/envoyproxy/envoy:latest' must be a "
+                "valid reference pinned to a version tag"
             ],
+            id="latest-image",
+        ),
+        pytest.param(
+            "bad-image-not-allowed.yaml",
+            [
+                "sidecars[1].container.image: image 'docker.io/envoyproxy/envoy:v1.37.10' "
+                "is not in images.allowed (registry.example.com/mirror/)"
+            ],
+            id="image-not-allowed",
+        ),
+        pytest.param(
+            "bad-unknown-field.yaml",
+            ["sidecars[0].privileged: Extra inputs are not permitted"],
+            id="unknown-field",
+        ),
+        pytest.param(
+            "bad-unknown-reference.yaml",
+            [
+                "sidecars[0]: container refers to ${log-dir}, which is not a parameter of this "
+                "template (known: log-path)"
+            ],
+            id="unknown-reference",
+        ),
+        pytest.param(
+            "bad-parameter.yaml",
+            [
+                "sidecars[0].parameters.log-path.type: Input should be 'string', 'integer'",
+                "sidecars[0].parameters.level.annotation: String should match pattern",
+            ],
+            id="parameter",
+        ),
+        pytest.param(
+            "bad-rule.yaml",
+            [
+                "rules[1].podSelector.matchExpressions[0].operator: Input should be 'In', 'NotIn', "
+                "'Exists' or 'DoesNotExist'"
+            ],
+            id="rule-selector",
+        ),
+        pytest.param(
+            "bad-envoy.yaml",
+            ["sidecars[0].envoy.adminPort: Input should be greater than or equal to 1024"],
+            id="envoy-admin-port",
         ),
     ],
 )
@@ -47,7 +101,82 @@ def test_bad_policies_name_the_field(name: str, errors: list[str]) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(POLICIES / name)
     for error in errors:
-        assert error in str(caught.value)
+        assert f"\n  {error}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        pytest.param(
+            {"rules": [{"name": "istio", "require": ["istio-proxy"]}]},
+            "rules[0] (istio) names unknown sidecars ['istio-proxy']",
+            id="rule-unknown-sidecar",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    {"name": "a", "container": {"image": "cr.fluentbit.io/fluent/x:1"}},
+                    {"name": "a", "container": {"image": "cr.fluentbit.io/fluent/x:1"}},
+                ]
+            },
+            "sidecars: duplicate template names ['a']",
+            id="duplicate-template",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    {
+                        "name": "a",
+                        "container": {"image": "cr.fluentbit.io/fluent/x:1"},
+                        "parameters": {"p": {"annotation": "outrigger.dev/inject"}},
+                    }
+                ]
+            },
+            "sidecars[0].parameters.p.annotation: outrigger.dev/inject is reserved",
+            id="reserved-annotation",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    {
+                        "name": "a",
+                        "container": {"image": "cr.fluentbit.io/fluent/x:1"},
+                        "parameters": {
+                            "p": {
+                                "annotation": "outrigger.dev/p",
+                                "type": "integer",
+                                "default": "many",
+                            }
+                        },
+                    }
+                ]
+            },
+            "sidecars[0]: parameters.p.default: 'many' is not a valid integer",
+            id="bad-default",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    {
+                        "name": "a",
+                        "container": {"image": "cr.fluentbit.io/fluent/x:1"},
+                        "parameters": {"u": {"annotation": "outrigger.dev/u"}},
+                        "envoy": {"upstream": "${u}", "listenPort": 8081},
+                    }
+                ]
+            },
+            "sidecars[0]: envoy.upstream must be one ${parameter} of type hostport",
+            id="envoy-upstream-type",
+        ),
+    ],
+)
+def test_cross_field_errors_name_the_path(change: dict[str, object], error: str) -> None:
+    document = {**default_policy().model_dump(mode="json"), **change}
+    with pytest.raises(PolicyError) as caught:
+        from webhook.policy import parse_policy
+
+        parse_policy(document)
+    assert error in str(caught.value)
 
 
 def test_unreadable_policy(tmp_path: Path) -> None:
@@ -62,7 +191,7 @@ def test_unreadable_policy(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("image", "pinned"),
     [
-        ("envoyproxy/envoy:v1.32.6", True),
+        ("envoyproxy/envoy:v1.37.10", True),
         ("localhost:5000/team/envoy:1.0", True),
         ("envoy@sha256:" + "a" * 64, True),
         ("envoy:latest", False),
@@ -74,3 +203,9 @@ def test_unreadable_policy(tmp_path: Path) -> None:
 )
 def test_pinned_images(image: str, pinned: bool) -> None:
     assert is_pinned_image(image) is pinned
+
+
+def test_readme_shows_the_platform_team_policy() -> None:
+    readme = (FIXTURES.parent.parent / "README.md").read_text()
+    policy = (POLICIES / "good-platform-team.yaml").read_text()
+    assert f"```yaml\n{policy}```" in readme

@@ -16,14 +16,20 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import admission_review, as_pod, validate_strict
+from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
 from webhook import annotations as ann
 from webhook.admission import review
 from webhook.injector import RequestContext, inject
 from webhook.patch import diff
-from webhook.policy import default_policy
+from webhook.policy import Policy, default_policy, load_policy, parse_policy
 
-POLICY = default_policy()
+# The default policy, the platform team's (rules, native sidecars, Deny on unknown keys) and
+# the default one with every sidecar native (insertions at the front of initContainers).
+POLICIES = [
+    default_policy(),
+    load_policy(FIXTURES / "policies" / "good-platform-team.yaml"),
+    parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": True}),
+]
 NAMES = st.sampled_from(["app", "main-app", "worker", "db"] * 3 + ["ambassador", "log-watcher"])
 PATHS = st.sampled_from(["/var/log/app", "/data", "/logs/", "/tmp/x"] * 3 + ["relative", "/a/../b"])
 PORTS = st.sampled_from([80, 1024, 8080, 9090] * 3 + [8081, 9901])
@@ -54,11 +60,13 @@ annotation_values = st.fixed_dictionaries(
         ),
     },
     optional={
-        ann.LOG_PATH: PATHS,
-        ann.AMBASSADOR_UPSTREAM: st.sampled_from(
+        "outrigger.dev/log-path": PATHS,
+        "outrigger.dev/ambassador-upstream": st.sampled_from(
             ["external-service:80", "api.example.com:443", "10.0.0.7:8080"] * 3 + ["nope", "x:0"]
         ),
-        ann.AMBASSADOR_PORT: st.sampled_from(["8081", "9090", "15001"] * 3 + ["9901", "80"]),
+        "outrigger.dev/ambassador-port": st.sampled_from(
+            ["8081", "9090", "15001"] * 3 + ["9901", "80"]
+        ),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
     },
@@ -72,6 +80,8 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     )
     if draw(st.integers(0, 9)):  # one pod in ten has no annotations at all
         metadata["annotations"] = draw(annotation_values)
+    if draw(st.booleans()):
+        metadata["labels"] = draw(st.sampled_from([{"tier": "frontend"}, {"app": "web"}]))
     spec: dict[str, Any] = {"containers": draw(containers())}
     mounts_data = any(c.get("volumeMounts") for c in spec["containers"])
     if mounts_data or draw(st.booleans()):
@@ -81,18 +91,24 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     return {"metadata": metadata, "spec": spec}
 
 
-def answer_for(pod: dict[str, Any], namespace: str) -> dict[str, Any]:
-    status, body = review(orjson.dumps(admission_review(pod, namespace=namespace)), POLICY)
+def answer_for(pod: dict[str, Any], namespace: str, policy: Policy) -> dict[str, Any]:
+    status, body = review(orjson.dumps(admission_review(pod, namespace=namespace)), policy)
     assert status == 200
     response: dict[str, Any] = orjson.loads(body)["response"]
     return response
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pods(), st.sampled_from(["default", "shop"] * 4 + ["kube-system"]))
-def test_injection_is_valid_and_idempotent(pod: dict[str, Any], namespace: str) -> None:
+@given(
+    pods(),
+    st.sampled_from(["default", "shop"] * 3 + ["prod-eu", "payments", "kube-system"]),
+    st.sampled_from(POLICIES),
+)
+def test_injection_is_valid_and_idempotent(
+    pod: dict[str, Any], namespace: str, policy: Policy
+) -> None:
     original = copy.deepcopy(pod)
-    response = answer_for(pod, namespace)
+    response = answer_for(pod, namespace, policy)
     assert pod == original  # the request object is never modified
     event("denied" if not response["allowed"] else "patched" if "patch" in response else "as is")
     if not response["allowed"]:
@@ -104,9 +120,9 @@ def test_injection_is_valid_and_idempotent(pod: dict[str, Any], namespace: str) 
     operations = orjson.loads(base64.b64decode(response["patch"]))
     # The webhook decodes only what the injector reads (webhook.wire): its patch must be
     # exactly the patch made from the whole pod.
-    assert operations == diff(pod, inject(pod, RequestContext(namespace), POLICY).pod)
+    assert operations == diff(pod, inject(pod, RequestContext(namespace), policy).pod)
     injected = jsonpatch.apply_patch(pod, operations)
     validate_strict(as_pod(injected))
     assert ann.STATUS in injected["metadata"]["annotations"]
-    again = answer_for(injected, namespace)
+    again = answer_for(injected, namespace, policy)
     assert again["allowed"] and "patch" not in again

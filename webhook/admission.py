@@ -17,9 +17,10 @@ from typing import Any, cast
 import orjson
 
 from webhook import wire
-from webhook.injector import INJECTED, InjectionDenied, RequestContext, inject
+from webhook.injector import InjectionDenied, RequestContext, inject
 from webhook.patch import diff
 from webhook.policy import Policy
+from webhook.selection import INJECTED
 
 log = logging.getLogger("outrigger.admission")
 

@@ -1,8 +1,9 @@
-"""The ambassador sidecar: Envoy listening on the pod's loopback and proxying to an upstream.
+"""The ambassador: the Envoy bootstrap for a template's `envoy` block.
 
-The Envoy bootstrap is passed inline (`--config-yaml` takes JSON too), so the webhook creates
-no ConfigMap and the pod is self-contained. Rendering it is cached: pods of one Deployment
-ask for the same upstream again and again, and the API server waits on every one.
+Envoy listens on the pod's loopback and proxies to the upstream. The bootstrap is passed
+inline (`${envoy.bootstrap}` in the template's args, for `--config-yaml`, which takes JSON
+too), so the webhook creates no ConfigMap and the pod is self-contained. Rendering it is
+cached: pods of one workload ask for the same upstream again and again.
 """
 
 from __future__ import annotations
@@ -12,34 +13,12 @@ from typing import Any
 
 import orjson
 
-from webhook.annotations import AMBASSADOR, AmbassadorRequest, Upstream
-from webhook.policy import AmbassadorSettings
+from webhook.annotations import Upstream
 
 UPSTREAM_CLUSTER = "upstream"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
-
-
-def ambassador_container(
-    settings: AmbassadorSettings, request: AmbassadorRequest
-) -> dict[str, Any]:
-    upstream = request.upstream
-    config = envoy_config_json(
-        upstream, settings.listenAddress, request.local_port, settings.adminPort
-    )
-    return {
-        "name": AMBASSADOR,
-        "image": settings.image,
-        # No hot restart: nothing restarts Envoy in place in a pod, and it needs shared memory.
-        "args": ["--config-yaml", config, "--log-level", "warn", "--disable-hot-restart"],
-        "ports": [{"containerPort": request.local_port, "protocol": "TCP"}],
-        "env": [
-            {"name": "SERVICE_HOST", "value": upstream.host},
-            {"name": "SERVICE_PORT", "value": str(upstream.port)},
-        ],
-        **settings.container_fields,
-    }
 
 
 @lru_cache(maxsize=1024)
@@ -75,7 +54,7 @@ def _listener(address: str, port: int) -> dict[str, Any]:
     }
     manager = {
         "@type": f"{_HCM}.HttpConnectionManager",
-        "stat_prefix": AMBASSADOR,
+        "stat_prefix": "ambassador",
         "access_log": [
             {"name": "envoy.access_loggers.stdout", "typed_config": {"@type": _STDOUT_LOG}}
         ],
@@ -86,7 +65,7 @@ def _listener(address: str, port: int) -> dict[str, Any]:
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
     }
     return {
-        "name": AMBASSADOR,
+        "name": "ambassador",
         "address": _socket_address(address, port),
         "filter_chains": [
             {

@@ -1,36 +1,26 @@
-"""Pod annotations, parsed once into a typed, validated `InjectionRequest`.
+"""Pod annotations, parsed into typed values; the only module that reads annotation strings.
 
-Every `outrigger.dev/*` key the webhook reads or writes is a constant here, and this is the
-only module that looks at annotation strings. Parsing reports every invalid annotation at
-once, each message naming the annotation and the values it accepts.
+`outrigger.dev/inject` chooses sidecars; every other key a pod may set is a parameter that a
+template of the policy declares, with its type and validation. Parsing reports every invalid
+annotation at once, each message naming the annotation and the values it accepts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from webhook.policy import Parameter, SidecarTemplate
 
 PREFIX = "outrigger.dev/"
 INJECT = PREFIX + "inject"
-LOG_PATH = PREFIX + "log-path"
-AMBASSADOR_UPSTREAM = PREFIX + "ambassador-upstream"
-AMBASSADOR_PORT = PREFIX + "ambassador-port"
 STATUS = PREFIX + "status"
 
-KNOWN_KEYS = frozenset({INJECT, LOG_PATH, AMBASSADOR_UPSTREAM, AMBASSADOR_PORT, STATUS})
-
-DEFAULT_LOG_PATH = "/var/log/app"
-DEFAULT_AMBASSADOR_PORT = 8081
-# Envoy runs as a non-root user without NET_BIND_SERVICE, so it cannot bind privileged ports.
-MIN_LOCAL_PORT = 1024
-
-LOG_WATCHER = "log-watcher"
-AMBASSADOR = "ambassador"
-
-_OPT_OUT = frozenset({"", "false"})
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
@@ -38,7 +28,7 @@ _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """An external service the ambassador proxies to."""
+    """An external service (a `hostport` parameter): what the ambassador proxies to."""
 
     host: str
     port: int
@@ -46,23 +36,12 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
-class AmbassadorRequest:
-    upstream: Upstream
-    local_port: int
+class InjectChoice:
+    """What `outrigger.dev/inject` says: names, the policy's defaults, or no (opt-out)."""
 
-
-@dataclass(frozen=True, slots=True)
-class InjectionRequest:
-    """What a pod's annotations ask for, already validated.
-
-    `sidecars` keeps the order of first mention, without duplicates. `ambassador` is set
-    exactly when "ambassador" is among the sidecars.
-    """
-
-    sidecars: tuple[str, ...]
-    log_path: str
-    ambassador: AmbassadorRequest | None
-    warnings: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    defaults: bool = True  # absent or "true": whatever the policy's rules inject by default
+    opt_out: bool = False  # "false" (or empty): nothing but what a rule requires
 
 
 class InvalidAnnotations(ValueError):
@@ -73,50 +52,147 @@ class InvalidAnnotations(ValueError):
         self.problems = problems
 
 
-def parse(annotations: Mapping[str, str], available: frozenset[str]) -> InjectionRequest:
-    """Parse and validate the pod's annotations against the sidecars the policy defines."""
-    ours = tuple(item for item in annotations.items() if item[0].startswith(PREFIX))
-    return _parse(ours, available)
+ParameterValue = str | int | bool | Upstream
+ImageCheck = Callable[[str], "str | None"]
 
 
-@lru_cache(maxsize=4096)
-def _parse(ours: tuple[tuple[str, str], ...], available: frozenset[str]) -> InjectionRequest:
-    """Cached on our annotations alone: every pod of a workload carries the same ones."""
-    annotations = dict(ours)
-    problems: list[str] = []
-    sidecars = _parse_inject(annotations.get(INJECT, ""), available, problems)
-    log_path = _parse_log_path(annotations.get(LOG_PATH), problems)
-    ambassador = _parse_ambassador(annotations, AMBASSADOR in sidecars, problems)
-    if problems:
-        raise InvalidAnnotations(problems)
-    return InjectionRequest(
-        sidecars=sidecars,
-        log_path=log_path,
-        ambassador=ambassador,
-        warnings=_unused_keys(annotations, sidecars),
-    )
+def ours(annotations: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The `outrigger.dev/` annotations, hashable: all a decision depends on, as a cache key."""
+    return tuple(item for item in annotations.items() if item[0].startswith(PREFIX))
 
 
-def _parse_inject(raw: str, available: Collection[str], problems: list[str]) -> tuple[str, ...]:
+def parse_inject(raw: str | None, available: Collection[str]) -> InjectChoice:
+    if raw is None or raw.strip().lower() == "true":
+        return InjectChoice()
     value = raw.strip()
-    if value.lower() in _OPT_OUT:
-        return ()
+    if value.lower() in ("", "false"):
+        return InjectChoice(defaults=False, opt_out=True)
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in available]
     if unknown:
         accepted = ", ".join(sorted(available))
-        problems.append(
-            f"annotation {INJECT}: unknown sidecar {', '.join(map(repr, unknown))}; "
-            f'accepted: "false" or a comma-separated list of: {accepted}'
+        raise InvalidAnnotations(
+            [
+                f"annotation {INJECT}: unknown sidecar {', '.join(map(repr, unknown))}; "
+                f'accepted: "true", "false" or a comma-separated list of: {accepted}'
+            ]
         )
-        return ()
-    return tuple(dict.fromkeys(names))
+    return InjectChoice(names=tuple(dict.fromkeys(names)), defaults=False)
 
 
-def _parse_log_path(raw: str | None, problems: list[str]) -> str:
+def parse_parameters(
+    annotations: Mapping[str, str],
+    templates: Iterable[SidecarTemplate],
+    image_problem: ImageCheck,
+) -> dict[str, dict[str, ParameterValue]]:
+    """Each injected template's parameter values: from its annotation, else the default."""
+    problems: list[str] = []
+    values: dict[str, dict[str, ParameterValue]] = {}
+    for template in templates:
+        values[template.name] = {}
+        for name, parameter in template.parameters.items():
+            try:
+                value = _parameter_value(parameter, annotations.get(parameter.annotation), template)
+            except _Invalid as error:
+                problems.append(str(error))
+                continue
+            problem = (
+                image_problem(value)
+                if isinstance(value, str) and parameter.type == "image"
+                else None
+            )
+            if problem:
+                problems.append(f"annotation {parameter.annotation}: {problem}")
+            elif value is not None:
+                values[template.name][name] = value
+    if problems:
+        raise InvalidAnnotations(problems)
+    return values
+
+
+def unused(
+    annotations: Mapping[str, str], injected: Collection[str], templates: Iterable[SidecarTemplate]
+) -> tuple[list[str], list[str]]:
+    """Our annotations with no effect: (unknown keys, keys of templates not injected)."""
+    owners: dict[str, list[str]] = {}
+    for template in templates:
+        for parameter in template.parameters.values():
+            owners.setdefault(parameter.annotation, []).append(template.name)
+    unknown, idle = [], []
+    for key in annotations:
+        if not key.startswith(PREFIX) or key in (INJECT, STATUS):
+            continue
+        if key not in owners:
+            unknown.append(key)
+        elif not any(owner in injected for owner in owners[key]):
+            idle.append(f"annotation {key} is ignored: {', '.join(owners[key])} is not injected")
+    return unknown, idle
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _parameter_value(
+    parameter: Parameter, raw: str | None, template: SidecarTemplate
+) -> ParameterValue | None:
+    """The typed value (the default when unset; None when there is none)."""
     if raw is None:
-        return DEFAULT_LOG_PATH
-    path = raw.strip().rstrip("/")
+        if parameter.required:
+            raise _Invalid(
+                f"annotation {parameter.annotation} is required when {template.name} is "
+                f"injected; expected {_accepted(parameter)}"
+            )
+        return None if parameter.default is None else _typed_default(parameter)
+    value = _parse(parameter, raw.strip())
+    if value is None:
+        raise _Invalid(
+            f"annotation {parameter.annotation}: {raw!r} is not accepted; "
+            f"expected {_accepted(parameter)}"
+        )
+    return value
+
+
+def valid_default(parameter: Parameter) -> bool:
+    return _typed_default(parameter) is not None
+
+
+def _typed_default(parameter: Parameter) -> ParameterValue | None:
+    default = parameter.default
+    return _parse(parameter, str(default).lower() if isinstance(default, bool) else str(default))
+
+
+@lru_cache(maxsize=4096)
+def _parse(parameter: Parameter, text: str) -> ParameterValue | None:
+    """Cached: the pods of one workload carry the same values, and some parsing is not cheap."""
+    match parameter.type:
+        case "integer":
+            number = int(text) if text.isascii() and text.lstrip("-").isdigit() else None
+            if number is None:
+                return None
+            low, high = parameter.minimum, parameter.maximum
+            too_low = low is not None and number < low
+            return None if too_low or (high is not None and number > high) else number
+        case "boolean":
+            return {"true": True, "false": False}.get(text.lower())
+        case "path":
+            return _path(text)
+        case "hostport":
+            return _upstream(text)
+        case _:
+            return _string(parameter, text)
+
+
+def _string(parameter: Parameter, text: str) -> str | None:
+    if parameter.enum is not None and text not in parameter.enum:
+        return None
+    if parameter.pattern is not None and not re.fullmatch(parameter.pattern, text):
+        return None
+    return text if len(text) <= 4096 and text.isprintable() else None
+
+
+def _path(text: str) -> str | None:
+    path = text.rstrip("/")
     segments = path.split("/")
     if (
         not _PATH_CHARS.match(path)
@@ -125,51 +201,12 @@ def _parse_log_path(raw: str | None, problems: list[str]) -> str:
         or "." in segments
         or "" in segments[1:]
     ):
-        problems.append(
-            f"annotation {LOG_PATH}: {raw!r} is not accepted; expected an absolute directory "
-            "path below / such as /var/log/app (letters, digits, . _ - @ + =; "
-            "no '..' or empty segments)"
-        )
-        return DEFAULT_LOG_PATH
+        return None
     return path
 
 
-def _parse_ambassador(
-    annotations: Mapping[str, str], wanted: bool, problems: list[str]
-) -> AmbassadorRequest | None:
-    raw_upstream = annotations.get(AMBASSADOR_UPSTREAM)
-    raw_port = annotations.get(AMBASSADOR_PORT)
-    if not wanted:
-        return None
-    if raw_upstream is None:
-        problems.append(
-            f"annotation {AMBASSADOR_UPSTREAM} is required when {INJECT} includes "
-            f"{AMBASSADOR}; expected host:port, e.g. api.example.com:443"
-        )
-        upstream = None
-    else:
-        upstream = _parse_upstream(raw_upstream, problems)
-    port = _parse_port(raw_port, problems)
-    if upstream is None or port is None:
-        return None
-    return AmbassadorRequest(upstream=upstream, local_port=port)
-
-
-def _parse_upstream(raw: str, problems: list[str]) -> Upstream | None:
-    upstream = _upstream(raw)
-    if upstream is None:
-        problems.append(
-            f"annotation {AMBASSADOR_UPSTREAM}: {raw!r} is not accepted; expected host:port "
-            "with a DNS name or IP address and a port from 1 to 65535 "
-            "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
-        )
-    return upstream
-
-
-@lru_cache(maxsize=4096)
-def _upstream(raw: str) -> Upstream | None:
-    """Cached: the pods of one workload name the same upstream, and IP parsing is not cheap."""
-    host, sep, port_text = raw.strip().rpartition(":")
+def _upstream(text: str) -> Upstream | None:
+    host, sep, port_text = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
@@ -184,30 +221,35 @@ def _upstream(raw: str) -> Upstream | None:
     return Upstream(host=host, port=port, is_ip=True)
 
 
-def _parse_port(raw: str | None, problems: list[str]) -> int | None:
-    if raw is None:
-        return DEFAULT_AMBASSADOR_PORT
-    text = raw.strip()
-    port = int(text) if text.isascii() and text.isdigit() else 0
-    if not MIN_LOCAL_PORT <= port <= 65535:
-        problems.append(
-            f"annotation {AMBASSADOR_PORT}: {raw!r} is not accepted; expected a port number "
-            f"from {MIN_LOCAL_PORT} to 65535 (default {DEFAULT_AMBASSADOR_PORT})"
-        )
-        return None
-    return port
-
-
-def _unused_keys(annotations: Mapping[str, str], sidecars: tuple[str, ...]) -> tuple[str, ...]:
-    """Warn about our annotations that will have no effect, so nothing is silently dropped."""
-    warnings: list[str] = []
-    for key in annotations:
-        if not key.startswith(PREFIX):
-            continue
-        if key not in KNOWN_KEYS:
-            warnings.append(f"annotation {key} is not an Outrigger annotation and is ignored")
-        elif key == LOG_PATH and LOG_WATCHER not in sidecars:
-            warnings.append(f"annotation {key} is ignored: {LOG_WATCHER} is not injected")
-        elif key in (AMBASSADOR_UPSTREAM, AMBASSADOR_PORT) and AMBASSADOR not in sidecars:
-            warnings.append(f"annotation {key} is ignored: {AMBASSADOR} is not injected")
-    return tuple(warnings)
+def _accepted(parameter: Parameter) -> str:
+    match parameter.type:
+        case "integer":
+            low = "" if parameter.minimum is None else f" from {parameter.minimum}"
+            high = "" if parameter.maximum is None else f" to {parameter.maximum}"
+            text = f"an integer{low}{high}"
+        case "boolean":
+            text = '"true" or "false"'
+        case "path":
+            text = (
+                "an absolute directory path below / such as /var/log/app (letters, digits, "
+                ". _ - @ + =; no '..' or empty segments)"
+            )
+        case "hostport":
+            text = (
+                "host:port with a DNS name or IP address and a port from 1 to 65535 "
+                "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
+            )
+        case "image":
+            text = "an image reference allowed by the cluster policy"
+        case _:
+            text = (
+                f"one of: {', '.join(parameter.enum)}"
+                if parameter.enum
+                else f"a string matching {parameter.pattern}"
+                if parameter.pattern
+                else "a printable string"
+            )
+    default = parameter.default
+    if default is not None:
+        text += f" (default {str(default).lower() if isinstance(default, bool) else default})"
+    return text

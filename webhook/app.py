@@ -9,12 +9,14 @@ than the mutation itself. Every other request goes on to the FastAPI app and its
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from webhook.admission import review
+from webhook.metrics import TEXT_FORMAT, Metrics
 from webhook.policy import Policy
 
 MUTATE_PATH = "/mutate"
@@ -25,13 +27,36 @@ _TOO_LARGE = b'{"error":"request body too large"}'
 _NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
 
 
-def create_app(policy: Callable[[], Policy]) -> AdmissionEndpoint:
-    """`policy` returns the policy in force, so a reload takes effect on the next request."""
-    return AdmissionEndpoint(_fastapi_app(policy), policy)
+# Runs for the app's lifetime, such as the policy file's poller (`PolicyFile.watching`).
+Background = Callable[[], AbstractAsyncContextManager[None]]
 
 
-def _fastapi_app(policy: Callable[[], Policy]) -> FastAPI:
-    app = FastAPI(title="Outrigger", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(
+    policy: Callable[[], Policy],
+    *,
+    metrics: Metrics | None = None,
+    background: Background | None = None,
+) -> AdmissionEndpoint:
+    """`policy` returns the policy in force, so a reload takes effect on the next request.
+
+    `metrics` (a fresh set by default) is served at `/metrics` and reports `policy()`'s version;
+    `background` is entered at startup and left at shutdown (the ASGI lifespan).
+    """
+    metrics = Metrics() if metrics is None else metrics
+    metrics.follow_policy(policy)
+    return AdmissionEndpoint(_fastapi_app(policy, metrics, background), policy)
+
+
+def _fastapi_app(
+    policy: Callable[[], Policy], metrics: Metrics, background: Background | None
+) -> FastAPI:
+    app = FastAPI(
+        title="Outrigger",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=None if background is None else (lambda _app: background()),
+    )
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -39,8 +64,15 @@ def _fastapi_app(policy: Callable[[], Policy]) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        policy()  # ready once a valid policy is in force
+        # Ready once a valid policy is in force. A reloading policy always has one: a bad new
+        # version is rejected and the last good one keeps serving, so readiness stays.
+        policy()
         return Response(b'{"status":"ready"}', media_type=_JSON)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        # A handful of samples: microseconds of work, not worth a hop to the thread pool.
+        return Response(metrics.exposition(), media_type=TEXT_FORMAT)
 
     return app
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from webhook.certs import ca_bundle, write_certificates
-from webhook.injector import InjectionDenied
+from webhook.injector import Injection, InjectionDenied
 from webhook.policy import Policy, PolicyError, default_policy, load_policy
 from webhook.workloads import inject_workload
 
@@ -39,7 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("certs"),
         help="holds tls.crt and tls.key; generated for localhost if missing",
     )
-    serve.add_argument("--policy", type=Path, help="policy file (default: the embedded policy)")
+    serve.add_argument(
+        "--policy",
+        type=Path,
+        help="policy file, reloaded when its content changes (default: the embedded policy)",
+    )
+    serve.add_argument(
+        "--policy-poll-seconds",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the policy file is checked for changes (default: 5)",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -56,7 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="namespace for objects that name none (default: default)",
     )
+    inject.add_argument(
+        "--explain",
+        action="store_true",
+        help="say on stderr, per workload, what was injected or skipped and why",
+    )
     inject.set_defaults(run=_inject)
+
+    policy = commands.add_parser("policy", help="work with policy files")
+    policy_commands = policy.add_subparsers(required=True, metavar="COMMAND")
+    check = policy_commands.add_parser("check", help="validate a policy file offline")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_policy_check)
 
     certs = commands.add_parser("certs", help="make a CA and a serving certificate")
     certs.add_argument("--dns", nargs="*", default=[], metavar="NAME", help="DNS names (SANs)")
@@ -74,10 +96,22 @@ def _policy(path: Path | None) -> Policy:
 def _serve(args: argparse.Namespace) -> int:
     from webhook.server import serve  # uvicorn is only needed here
 
+    if not 0 < args.policy_poll_seconds < float("inf"):
+        print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    serve(args.host, args.port, args.cert_dir, _policy(args.policy), args.log_level)
+    # serve() loads a --policy file before anything else: a bad one fails the start with the
+    # PolicyError, which main() reports with exit status 2.
+    serve(
+        args.host,
+        args.port,
+        args.cert_dir,
+        args.policy,
+        args.log_level,
+        poll_seconds=args.policy_poll_seconds,
+    )
     return 0
 
 
@@ -88,27 +122,49 @@ def _inject(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as error:
         print(f"outrigger: cannot read {args.filename}: {error}", file=sys.stderr)
         return 2
-    failures: list[str] = []
-    output = [_inject_document(d, args.namespace, policy, failures) for d in documents if d]
-    for failure in failures:
-        print(f"outrigger: {failure}", file=sys.stderr)
+    report = _Report(args.namespace, policy, explain=args.explain)
+    output = [report.inject(document) for document in documents if document]
+    for line in report.lines:
+        print(line, file=sys.stderr)
     yaml.dump_all(output, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
-    return 1 if failures else 0
+    return 1 if report.failures else 0
 
 
-def _inject_document(document: Any, namespace: str, policy: Policy, failures: list[str]) -> Any:
-    """The document injected; a denied object is kept unchanged and its reason recorded."""
-    if not isinstance(document, dict):
-        return document
-    items = document.get("items")
-    if document.get("kind") == "List" and isinstance(items, list):
-        injected = [_inject_document(item, namespace, policy, failures) for item in items]
-        return {**document, "items": injected}
-    try:
-        return inject_workload(document, namespace, policy)[0]
-    except InjectionDenied as error:
-        failures.append(f"{_describe(document)}: {error}")
-        return document
+class _Report:
+    """Injects document by document; keeps the failures and, with --explain, the reasons."""
+
+    def __init__(self, namespace: str, policy: Policy, *, explain: bool) -> None:
+        self.namespace, self.policy, self.explain = namespace, policy, explain
+        self.lines: list[str] = []
+        self.failures = 0
+
+    def inject(self, document: Any) -> Any:
+        """The document injected; a denied object is kept unchanged and its reason recorded."""
+        if not isinstance(document, dict):
+            return document
+        items = document.get("items")
+        if document.get("kind") == "List" and isinstance(items, list):
+            return {**document, "items": [self.inject(item) for item in items]}
+        try:
+            injected, injection = inject_workload(document, self.namespace, self.policy)
+        except InjectionDenied as error:
+            self.failures += 1
+            self.lines.append(f"outrigger: {_describe(document)}: {error}")
+            return document
+        if self.explain and injection is not None:
+            self._explain(document, injection)
+        return injected
+
+    def _explain(self, document: dict[str, Any], injection: Injection) -> None:
+        namespace = (document.get("metadata") or {}).get("namespace") or self.namespace
+        outcome = (
+            f"injected {', '.join(injection.injected)}"
+            if injection.injected
+            else f"nothing injected ({injection.reason})"
+        )
+        self.lines.append(f"{_describe(document)} in namespace {namespace}: {outcome}")
+        self.lines += [f"  {line}" for line in injection.explanation]
+        self.lines += [f"  warning: {warning}" for warning in injection.warnings]
 
 
 def _describe(document: Any) -> str:
@@ -120,6 +176,16 @@ def _describe(document: Any) -> str:
 
 def _read(filename: str) -> str:
     return sys.stdin.read() if filename == "-" else Path(filename).read_text(encoding="utf-8")
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    policy = load_policy(args.file)  # a PolicyError is reported by main(), exit status 2
+    names = ", ".join(policy.templates)
+    print(
+        f"{args.file}: valid, version {policy.version}: {len(policy.sidecars)} sidecar "
+        f"templates ({names}), {len(policy.rules)} rules"
+    )
+    return 0
 
 
 def _certs(args: argparse.Namespace) -> int:

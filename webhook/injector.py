@@ -3,7 +3,8 @@
 Pure and shared by the webhook and `outrigger inject`. The input pod is never modified; the
 result shares every untouched sub-object with it, which keeps the work proportional to what
 changes and lets the patch be derived cheaply from the difference (see `webhook.patch`).
-Decide first (excluded? already injected? what is asked?), then check, then build.
+Decide first (`webhook.selection`), then read the parameters, render the templates, check
+that they fit the pod, and build.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from typing import Any
 import orjson
 
 from webhook import annotations as ann
-from webhook.ambassador import ambassador_container
-from webhook.log_watcher import log_watcher_container
 from webhook.policy import Policy
-from webhook.volumes import SHARED_LOGS, empty_dir_volume, mount_conflicts, with_mount
+from webhook.selection import (
+    ALREADY_INJECTED,
+    INJECTED,
+    NAMESPACE_EXCLUDED,
+    RULE_EXCLUDED,
+    Decision,
+    decide,
+)
+from webhook.templates import RenderedSidecar, render
+from webhook.volumes import mount_conflicts, with_mounts
 
 Pod = dict[str, Any]
-
-# Why a pod came out as it did: log fields, `--explain` output and metric labels.
-INJECTED = "injected"
-ALREADY_INJECTED = "already-injected"
-NOT_REQUESTED = "not-requested"
-NAMESPACE_EXCLUDED = "namespace-excluded"
+# Pods whose annotations are not even read: warnings about them would be noise.
+_LEFT_ALONE = frozenset({ALREADY_INJECTED, NAMESPACE_EXCLUDED, RULE_EXCLUDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class Injection:
     reason: str
     injected: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    explanation: tuple[str, ...] = ()
 
 
 class InjectionDenied(Exception):
@@ -50,129 +55,150 @@ class InjectionDenied(Exception):
 
 
 def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
-    if policy.excludes(context.namespace):
-        return Injection(pod, NAMESPACE_EXCLUDED)
     metadata = _mapping(pod.get("metadata"), "metadata")
     annotations = _annotations(metadata)
-    if ann.STATUS in annotations:
-        return Injection(pod, ALREADY_INJECTED)
+    labels = _mapping(metadata.get("labels"), "metadata.labels")
+    if not all(isinstance(value, str) for value in labels.values()):
+        raise InjectionDenied("metadata.labels values must be strings (quote them in YAML)")
     try:
-        request = ann.parse(annotations, policy.available_sidecars)
+        decision = _decide(context.namespace, tuple(labels.items()), ann.ours(annotations), policy)
+        if decision.reason in _LEFT_ALONE:
+            return Injection(pod, decision.reason, explanation=decision.explanation)
+        sidecars, warnings = _sidecars(policy, ann.ours(annotations), decision.sidecars)
     except ann.InvalidAnnotations as error:
         raise InjectionDenied(str(error)) from None
-    if not request.sidecars:
-        return Injection(pod, NOT_REQUESTED, warnings=request.warnings)
+    warnings = (*decision.warnings, *warnings)
+    if decision.reason != INJECTED:
+        return Injection(pod, decision.reason, warnings=warnings, explanation=decision.explanation)
     spec = _mapping(pod.get("spec"), "spec")
-    _check_fits(spec, request, policy)
-    status = orjson.dumps({"injected": request.sidecars, "policy": policy.version}).decode()
+    _check_fits(spec, sidecars)
+    status = orjson.dumps({"injected": decision.sidecars, "policy": policy.version}).decode()
     injected_pod = {
         **pod,
         "metadata": {**metadata, "annotations": {**annotations, ann.STATUS: status}},
-        "spec": _injected_spec(spec, request, policy),
+        "spec": _injected_spec(spec, sidecars, policy),
     }
-    return Injection(injected_pod, INJECTED, request.sidecars, request.warnings)
+    return Injection(injected_pod, INJECTED, decision.sidecars, warnings, decision.explanation)
 
 
-def _injected_spec(spec: Mapping[str, Any], request: ann.InjectionRequest, policy: Policy) -> Pod:
-    sidecars, volumes = _sidecars(policy, request)
+@lru_cache(maxsize=1024)
+def _decide(
+    namespace: str,
+    labels: tuple[tuple[str, str], ...],
+    ours: tuple[tuple[str, str], ...],
+    policy: Policy,
+) -> Decision:
+    """Cached: a decision depends on nothing else, and pods of a workload ask alike."""
+    return decide(namespace, dict(labels), dict(ours), policy)
+
+
+@lru_cache(maxsize=1024)
+def _sidecars(
+    policy: Policy, ours: tuple[tuple[str, str], ...], names: tuple[str, ...]
+) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...]]:
+    """The rendered templates and the warnings about annotations, per policy and annotations.
+
+    Pods of one workload ask alike, so the result is shared between them, and so are its
+    dicts: nothing may modify an injected pod in place.
+    """
+    annotations = dict(ours)
+    templates = [policy.templates[name] for name in names]
+    values = ann.parse_parameters(annotations, templates, policy.image_problem)
+    unknown, idle = ann.unused(annotations, names, policy.sidecars)
+    if unknown and policy.unknownAnnotations == "Deny":
+        raise ann.InvalidAnnotations(
+            [
+                f"annotation {key} is not an Outrigger annotation (unknownAnnotations: Deny)"
+                for key in unknown
+            ]
+        )
+    warnings = [
+        f"annotation {key} is not an Outrigger annotation and is ignored" for key in unknown
+    ]
+    rendered = tuple(
+        render(t, values[t.name], policy.containerDefaults, native=policy.native(t))
+        for t in templates
+    )
+    return rendered, (*warnings, *idle)
+
+
+def _injected_spec(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...], policy: Policy
+) -> Pod:
+    mounts = [mount for sidecar in sidecars for mount in sidecar.app_volume_mounts]
     containers: list[dict[str, Any]] = spec["containers"]
-    if ann.LOG_WATCHER in request.sidecars:
-        containers = [with_mount(c, SHARED_LOGS, request.log_path) for c in containers]
-    injected = {**spec, "containers": [*containers, *sidecars]}
+    if mounts:
+        containers = [with_mounts(container, mounts) for container in containers]
+    native = [s.container for s in sidecars if "restartPolicy" in s.container]
+    classic = [s.container for s in sidecars if "restartPolicy" not in s.container]
+    injected = {**spec, "containers": [*containers, *classic]}
+    if native:
+        # First, so that the app's own init containers can already use them.
+        injected["initContainers"] = [*native, *(spec.get("initContainers") or ())]
+    volumes = [volume for sidecar in sidecars for volume in sidecar.volumes]
     if volumes:
         injected["volumes"] = [*(spec.get("volumes") or ()), *volumes]
     return injected
 
 
-@lru_cache(maxsize=1024)
-def _sidecars(
-    policy: Policy, request: ann.InjectionRequest
-) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
-    """The containers and volumes to add, built once per policy and request.
-
-    Pods of one workload ask for the same thing, so the result is shared between them, and
-    so are its dicts: nothing may modify an injected pod in place.
-    """
-    containers: list[dict[str, Any]] = []
-    volumes: list[dict[str, Any]] = []
-    for name in request.sidecars:
-        if name == ann.LOG_WATCHER:
-            settings = policy.sidecars.log_watcher
-            volumes.append(empty_dir_volume(SHARED_LOGS, settings.volumeSizeLimit))
-            containers.append(log_watcher_container(settings, request.log_path))
-        elif name == ann.AMBASSADOR and request.ambassador is not None:
-            containers.append(ambassador_container(policy.sidecars.ambassador, request.ambassador))
-    return tuple(containers), tuple(volumes)
-
-
-def _check_fits(spec: Mapping[str, Any], request: ann.InjectionRequest, policy: Policy) -> None:
+def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> None:
     """Deny what Kubernetes would reject later with a vaguer message, or what would not run."""
     containers = _containers(spec, "containers")
-    every_container = containers + _containers(spec, "initContainers")
-    every_container += _containers(spec, "ephemeralContainers")
-    names = {c.get("name") for c in every_container}
-    problems = [
-        f"container name {name!r} is already used in the pod; {ann.INJECT} injects a "
-        f"container with that name"
-        for name in request.sidecars
-        if name in names
-    ]
-    if ann.LOG_WATCHER in request.sidecars:
-        problems += _log_volume_problems(spec, containers, request.log_path)
-    if request.ambassador is not None:
-        problems += _ambassador_problems(spec, every_container, request.ambassador, policy)
+    every = containers + _containers(spec, "initContainers")
+    every += _containers(spec, "ephemeralContainers")
+    names = {c.get("name") for c in every}
+    volumes = {v.get("name") for v in _list(spec.get("volumes"), "spec.volumes")}
+    ports = {p.get("containerPort"): c.get("name") for c in every for p in c.get("ports") or ()}
+    problems = []
+    for sidecar in sidecars:
+        if sidecar.name in names:
+            problems.append(
+                f"container name {sidecar.name!r} is already used in the pod; {ann.INJECT} "
+                "injects a container with that name"
+            )
+        problems += [
+            f"volume name {v['name']!r} is already used in the pod; {sidecar.name} adds a "
+            "volume with that name"
+            for v in sidecar.volumes
+            if v.get("name") in volumes
+        ]
+        for mount in sidecar.app_volume_mounts:
+            problems += [
+                f"container {name!r} already mounts a volume at {mount['mountPath']}, where "
+                f"{sidecar.name} mounts {mount['name']!r}{_settable(sidecar)}"
+                for name in mount_conflicts(containers, str(mount["mountPath"]))
+            ]
+        problems += _port_problems(spec, sidecar, ports)
     if problems:
         raise InjectionDenied("; ".join(problems))
 
 
-def _log_volume_problems(
-    spec: Mapping[str, Any], containers: list[dict[str, Any]], log_path: str
+def _port_problems(
+    spec: Mapping[str, Any], sidecar: RenderedSidecar, ports: Mapping[Any, Any]
 ) -> list[str]:
-    problems = []
-    if any(v.get("name") == SHARED_LOGS for v in _list(spec.get("volumes"), "spec.volumes")):
-        problems.append(
-            f"volume name {SHARED_LOGS!r} is already used in the pod; {ann.LOG_WATCHER} "
-            "adds a volume with that name"
-        )
-    for name in mount_conflicts(containers, log_path):
-        problems.append(
-            f"container {name!r} already mounts a volume at {log_path}; set {ann.LOG_PATH} "
-            "to another directory for the shared log volume"
-        )
-    return problems
-
-
-def _ambassador_problems(
-    spec: Mapping[str, Any],
-    containers: list[dict[str, Any]],
-    request: ann.AmbassadorRequest,
-    policy: Policy,
-) -> list[str]:
-    admin_port = policy.sidecars.ambassador.adminPort
-    if spec.get("hostNetwork") is True:
+    if sidecar.ports and spec.get("hostNetwork") is True:
         return [
-            f"{ann.AMBASSADOR} cannot be injected into a hostNetwork pod: its ports would be "
-            "taken on the node itself"
+            f"{sidecar.name} cannot be injected into a hostNetwork pod: its ports "
+            f"({', '.join(map(str, sorted(sidecar.ports)))}) would be taken on the node itself"
         ]
-    if request.local_port == admin_port:
+    twice = sorted({port for port in sidecar.ports if sidecar.ports.count(port) > 1})
+    if twice:
         return [
-            f"annotation {ann.AMBASSADOR_PORT}: {admin_port} is the ambassador's admin port; "
-            f"choose another port from {ann.MIN_LOCAL_PORT} to 65535"
+            f"{sidecar.name} would bind port {', '.join(map(str, twice))} twice (for its own "
+            f"listener and its admin interface){_settable(sidecar)}"
         ]
-    used = {
-        p.get("containerPort"): c.get("name")
-        for c in containers
-        for p in _list(c.get("ports"), "ports")
-    }
     return [
-        f"container {used[port]!r} already uses port {port}, which the ambassador needs "
-        f"({what}); containers of a pod share one network namespace"
-        for port, what in (
-            (request.local_port, f"set {ann.AMBASSADOR_PORT} to a free port"),
-            (admin_port, "its admin port, set by the cluster policy"),
-        )
-        if port in used
+        f"container {ports[port]!r} already uses port {port}, which {sidecar.name} needs "
+        f"(containers of a pod share one network namespace){_settable(sidecar)}"
+        for port in sorted(set(sidecar.ports))
+        if port in ports
     ]
+
+
+def _settable(sidecar: RenderedSidecar) -> str:
+    if not sidecar.annotations:
+        return ""
+    return f"; {sidecar.name} is configured with {', '.join(sidecar.annotations)}"
 
 
 def _annotations(metadata: Mapping[str, Any]) -> dict[str, str]:

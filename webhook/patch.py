@@ -3,9 +3,9 @@
 A generic differ (`jsonpatch.make_patch`) compares every field of both pods on every request.
 The injector returns a pod that shares each untouched sub-object with the original, so this
 differ skips anything identical by identity and only descends where something changed. Lists
-are compared position by position: changed items are diffed in place, new items are appended
-by index and surplus items removed from the end, so no operation depends on another's index
-arithmetic. Tests check every patch against `jsonpatch.apply_patch`.
+keep the items shared at both ends; between them, items are diffed position by position, new
+ones added by index and surplus ones removed from the end. Tests check every patch against
+`jsonpatch.apply_patch`.
 """
 
 from __future__ import annotations
@@ -60,11 +60,25 @@ def _diff_objects(
 def _diff_lists(
     before: list[Any], after: list[Any], path: str, operations: list[Operation]
 ) -> None:
-    common = min(len(before), len(after))
-    for index in range(common):
-        if before[index] is not after[index]:
-            _diff(before[index], after[index], f"{path}/{index}", operations)
-    for index in range(common, len(after)):
+    """Items shared at both ends are skipped; the middle is diffed position by position.
+
+    Sidecars inserted at the front of `initContainers` thus become `add` operations at their
+    index, with no operation on the items that follow them.
+    """
+    start = 0
+    limit = min(len(before), len(after))
+    while start < limit and before[start] is after[start]:
+        start += 1
+    end_before, end_after = len(before), len(after)
+    while (
+        end_before > start and end_after > start and before[end_before - 1] is after[end_after - 1]
+    ):
+        end_before -= 1
+        end_after -= 1
+    common = min(end_before, end_after)
+    for index in range(start, common):
+        _diff(before[index], after[index], f"{path}/{index}", operations)
+    for index in range(common, end_after):
         operations.append({"op": "add", "path": f"{path}/{index}", "value": after[index]})
-    for index in range(len(before) - 1, common - 1, -1):
+    for index in range(end_before - 1, common - 1, -1):
         operations.append({"op": "remove", "path": f"{path}/{index}"})

@@ -1,29 +1,50 @@
-"""The cluster policy: which sidecars exist, their images and container settings, and which
-namespaces are never touched. Loaded and validated once; immutable afterwards.
+"""The cluster policy: the sidecar templates, what annotations may set in them, which images
+are allowed, and which namespaces and pods get what. Loaded and validated once; immutable.
+
+The platform team writes it (usually in a ConfigMap); app teams only choose among its sidecars
+and set the parameters a template declares. Errors name the path of the bad field, such as
+`sidecars[1].container.image: ...`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import os
 import re
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from webhook.annotations import AMBASSADOR, LOG_WATCHER
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_VERSION = "outrigger.dev/v1alpha1"
 KIND = "InjectionPolicy"
+ANNOTATION_PREFIX = "outrigger.dev/"
+RESERVED_ANNOTATIONS = frozenset({ANNOTATION_PREFIX + "inject", ANNOTATION_PREFIX + "status"})
 # Never mutated whatever the policy says: a broken injection there can take the cluster down.
 ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public"})
+# The Helm chart sets it (downward API) so that the webhook never injects into its own pods.
+OWN_NAMESPACE_ENV = "POD_NAMESPACE"
 
+_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _IMAGE_NAME = re.compile(r"^[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# Restricted Pod Security Standard settings for injected containers, unless the policy's
+# containerDefaults or a template say otherwise.
+RESTRICTED_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 class PolicyError(ValueError):
@@ -34,63 +55,209 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Resources(_Model):
-    requests: dict[str, str | int] = Field(default_factory=dict)
-    limits: dict[str, str | int] = Field(default_factory=dict)
+class Parameter(_Model):
+    """A value an annotation may set in a template, with its type and validation."""
 
+    annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+    type: Literal["string", "integer", "boolean", "path", "hostport", "image"] = "string"
+    default: str | int | bool | None = None
+    required: bool = False
+    enum: tuple[str, ...] | None = None
+    pattern: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    description: str = ""
 
-class SidecarSettings(_Model):
-    """Container settings that the platform team controls; annotations cannot change them."""
-
-    image: str
-    resources: Resources = Field(default_factory=Resources)
-    securityContext: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("image")
+    @field_validator("pattern")
     @classmethod
-    def _pinned(cls, image: str) -> str:
-        if not is_pinned_image(image):
-            raise ValueError(
-                f"image {image!r} must be a valid reference pinned to a version tag "
-                "(not :latest) or a sha256 digest"
-            )
-        return image
-
-    @cached_property
-    def container_fields(self) -> dict[str, Any]:
-        """Resources and securityContext as container fields, built once per policy.
-
-        Shared by every pod the policy injects into: callers must treat it as read-only.
-        """
-        fields: dict[str, Any] = {}
-        resources = self.resources.model_dump(exclude_defaults=True)
-        if resources:
-            fields["resources"] = resources
-        if self.securityContext:
-            fields["securityContext"] = self.securityContext
-        return fields
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
 
 
-class LogWatcherSettings(SidecarSettings):
-    # Bounds the shared log volume; kubelet evicts the pod past it, so leave unset to not cap.
-    volumeSizeLimit: str | None = None
+class EnvoySettings(_Model):
+    """Renders an Envoy bootstrap into `${envoy.bootstrap}` (see webhook.ambassador)."""
 
-
-class AmbassadorSettings(SidecarSettings):
+    upstream: str
+    listenPort: str | int
     listenAddress: str = "127.0.0.1"
-    adminPort: int = Field(default=9901, ge=1024, le=65535)
+    adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
 
 
-class Sidecars(_Model):
-    log_watcher: LogWatcherSettings = Field(alias="log-watcher")
-    ambassador: AmbassadorSettings = Field(alias="ambassador")
+class SidecarTemplate(_Model):
+    name: Annotated[str, Field(pattern=_NAME, max_length=63)]
+    description: str = ""
+    # Placement: None follows the policy's nativeSidecars.
+    native: bool | None = None
+    parameters: dict[str, Parameter] = Field(default_factory=dict)
+    container: dict[str, Any]
+    volumes: tuple[dict[str, Any], ...] = ()
+    appVolumeMounts: tuple[dict[str, Any], ...] = ()
+    envoy: EnvoySettings | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_names(cls, parameters: dict[str, Parameter]) -> dict[str, Parameter]:
+        for name in parameters:
+            if not re.match(_NAME, name):
+                raise ValueError(f"parameter name {name!r} must be lowercase letters, digits, '-'")
+        return parameters
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, container: dict[str, Any]) -> dict[str, Any]:
+        if "image" not in container:
+            raise ValueError("container.image is required")
+        if "name" in container:
+            raise ValueError("container.name is set from the template's name; remove it")
+        return container
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> SidecarTemplate:
+        known = self.reference_names
+        for where, value in (
+            ("container", self.container),
+            ("volumes", self.volumes),
+            ("appVolumeMounts", self.appVolumeMounts),
+            ("envoy", self.envoy.model_dump() if self.envoy else {}),
+        ):
+            for reference in _references(value):
+                if reference not in known:
+                    raise ValueError(
+                        f"{where} refers to ${{{reference}}}, which is not a parameter of this "
+                        f"template (known: {', '.join(sorted(known)) or 'none'})"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _envoy_parameters(self) -> SidecarTemplate:
+        if self.envoy is None:
+            return self
+        upstream = _REFERENCE.fullmatch(self.envoy.upstream)
+        if upstream is None or self._type(upstream.group(1)) != "hostport":
+            raise ValueError("envoy.upstream must be one ${parameter} of type hostport")
+        port = self.envoy.listenPort
+        if isinstance(port, str):
+            reference = _REFERENCE.fullmatch(port)
+            if reference is None or self._type(reference.group(1)) != "integer":
+                raise ValueError(
+                    "envoy.listenPort must be a number or one ${parameter} of type integer"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _defaults_valid(self) -> SidecarTemplate:
+        from webhook.annotations import valid_default  # the one place values are parsed
+
+        for name, parameter in self.parameters.items():
+            if parameter.default is not None and not valid_default(parameter):
+                raise ValueError(
+                    f"parameters.{name}.default: {parameter.default!r} is not a valid "
+                    f"{parameter.type} for this parameter"
+                )
+        return self
+
+    def _type(self, name: str) -> str | None:
+        parameter = self.parameters.get(name)
+        return None if parameter is None else parameter.type
+
+    @property
+    def reference_names(self) -> frozenset[str]:
+        names = set(self.parameters)
+        for name, parameter in self.parameters.items():
+            if parameter.type == "hostport":
+                names |= {f"{name}.host", f"{name}.port"}
+        if self.envoy is not None:
+            names.add("envoy.bootstrap")
+        return frozenset(names)
+
+
+class LabelSelectorRequirement(_Model):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+
+class LabelSelector(_Model):
+    matchLabels: dict[str, str] = Field(default_factory=dict)
+    matchExpressions: tuple[LabelSelectorRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(key) != value for key, value in self.matchLabels.items()):
+            return False
+        return all(_requirement_holds(r, labels) for r in self.matchExpressions)
+
+
+class Rule(_Model):
+    """Which pods get which sidecars without asking, or must have them, or never get any."""
+
+    name: Annotated[str, Field(min_length=1)]
+    namespaces: tuple[str, ...] = ()  # exact names or globs; empty: every namespace
+    podSelector: LabelSelector | None = None
+    inject: tuple[str, ...] = ()
+    require: tuple[str, ...] = ()
+    exclude: bool = False
+
+    def matches(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if self.namespaces and not any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces):
+            return False
+        return self.podSelector is None or self.podSelector.matches(labels)
+
+
+class ContainerDefaults(_Model):
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"cpu": "500m", "memory": "256Mi"},
+        }
+    )
+    securityContext: dict[str, Any] = Field(
+        default_factory=lambda: dict(RESTRICTED_SECURITY_CONTEXT)
+    )
+
+
+class Images(_Model):
+    # Prefixes an image reference must start with, e.g. "docker.io/envoyproxy/".
+    allowed: tuple[str, ...]
 
 
 class Policy(_Model):
     apiVersion: Literal["outrigger.dev/v1alpha1"]
     kind: Literal["InjectionPolicy"]
-    excludedNamespaces: frozenset[str] = frozenset()
-    sidecars: Sidecars
+    images: Images
+    sidecars: tuple[SidecarTemplate, ...]
+    rules: tuple[Rule, ...] = ()
+    excludedNamespaces: tuple[str, ...] = ()
+    nativeSidecars: bool = False
+    unknownAnnotations: Literal["Warn", "Deny"] = "Warn"
+    containerDefaults: ContainerDefaults = Field(default_factory=ContainerDefaults)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        names = [t.name for t in self.sidecars]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"sidecars: duplicate template names {duplicates}")
+        for index, template in enumerate(self.sidecars):
+            image = template.container["image"]
+            if "${" not in str(image) and (problem := self.image_problem(str(image))):
+                raise ValueError(f"sidecars[{index}].container.image: {problem}")
+        for index, template in enumerate(self.sidecars):
+            for name, parameter in template.parameters.items():
+                if parameter.annotation in RESERVED_ANNOTATIONS:
+                    raise ValueError(
+                        f"sidecars[{index}].parameters.{name}.annotation: "
+                        f"{parameter.annotation} is reserved"
+                    )
+        for index, rule in enumerate(self.rules):
+            unknown = [n for n in (*rule.inject, *rule.require) if n not in names]
+            if unknown:
+                raise ValueError(f"rules[{index}] ({rule.name}) names unknown sidecars {unknown}")
+        return self
 
     def __hash__(self) -> int:
         # By identity, so that a policy can key caches of what is built from it; equal
@@ -98,17 +265,41 @@ class Policy(_Model):
         return id(self)
 
     @cached_property
-    def available_sidecars(self) -> frozenset[str]:
-        return frozenset({LOG_WATCHER, AMBASSADOR})
+    def templates(self) -> dict[str, SidecarTemplate]:
+        return {template.name: template for template in self.sidecars}
 
-    def excludes(self, namespace: str) -> bool:
-        return namespace in ALWAYS_EXCLUDED or namespace in self.excludedNamespaces
+    @cached_property
+    def order(self) -> dict[str, int]:
+        """Injected sidecars are placed in the order the policy lists them."""
+        return {template.name: index for index, template in enumerate(self.sidecars)}
 
     @cached_property
     def version(self) -> str:
         """A short content hash, recorded in the status annotation of every injected pod."""
         canonical = self.model_dump_json(by_alias=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:12]
+
+    def excluded_namespace(self, namespace: str) -> bool:
+        if namespace in ALWAYS_EXCLUDED or namespace == os.environ.get(OWN_NAMESPACE_ENV):
+            return True
+        return any(fnmatch.fnmatchcase(namespace, p) for p in self.excludedNamespaces)
+
+    def matching_rules(self, namespace: str, labels: Mapping[str, str]) -> list[Rule]:
+        return [rule for rule in self.rules if rule.matches(namespace, labels)]
+
+    def native(self, template: SidecarTemplate) -> bool:
+        return self.nativeSidecars if template.native is None else template.native
+
+    def image_problem(self, image: str) -> str | None:
+        """Why an image may not be used (not pinned, or outside the allowlist), or None."""
+        if not is_pinned_image(image):
+            return (
+                f"image {image!r} must be a valid reference pinned to a version tag "
+                "(not :latest) or a sha256 digest"
+            )
+        if not any(image.startswith(prefix) for prefix in self.images.allowed):
+            return f"image {image!r} is not in images.allowed ({', '.join(self.images.allowed)})"
+        return None
 
 
 def is_pinned_image(image: str) -> bool:
@@ -129,14 +320,14 @@ def parse_policy(document: object, source: str = "policy") -> Policy:
     try:
         return Policy.model_validate(document)
     except ValidationError as error:
-        lines = [f"{_error_path(e['loc'])}: {e['msg']}" for e in error.errors()]
+        lines = [_line(e) for e in error.errors()]
         raise PolicyError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
 def load_policy(path: Path) -> Policy:
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise PolicyError(f"cannot read policy {path}: {error}") from None
     return parse_policy(document, str(path))
 
@@ -147,8 +338,39 @@ def default_policy() -> Policy:
     return parse_policy(yaml.safe_load(text), "embedded default policy")
 
 
+def _requirement_holds(requirement: LabelSelectorRequirement, labels: Mapping[str, str]) -> bool:
+    present = requirement.key in labels
+    match requirement.operator:
+        case "In":
+            return present and labels[requirement.key] in requirement.values
+        case "NotIn":
+            return not present or labels[requirement.key] not in requirement.values
+        case "Exists":
+            return present
+        case _:
+            return not present
+
+
+def _references(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield from _REFERENCE.findall(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _references(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _references(item)
+
+
+def _line(error: Any) -> str:
+    """`path: message`; checks across fields put their own path at the start of the message."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    path = _error_path(error["loc"])
+    return f"{path}: {message}" if path else message
+
+
 def _error_path(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(document)"
+    return path

@@ -4,9 +4,11 @@ A pod is decoded partially: only the fields the injector looks at (annotations, 
 mounts, volumes). The rest (managedFields, env, probes, ...) is skipped without ever becoming
 Python objects, and building those objects is most of the cost of a request. This is sound
 because the JSON Patch is the difference between this partial pod and the injected one: every
-path the injector changes, and each parent of one, is present in the partial pod, and the
-injector only ever appends to lists. `tests/test_properties.py` checks, for generated pods, that
-the patch made from the partial pod equals the patch made from the whole pod.
+path the injector changes, and each parent of one, is present in the partial pod; the injector
+inserts whole new objects and, in objects it changes, only adds what the partial pod holds
+(volume mounts), so no operation ever carries a partial object. `tests/test_properties.py`
+checks, for generated pods, that the patch made from the partial pod equals the patch made
+from the whole pod.
 
 A field the injector starts to read must be added here.
 """
@@ -48,6 +50,7 @@ class PodSpec(TypedDict, total=False):
 class ObjectMeta(TypedDict, total=False):
     name: str
     generateName: str
+    labels: dict[str, str] | None
     annotations: dict[str, str] | None
 
 

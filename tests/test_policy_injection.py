@@ -1,0 +1,252 @@
+"""The policy at work through the whole admission envelope: rules, native sidecars, what
+annotations may and may not do, and the restricted Pod Security Standard."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import jsonpatch
+import orjson
+import pytest
+
+from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
+from webhook.admission import review
+from webhook.injector import RequestContext, inject
+from webhook.patch import diff
+from webhook.policy import Policy, default_policy, load_policy, parse_policy
+
+TEAM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
+UPSTREAM = {"outrigger.dev/ambassador-upstream": "payments.example.com:443"}
+
+
+def pod(
+    annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"generateName": "web-", "labels": labels or {"app": "web"}}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    containers = spec.pop("containers", [{"name": "app", "image": "registry.example.com/app:1"}])
+    return {"metadata": metadata, "spec": {"containers": containers, **spec}}
+
+
+def answer(policy: Policy, sent: dict[str, Any], namespace: str) -> dict[str, Any]:
+    status, body = review(orjson.dumps(admission_review(sent, namespace=namespace)), policy)
+    assert status == 200
+    response: dict[str, Any] = orjson.loads(body)["response"]
+    return response
+
+
+def injected(policy: Policy, sent: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    """The pod the API server would store: the webhook's patch applied, and checked."""
+    original = copy.deepcopy(sent)
+    response = answer(policy, sent, namespace)
+    assert response["allowed"], response
+    operations = orjson.loads(base64.b64decode(response["patch"]))
+    assert operations == diff(sent, inject(sent, RequestContext(namespace), policy).pod)
+    result: dict[str, Any] = jsonpatch.apply_patch(sent, operations)
+    assert sent == original
+    validate_strict(as_pod(result))
+    again = answer(policy, result, namespace)
+    assert again["allowed"] and "patch" not in again
+    return result
+
+
+def names(containers: list[dict[str, Any]]) -> list[str]:
+    return [container["name"] for container in containers]
+
+
+# Rules -------------------------------------------------------------------------------------
+
+
+def test_required_sidecar_is_injected_without_annotation() -> None:
+    result = injected(TEAM, pod(labels={"tier": "frontend"}), "prod-eu")
+    assert names(result["spec"]["containers"]) == ["app", "log-watcher"]
+
+
+def test_required_sidecar_survives_opt_out_with_a_warning() -> None:
+    sent = pod({"outrigger.dev/inject": "false"}, labels={"tier": "frontend"})
+    response = answer(TEAM, sent, "prod-eu")
+    assert response["allowed"] and "patch" in response
+    assert any("requires log-watcher" in w for w in response["warnings"])
+
+
+def test_rule_default_is_injected_and_its_parameters_are_required() -> None:
+    result = injected(TEAM, pod(UPSTREAM), "payments")
+    assert names(result["spec"]["initContainers"]) == ["ambassador"]
+    response = answer(TEAM, pod(), "payments")
+    assert not response["allowed"]
+    assert "outrigger.dev/ambassador-upstream is required" in response["status"]["message"]
+
+
+def test_opt_out_removes_a_rule_default() -> None:
+    response = answer(TEAM, pod({"outrigger.dev/inject": "false", **UPSTREAM}), "payments")
+    assert response["allowed"] and "patch" not in response
+
+
+@pytest.mark.parametrize(
+    ("namespace", "labels"),
+    [
+        pytest.param("batch-nightly", {"tier": "frontend"}, id="excluded-namespace-glob"),
+        pytest.param("kube-system", {"tier": "frontend"}, id="kube-system"),
+        pytest.param(
+            "prod-eu",
+            {"tier": "frontend", "app.kubernetes.io/component": "operator"},
+            id="rule-exclude-beats-require",
+        ),
+    ],
+)
+def test_exclusions_win(namespace: str, labels: dict[str, str]) -> None:
+    sent = pod({"outrigger.dev/inject": "log-watcher"}, labels=labels)
+    response = answer(TEAM, sent, namespace)
+    assert response["allowed"] and "patch" not in response
+
+
+# Native sidecars ---------------------------------------------------------------------------
+
+
+def test_native_sidecars_go_first_in_init_containers() -> None:
+    migrate = {"name": "migrate", "image": "registry.example.com/app:1"}
+    sent = pod(
+        {"outrigger.dev/inject": "ambassador,log-watcher", **UPSTREAM}, initContainers=[migrate]
+    )
+    result = injected(TEAM, sent, "shop")
+    init = result["spec"]["initContainers"]
+    assert names(init) == ["ambassador", "migrate"]
+    assert init[0]["restartPolicy"] == "Always" and "restartPolicy" not in init[1]
+    # log-watcher's template overrides the policy's switch: classic placement.
+    assert names(result["spec"]["containers"]) == ["app", "log-watcher"]
+
+
+def test_native_switch_of_the_policy_applies_to_every_template() -> None:
+    document = default_policy().model_dump(mode="json")
+    native = parse_policy({**document, "nativeSidecars": True})
+    result = injected(native, pod({"outrigger.dev/inject": "log-watcher"}))
+    assert names(result["spec"]["initContainers"]) == ["log-watcher"]
+    assert result["spec"]["initContainers"][0]["restartPolicy"] == "Always"
+    assert names(result["spec"]["containers"]) == ["app"]
+    assert result["spec"]["containers"][0]["volumeMounts"][0]["name"] == "shared-logs"
+
+
+# What annotations can and cannot do --------------------------------------------------------
+
+
+def test_image_parameter_inside_the_allowlist_is_used() -> None:
+    image = "registry.example.com/tools/config-reloader:1.5.0"
+    sent = pod(
+        {"outrigger.dev/inject": "config-reloader", "outrigger.dev/config-reloader-image": image}
+    )
+    result = injected(TEAM, sent)
+    reloader = result["spec"]["initContainers"][0]  # a native sidecar under this policy
+    assert (reloader["name"], reloader["image"]) == ("config-reloader", image)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        pytest.param(
+            {
+                "outrigger.dev/inject": "config-reloader",
+                "outrigger.dev/config-reloader-image": "docker.io/evil/miner:1.0",
+            },
+            "annotation outrigger.dev/config-reloader-image: image 'docker.io/evil/miner:1.0' "
+            "is not in images.allowed",
+            id="image-outside-allowlist",
+        ),
+        pytest.param(
+            {
+                "outrigger.dev/inject": "config-reloader",
+                "outrigger.dev/config-reloader-image": "registry.example.com/tools/x:latest",
+            },
+            "must be a valid reference pinned to a version tag",
+            id="image-not-pinned",
+        ),
+        pytest.param(
+            {"outrigger.dev/inject": "log-watcher", "outrigger.dev/privileged": "true"},
+            "annotation outrigger.dev/privileged is not an Outrigger annotation",
+            id="privileged",
+        ),
+        pytest.param(
+            {"outrigger.dev/inject": "log-watcher", "outrigger.dev/log-volume": "hostPath:/"},
+            "annotation outrigger.dev/log-volume is not an Outrigger annotation",
+            id="host-path-volume",
+        ),
+        pytest.param(
+            {
+                "outrigger.dev/inject": "log-watcher",
+                "outrigger.dev/log-path": "/var/log/app\n  privileged: true",
+            },
+            "annotation outrigger.dev/log-path",
+            id="yaml-smuggled-in-a-value",
+        ),
+        pytest.param(
+            {
+                "outrigger.dev/inject": "ambassador",
+                "outrigger.dev/ambassador-upstream": 'x.com:80","admin":{"address":"0.0.0.0"',
+            },
+            "annotation outrigger.dev/ambassador-upstream",
+            id="json-smuggled-into-envoy",
+        ),
+        pytest.param(
+            {"outrigger.dev/inject": "log-watcher", "outrigger.dev/log-format": "raw"},
+            "expected one of: json_lines, msgpack",
+            id="enum",
+        ),
+    ],
+)
+def test_escalation_attempts_are_denied(annotations: dict[str, str], message: str) -> None:
+    response = answer(TEAM, pod(annotations), "shop")
+    assert not response["allowed"]
+    assert message in response["status"]["message"]
+
+
+def test_unknown_annotations_only_warn_under_the_default_policy() -> None:
+    sent = pod(
+        {
+            "outrigger.dev/inject": "log-watcher",
+            "outrigger.dev/privileged": "true",
+            "outrigger.dev/log-volume": "hostPath:/",
+        }
+    )
+    response = answer(default_policy(), sent, "shop")
+    assert response["allowed"]
+    assert sorted(response["warnings"]) == [
+        "annotation outrigger.dev/log-volume is not an Outrigger annotation and is ignored",
+        "annotation outrigger.dev/privileged is not an Outrigger annotation and is ignored",
+    ]
+    result = injected(default_policy(), sent, "shop")
+    spec = orjson.dumps(result["spec"]).decode()
+    assert "privileged" not in spec and "hostPath" not in spec
+
+
+# Pod Security Standards --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "annotations"),
+    [
+        pytest.param(
+            default_policy(),
+            {"outrigger.dev/inject": "log-watcher,ambassador", **UPSTREAM},
+            id="default-policy",
+        ),
+        pytest.param(
+            TEAM,
+            {"outrigger.dev/inject": "log-watcher,ambassador,config-reloader", **UPSTREAM},
+            id="platform-team-policy",
+        ),
+    ],
+)
+def test_injected_containers_pass_the_restricted_profile(
+    policy: Policy, annotations: dict[str, str]
+) -> None:
+    from tests.pod_security import container_violations, volume_violations
+
+    result = injected(policy, pod(annotations), "shop")
+    status = orjson.loads(result["metadata"]["annotations"]["outrigger.dev/status"])
+    assert status["policy"] == policy.version
+    for name in status["injected"]:
+        assert container_violations(as_pod(result), name) == [], name
+    for volume in result["spec"].get("volumes", ()):
+        assert volume_violations(as_pod(result), volume["name"]) == []
