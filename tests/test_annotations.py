@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from webhook import annotations as ann
-from webhook.annotations import InvalidAnnotations, Upstream
+from webhook.annotations import InvalidAnnotations
+from webhook.hostport import Upstream
 from webhook.policy import default_policy
 from webhook.selection import decide
 

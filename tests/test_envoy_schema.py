@@ -16,7 +16,7 @@ import pytest
 from tests import envoy_schema
 from tests.envoy_schema import EnvoyConfigError, validate_bootstrap, validate_message
 from webhook.ambassador import envoy_bootstrap
-from webhook.annotations import Upstream
+from webhook.hostport import Upstream
 
 Config = dict[str, Any]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from webhook.annotations import Upstream
+from webhook.hostport import Upstream
 
 UPSTREAM_CLUSTER = "upstream"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"

@@ -7,12 +7,14 @@ annotation at once, each message naming the annotation and the values it accepts
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
+
+from webhook.hostport import ACCEPTED as HOSTPORT_ACCEPTED
+from webhook.hostport import Upstream, parse_hostport
 
 if TYPE_CHECKING:
     from webhook.policy import Parameter, SidecarTemplate
@@ -21,18 +23,7 @@ PREFIX = "outrigger.dev/"
 INJECT = PREFIX + "inject"
 STATUS = PREFIX + "status"
 
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """An external service (a `hostport` parameter): what the ambassador proxies to."""
-
-    host: str
-    port: int
-    is_ip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +169,7 @@ def _parse(parameter: Parameter, text: str) -> ParameterValue | None:
         case "path":
             return _path(text)
         case "hostport":
-            return _upstream(text)
+            return parse_hostport(text)
         case _:
             return _string(parameter, text)
 
@@ -205,22 +196,6 @@ def _path(text: str) -> str | None:
     return path
 
 
-def _upstream(text: str) -> Upstream | None:
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
-    if not sep or not 1 <= port <= 65535:
-        return None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if len(host) > 253 or not _DNS_NAME.match(host.lower()):
-            return None
-        return Upstream(host=host.lower(), port=port)
-    return Upstream(host=host, port=port, is_ip=True)
-
-
 def _accepted(parameter: Parameter) -> str:
     match parameter.type:
         case "integer":
@@ -235,10 +210,7 @@ def _accepted(parameter: Parameter) -> str:
                 ". _ - @ + =; no '..' or empty segments)"
             )
         case "hostport":
-            text = (
-                "host:port with a DNS name or IP address and a port from 1 to 65535 "
-                "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
-            )
+            text = HOSTPORT_ACCEPTED
         case "image":
             text = "an image reference allowed by the cluster policy"
         case _:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webhook.ambassador import envoy_config_json
-from webhook.annotations import Upstream
+from webhook.hostport import Upstream
 from webhook.policy import ContainerDefaults, SidecarTemplate
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")

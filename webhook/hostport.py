@@ -1,0 +1,41 @@
+"""`host:port` values: the external services an ambassador proxies to."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+
+ACCEPTED = (
+    "host:port with a DNS name or IP address and a port from 1 to 65535 "
+    "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    host: str
+    port: int
+    is_ip: bool = False
+
+
+@lru_cache(maxsize=4096)
+def parse_hostport(text: str) -> Upstream | None:
+    """The upstream, or None when `text` is not `host:port` (cached: IP parsing is not cheap)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
+    if not sep or not 1 <= port <= 65535:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if len(host) > 253 or not _DNS_NAME.match(host.lower()):
+            return None
+        return Upstream(host=host.lower(), port=port)
+    return Upstream(host=host, port=port, is_ip=True)
