@@ -8,6 +8,7 @@ from webhook import annotations as ann
 from webhook.annotations import InvalidAnnotations
 from webhook.hostport import Upstream
 from webhook.policy import default_policy
+from webhook.injector import _sidecars
 from webhook.selection import decide
 
 POLICY = default_policy()
@@ -27,6 +28,7 @@ class Parsed:
         self.sidecars = decision.sidecars
         templates = [POLICY.templates[name] for name in self.sidecars]
         self.values = ann.parse_parameters(annotations, templates, POLICY.image_problem)
+        _sidecars(POLICY, ann.ours(annotations), self.sidecars)  # rendering checks the rest
         unknown, idle = ann.unused(annotations, self.sidecars, POLICY.sidecars)
         self.warnings = tuple(f"{key} is not an Outrigger annotation" for key in unknown) + tuple(
             idle

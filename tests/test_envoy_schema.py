@@ -15,13 +15,15 @@ import pytest
 
 from tests import envoy_schema
 from tests.envoy_schema import EnvoyConfigError, validate_bootstrap, validate_message
-from webhook.ambassador import envoy_bootstrap
-from webhook.hostport import Upstream
+from webhook.ambassador import single_upstream
+from webhook.envoy import Listening
+from webhook.envoy import bootstrap as envoy_bootstrap
+from webhook.hostport import Upstream, parse_hostport
 
 Config = dict[str, Any]
 
-DNS_UPSTREAM = Upstream("api.example.com", 443)
-IP_UPSTREAM = Upstream("10.0.0.7", 8080)
+DNS_UPSTREAM = parse_hostport("api.example.com:443")
+IP_UPSTREAM = parse_hostport("10.0.0.7:8080")
 
 LISTENER = "static_resources.listeners[0]"
 HCM = f"{LISTENER}.filter_chains[0].filters[0].typed_config"
@@ -36,8 +38,9 @@ STDOUT_LOG_TYPE = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 TLS_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
-def bootstrap(upstream: Upstream = DNS_UPSTREAM) -> Config:
-    return envoy_bootstrap(upstream, "127.0.0.1", 8081, 9901)
+def bootstrap(upstream: Upstream | None = DNS_UPSTREAM) -> Config:
+    assert upstream is not None
+    return envoy_bootstrap(single_upstream(upstream, 8081), Listening("127.0.0.1", 9901))
 
 
 def hcm(config: Config) -> Config:
@@ -94,7 +97,11 @@ def test_generated_bootstrap_is_valid(upstream: Upstream) -> None:
     original = copy.deepcopy(config)
     validate_bootstrap(config)
     assert config == original  # validation never touches its input
-    assert cluster(config)["type"] == ("STATIC" if upstream.is_ip else "LOGICAL_DNS")
+    if upstream.is_ip:
+        assert cluster(config)["type"] == "STATIC"
+    else:  # DNS discovery through the DNS cluster extension, with LOGICAL_DNS semantics
+        dns = cluster(config)["cluster_type"]["typed_config"]
+        assert dns["all_addresses_in_single_endpoint"] is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,15 +283,15 @@ def test_mutation_is_rejected_at_its_path(
 
 
 def test_every_problem_is_listed() -> None:
-    config = bootstrap()
+    config = bootstrap(IP_UPSTREAM)  # a STATIC cluster: `type` is its discovery field
     misspell_stat_prefix(config)
     cluster(config)["type"] = "LOGICAL_DNZ"
     cluster(config)["connect_timeout"] = "five seconds"
     problems = rejection(config)
-    assert [problem.partition(": ")[0] for problem in problems] == [
+    assert [problem.partition(": ")[0] for problem in problems] == [  # in the config's order
         f"{HCM}.stat_prefx",
-        f"{CLUSTER}.type",
         f"{CLUSTER}.connect_timeout",
+        f"{CLUSTER}.type",
     ]
 
 
@@ -323,9 +330,9 @@ def test_lower_camel_case_names_are_accepted() -> None:
 
 
 def test_proto_json_scalars() -> None:
-    config = bootstrap()
+    config = bootstrap(IP_UPSTREAM)  # a STATIC cluster: `type` is its discovery field
     upstream_socket(config)["port_value"] = "443"  # proto-JSON allows integers as strings
-    cluster(config)["type"] = 2  # and enums as their number (LOGICAL_DNS)
+    cluster(config)["type"] = 0  # and enums as their number (STATIC)
     cluster(config)["per_connection_buffer_limit_bytes"] = 32768  # UInt32Value: a bare number
     hcm(config)["use_remote_address"] = False  # BoolValue: a bare bool
     cluster(config)["metadata"] = {"filter_metadata": {"outrigger": {"a": [1, None, {"b": "c"}]}}}

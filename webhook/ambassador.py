@@ -1,97 +1,221 @@
-"""The ambassador: the Envoy bootstrap for a template's `envoy` block.
+"""The ambassador's configuration, as a pod asks for it: a typed, validated `AmbassadorSpec`.
 
-Envoy listens on the pod's loopback and proxies to the upstream. The bootstrap is passed
-inline (`${envoy.bootstrap}` in the template's args, for `--config-yaml`, which takes JSON
-too), so the webhook creates no ConfigMap and the pod is self-contained. Rendering it is
-cached: pods of one workload ask for the same upstream again and again.
+Two ways to ask, both parameters of the `ambassador` template:
+- `outrigger.dev/ambassador-upstream: host:port` (and `ambassador-port`): one HTTP upstream on
+  one local port, the seed's pattern;
+- `outrigger.dev/ambassador-config`: YAML for everything else: several upstreams each on its
+  own local port or routed on one port by path prefix or host, TCP proxying, timeouts,
+  retries, circuit breaking, outlier detection, load balancing, DNS discovery, TLS to the
+  upstream with SNI, a CA and an optional client certificate from Secrets.
+`webhook.envoy` turns the spec into an Envoy bootstrap.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Literal
 
-import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from webhook.hostport import Upstream
+from webhook.hostport import ACCEPTED as HOSTPORT_ACCEPTED
+from webhook.hostport import Upstream, parse_hostport
 
-UPSTREAM_CLUSTER = "upstream"
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-_STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_DURATION = r"^([0-9]+(\.[0-9]{1,9})?)(ms|s|m|h)$"
+_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_SECRET = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+Duration = Annotated[str, Field(pattern=_DURATION)]
+LocalPort = Annotated[int, Field(ge=1024, le=65535)]
+RetryOn = Literal[
+    "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
+    "retriable-status-codes", "http3-post-connect-failure",
+]  # fmt: skip
+
+
+class InvalidSpec(ValueError):
+    """The ambassador configuration is invalid; the message names each bad field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Model):
+    connect: Duration = "5s"
+    # The whole request, retries included (Envoy's route timeout); "0s" waits forever.
+    request: Duration | None = None
+    idle: Duration | None = None
+
+
+class Retries(_Model):
+    count: Annotated[int, Field(ge=0, le=10)]
+    on: tuple[RetryOn, ...] = ("5xx", "connect-failure", "reset")
+    perTryTimeout: Duration | None = None
+
+
+class CircuitBreaker(_Model):
+    maxConnections: Annotated[int, Field(ge=1)] | None = None
+    maxPendingRequests: Annotated[int, Field(ge=1)] | None = None
+    maxRequests: Annotated[int, Field(ge=1)] | None = None
+    maxRetries: Annotated[int, Field(ge=0)] | None = None
+
+
+class OutlierDetection(_Model):
+    consecutive5xx: Annotated[int, Field(ge=1)] = 5
+    interval: Duration = "10s"
+    baseEjectionTime: Duration = "30s"
+    maxEjectionPercent: Annotated[int, Field(ge=1, le=100)] = 10
+
+
+class Discovery(_Model):
+    # STRICT_DNS balances over every address of a name (Kubernetes headless Services);
+    # LOGICAL_DNS connects to the first (large external services). Default: LOGICAL_DNS for a
+    # name, STATIC for an IP address.
+    type: Literal["STRICT_DNS", "LOGICAL_DNS"] | None = None
+    refreshRate: Duration = "5s"
+    lookupFamily: Literal["V4_ONLY", "V6_ONLY", "V4_PREFERRED", "AUTO", "ALL"] = "V4_PREFERRED"
+
+
+class TLS(_Model):
+    """TLS origination: verify the upstream against a CA from a Secret, send SNI, maybe mTLS."""
+
+    caSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)]
+    sni: str | None = None  # default: the upstream's host name
+    subjectAltNames: tuple[str, ...] = ()  # default: the SNI name
+    clientCertSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)] | None = None
+
+
+class UpstreamSpec(_Model):
+    address: str
+    port: LocalPort | None = None  # its own local listener; None: reached through routing only
+    protocol: Literal["http", "tcp"] = "http"
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries | None = None
+    circuitBreaker: CircuitBreaker | None = None
+    outlierDetection: OutlierDetection | None = None
+    loadBalancing: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"] = "ROUND_ROBIN"
+    discovery: Discovery = Field(default_factory=Discovery)
+    tls: TLS | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _hostport(cls, address: str) -> str:
+        if parse_hostport(address) is None:
+            raise ValueError(f"{address!r} is not {HOSTPORT_ACCEPTED}")
+        return address
+
+    @model_validator(mode="after")
+    def _http_only(self) -> UpstreamSpec:
+        if self.protocol == "tcp" and (self.retries or self.timeouts.request):
+            raise ValueError("retries and timeouts.request apply to http upstreams, not tcp")
+        return self
+
+    @property
+    def target(self) -> Upstream:
+        upstream = parse_hostport(self.address)
+        assert upstream is not None  # validated above
+        return upstream
+
+
+class Route(_Model):
+    upstream: str
+    pathPrefix: Annotated[str, Field(pattern=r"^/[^\s]*$")] | None = None
+    host: Annotated[str, Field(pattern=r"^[a-z0-9*]([-a-z0-9.*]*[a-z0-9])?(:[0-9]+)?$")] | None = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _one_match(self) -> Route:
+        if (self.pathPrefix is None) == (self.host is None):
+            raise ValueError("a route matches on exactly one of pathPrefix or host")
+        return self
+
+
+class Routing(_Model):
+    """HTTP routing on one local port, by path prefix or Host header, in the order given."""
+
+    port: LocalPort
+    routes: Annotated[tuple[Route, ...], Field(min_length=1)]
+
+
+class AmbassadorSpec(_Model):
+    upstreams: Annotated[dict[str, UpstreamSpec], Field(min_length=1)]
+    routing: Routing | None = None
+    accessLog: bool = True
+
+    def __hash__(self) -> int:
+        # By identity, to key the rendering cache: specs come from caches themselves, so
+        # equal specs are mostly the same object.
+        return id(self)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _names(cls, upstreams: dict[str, UpstreamSpec]) -> dict[str, UpstreamSpec]:
+        for name in upstreams:
+            if not re.match(_NAME, name) or len(name) > 50:
+                raise ValueError(f"upstream name {name!r}: lowercase letters, digits and '-'")
+        return upstreams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AmbassadorSpec:
+        routed = {route.upstream for route in (self.routing.routes if self.routing else ())}
+        for name in sorted(routed - self.upstreams.keys()):
+            raise ValueError(f"routing.routes: upstream {name!r} is not in upstreams")
+        for name, upstream in self.upstreams.items():
+            if upstream.port is None and name not in routed:
+                raise ValueError(f"upstreams.{name}: needs a port, or a route to it")
+            if name in routed and upstream.protocol == "tcp":
+                raise ValueError(f"upstreams.{name}: a tcp upstream cannot be routed over http")
+        ports = self.ports
+        twice = sorted({port for port in ports if ports.count(port) > 1})
+        if twice:
+            raise ValueError(f"local port {', '.join(map(str, twice))} is used twice")
+        return self
+
+    @property
+    def ports(self) -> list[int]:
+        """The local ports Envoy listens on for the app."""
+        ports = [u.port for u in self.upstreams.values() if u.port is not None]
+        return ports + ([self.routing.port] if self.routing else [])
+
+    @property
+    def secrets(self) -> list[str]:
+        """The Secrets to mount, each once, in a stable order."""
+        names: dict[str, None] = {}
+        for upstream in self.upstreams.values():
+            if upstream.tls is not None:
+                names[upstream.tls.caSecret] = None
+                if upstream.tls.clientCertSecret:
+                    names[upstream.tls.clientCertSecret] = None
+        return list(names)
 
 
 @lru_cache(maxsize=1024)
-def envoy_config_json(
-    upstream: Upstream, listen_address: str, listen_port: int, admin_port: int
-) -> str:
-    bootstrap = envoy_bootstrap(upstream, listen_address, listen_port, admin_port)
-    return orjson.dumps(bootstrap).decode()
+def single_upstream(upstream: Upstream, port: int) -> AmbassadorSpec:
+    """The spec of `ambassador-upstream` and `ambassador-port`: one HTTP upstream."""
+    address = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    return AmbassadorSpec(
+        upstreams={"upstream": UpstreamSpec(address=f"{address}:{upstream.port}", port=port)}
+    )
 
 
-def envoy_bootstrap(
-    upstream: Upstream, listen_address: str, listen_port: int, admin_port: int
-) -> dict[str, Any]:
-    """A complete Envoy v3 bootstrap: one HTTP listener routing everything to the upstream."""
-    return {
-        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
-        "static_resources": {
-            "listeners": [_listener(listen_address, listen_port)],
-            "clusters": [_upstream_cluster(upstream)],
-        },
-    }
+@lru_cache(maxsize=1024)
+def parse_spec(text: str) -> AmbassadorSpec:
+    """Parse `ambassador-config` YAML; `InvalidSpec` names every bad field (cached by text)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InvalidSpec(f"not valid YAML: {error}") from None
+    try:
+        return AmbassadorSpec.model_validate(document)
+    except ValidationError as error:
+        raise InvalidSpec("; ".join(_line(e) for e in error.errors())) from None
 
 
-def _socket_address(address: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
-def _listener(address: str, port: int) -> dict[str, Any]:
-    route = {
-        "match": {"prefix": "/"},
-        # The upstream's virtual hosting sees its own name, not "localhost:8081".
-        "route": {"cluster": UPSTREAM_CLUSTER, "auto_host_rewrite": True},
-    }
-    manager = {
-        "@type": f"{_HCM}.HttpConnectionManager",
-        "stat_prefix": "ambassador",
-        "access_log": [
-            {"name": "envoy.access_loggers.stdout", "typed_config": {"@type": _STDOUT_LOG}}
-        ],
-        "route_config": {
-            "name": UPSTREAM_CLUSTER,
-            "virtual_hosts": [{"name": UPSTREAM_CLUSTER, "domains": ["*"], "routes": [route]}],
-        },
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
-    }
-    return {
-        "name": "ambassador",
-        "address": _socket_address(address, port),
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": manager,
-                    }
-                ]
-            }
-        ],
-    }
-
-
-def _upstream_cluster(upstream: Upstream) -> dict[str, Any]:
-    endpoint = {"endpoint": {"address": _socket_address(upstream.host, upstream.port)}}
-    cluster: dict[str, Any] = {
-        "name": UPSTREAM_CLUSTER,
-        # LOGICAL_DNS suits external services behind changing, many-address DNS names.
-        "type": "STATIC" if upstream.is_ip else "LOGICAL_DNS",
-        "connect_timeout": "5s",
-        "load_assignment": {
-            "cluster_name": UPSTREAM_CLUSTER,
-            "endpoints": [{"lb_endpoints": [endpoint]}],
-        },
-    }
-    if not upstream.is_ip:
-        cluster["dns_lookup_family"] = "V4_PREFERRED"
-    return cluster
+def _line(error: object) -> str:
+    assert isinstance(error, dict)
+    location = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from webhook.ambassador import AmbassadorSpec, InvalidSpec, parse_spec
 from webhook.hostport import ACCEPTED as HOSTPORT_ACCEPTED
 from webhook.hostport import Upstream, parse_hostport
 
@@ -43,7 +44,7 @@ class InvalidAnnotations(ValueError):
         self.problems = problems
 
 
-ParameterValue = str | int | bool | Upstream
+ParameterValue = str | int | bool | Upstream | AmbassadorSpec
 ImageCheck = Callable[[str], "str | None"]
 
 
@@ -135,6 +136,11 @@ def _parameter_value(
                 f"injected; expected {_accepted(parameter)}"
             )
         return None if parameter.default is None else _typed_default(parameter)
+    if parameter.type == "ambassador":
+        try:
+            return parse_spec(raw)
+        except InvalidSpec as error:
+            raise _Invalid(f"annotation {parameter.annotation}: {error}") from None
     value = _parse(parameter, raw.strip())
     if value is None:
         raise _Invalid(
@@ -213,6 +219,8 @@ def _accepted(parameter: Parameter) -> str:
             text = HOSTPORT_ACCEPTED
         case "image":
             text = "an image reference allowed by the cluster policy"
+        case "ambassador":
+            text = "an ambassador configuration (YAML; see the README)"
         case _:
             text = (
                 f"one of: {', '.join(parameter.enum)}"

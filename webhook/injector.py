@@ -26,7 +26,7 @@ from webhook.selection import (
     Decision,
     decide,
 )
-from webhook.templates import RenderedSidecar, render
+from webhook.templates import RenderedSidecar, TemplateError, render
 from webhook.volumes import mount_conflicts, with_mounts
 
 Pod = dict[str, Any]
@@ -115,10 +115,13 @@ def _sidecars(
     warnings = [
         f"annotation {key} is not an Outrigger annotation and is ignored" for key in unknown
     ]
-    rendered = tuple(
-        render(t, values[t.name], policy.containerDefaults, native=policy.native(t))
-        for t in templates
-    )
+    try:
+        rendered = tuple(
+            render(t, values[t.name], policy.containerDefaults, native=policy.native(t))
+            for t in templates
+        )
+    except TemplateError as error:
+        raise ann.InvalidAnnotations([str(error)]) from None
     return rendered, (*warnings, *idle)
 
 

@@ -59,7 +59,9 @@ class Parameter(_Model):
     """A value an annotation may set in a template, with its type and validation."""
 
     annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-    type: Literal["string", "integer", "boolean", "path", "hostport", "image"] = "string"
+    type: Literal["string", "integer", "boolean", "path", "hostport", "image", "ambassador"] = (
+        "string"
+    )
     default: str | int | bool | None = None
     required: bool = False
     enum: tuple[str, ...] | None = None
@@ -80,12 +82,24 @@ class Parameter(_Model):
 
 
 class EnvoySettings(_Model):
-    """Renders an Envoy bootstrap into `${envoy.bootstrap}` (see webhook.ambassador)."""
+    """Renders an Envoy bootstrap for the ambassador (see webhook.ambassador, webhook.envoy).
 
-    upstream: str
-    listenPort: str | int
+    The pod sets either `upstream` (one host:port, on `listenPort`) or `config` (a full
+    ambassador configuration); each names a parameter of the template.
+    """
+
+    upstream: str | None = None
+    listenPort: str | int = 8081
+    config: str | None = None
     listenAddress: str = "127.0.0.1"
     adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
+    # Envoy's readiness endpoint (GET /ready) on all addresses, for the kubelet; None: none.
+    healthPort: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    # Secret names (globs) whose CA or client certificate an ambassador may mount.
+    allowedSecrets: tuple[str, ...] = ()
+
+    def secret_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allowedSecrets)
 
 
 class SidecarTemplate(_Model):
@@ -137,16 +151,19 @@ class SidecarTemplate(_Model):
     def _envoy_parameters(self) -> SidecarTemplate:
         if self.envoy is None:
             return self
-        upstream = _REFERENCE.fullmatch(self.envoy.upstream)
-        if upstream is None or self._type(upstream.group(1)) != "hostport":
-            raise ValueError("envoy.upstream must be one ${parameter} of type hostport")
-        port = self.envoy.listenPort
-        if isinstance(port, str):
-            reference = _REFERENCE.fullmatch(port)
-            if reference is None or self._type(reference.group(1)) != "integer":
-                raise ValueError(
-                    "envoy.listenPort must be a number or one ${parameter} of type integer"
-                )
+        expected = (
+            ("upstream", self.envoy.upstream, "hostport"),
+            ("config", self.envoy.config, "ambassador"),
+            ("listenPort", self.envoy.listenPort, "integer"),
+        )
+        for field, value, kind in expected:
+            if not isinstance(value, str):
+                continue
+            reference = _REFERENCE.fullmatch(value)
+            if reference is None or self._type(reference.group(1)) != kind:
+                raise ValueError(f"envoy.{field} must be one ${{parameter}} of type {kind}")
+        if self.envoy.upstream is None and self.envoy.config is None:
+            raise ValueError("envoy needs an upstream or a config parameter")
         return self
 
     @model_validator(mode="after")
@@ -172,7 +189,12 @@ class SidecarTemplate(_Model):
             if parameter.type == "hostport":
                 names |= {f"{name}.host", f"{name}.port"}
         if self.envoy is not None:
-            names.add("envoy.bootstrap")
+            names |= {
+                "envoy.bootstrap",
+                "envoy.container-ports",
+                "envoy.service-host",
+                "envoy.service-port",
+            }
         return frozenset(names)
 
 
@@ -353,7 +375,8 @@ def _requirement_holds(requirement: LabelSelectorRequirement, labels: Mapping[st
 
 def _references(value: Any) -> Iterator[str]:
     if isinstance(value, str):
-        yield from _REFERENCE.findall(value)
+        # Anything that looks like a reference counts, so that a malformed one is an error.
+        yield from re.findall(r"\$\{([^}]*)\}", value)
     elif isinstance(value, dict):
         for item in value.values():
             yield from _references(item)

@@ -16,14 +16,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.ambassador import envoy_config_json
+from webhook.ambassador import AmbassadorSpec, single_upstream
+from webhook.envoy import SECRETS_ROOT, Listening, bootstrap_json
 from webhook.hostport import Upstream
-from webhook.policy import ContainerDefaults, SidecarTemplate
+from webhook.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _STRING_FIELDS = frozenset({"command", "args"})
+_SECRETS = "envoy.secrets"  # internal: the Secrets the ambassador mounts
 
-Values = Mapping[str, str | int | bool | Upstream]
+
+class TemplateError(ValueError):
+    """What the pod's parameters ask for does not fit the template (a denial, not a bug)."""
+
+
+Values = Mapping[str, str | int | bool | Upstream | AmbassadorSpec]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +62,35 @@ def render(
         **container.get("securityContext", {}),
     }
     ports = [p["containerPort"] for p in container.get("ports", ()) if "containerPort" in p]
+    volumes = _substitute(list(template.volumes), references)
     if template.envoy is not None:
-        ports.append(template.envoy.adminPort)
+        ports += [template.envoy.adminPort, template.envoy.healthPort]
+        secret_volumes = _secret_volumes(template.name, references[_SECRETS])
+        volumes += [volume for volume, _ in secret_volumes]
+        mounts = [*container.get("volumeMounts", ()), *(mount for _, mount in secret_volumes)]
+        if mounts:
+            container["volumeMounts"] = mounts
     return RenderedSidecar(
         name=template.name,
         container=container,
-        volumes=tuple(_substitute(list(template.volumes), references)),
+        volumes=tuple(volumes),
         app_volume_mounts=tuple(_substitute(list(template.appVolumeMounts), references)),
         ports=tuple(p for p in ports if isinstance(p, int)),
         annotations=tuple(p.annotation for p in template.parameters.values()),
     )
+
+
+def _secret_volumes(
+    sidecar: str, secrets: list[str]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """A read-only Secret volume per Secret, mounted at SECRETS_ROOT/<name> in the sidecar."""
+    pairs = []
+    for index, secret in enumerate(secrets):
+        name = f"{sidecar}-tls-{index}"
+        volume = {"name": name, "secret": {"secretName": secret}}
+        mount = {"name": name, "mountPath": f"{SECRETS_ROOT}/{secret}", "readOnly": True}
+        pairs.append((volume, mount))
+    return pairs
 
 
 def _references(template: SidecarTemplate, values: Values) -> dict[str, Any]:
@@ -78,19 +104,56 @@ def _references(template: SidecarTemplate, values: Values) -> dict[str, Any]:
         else:
             references[name] = value
     if template.envoy is not None:
-        envoy = _substitute(template.envoy.model_dump(), references)
-        upstream = values[_single_reference(template.envoy.upstream)]
-        assert isinstance(upstream, Upstream)  # the policy only accepts hostport parameters here
-        references["envoy.bootstrap"] = envoy_config_json(
-            upstream, envoy["listenAddress"], int(envoy["listenPort"]), envoy["adminPort"]
-        )
+        references.update(_envoy_references(template, template.envoy, values, references))
     return references
 
 
-def _single_reference(text: str) -> str:
-    match = _REFERENCE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"envoy.upstream must be one ${{parameter}} of type hostport: {text!r}")
+def _envoy_references(
+    template: SidecarTemplate, envoy: EnvoySettings, values: Values, references: dict[str, Any]
+) -> dict[str, Any]:
+    spec = _ambassador_spec(template, envoy, values, references)
+    listening = Listening(envoy.listenAddress, envoy.adminPort, envoy.healthPort)
+    first = next(iter(spec.upstreams.values())).target
+    return {
+        "envoy.bootstrap": bootstrap_json(spec, listening),
+        "envoy.container-ports": [{"containerPort": p, "protocol": "TCP"} for p in spec.ports],
+        "envoy.service-host": first.host,
+        "envoy.service-port": first.port,
+        _SECRETS: spec.secrets,
+    }
+
+
+def _ambassador_spec(
+    template: SidecarTemplate, envoy: EnvoySettings, values: Values, references: dict[str, Any]
+) -> AmbassadorSpec:
+    """The pod's ambassador configuration: the `config` parameter, or one `upstream`."""
+    config = values.get(_parameter(envoy.config)) if envoy.config else None
+    upstream = values.get(_parameter(envoy.upstream)) if envoy.upstream else None
+    if isinstance(config, AmbassadorSpec) and isinstance(upstream, Upstream):
+        raise TemplateError(f"set one of {_annotations(template, envoy)}, not both")
+    if isinstance(config, AmbassadorSpec):
+        spec = config
+    elif isinstance(upstream, Upstream):
+        port = _substitute(envoy.listenPort, references)
+        spec = single_upstream(upstream, int(port))
+    else:
+        raise TemplateError(
+            f"{template.name} needs one of {_annotations(template, envoy)}; expected "
+            "host:port, or an ambassador configuration"
+        )
+    for name in spec.secrets:
+        if not envoy.secret_allowed(name):
+            raise TemplateError(
+                f"{_annotations(template, envoy)}: Secret {name!r} is not one the cluster "
+                "policy lets the ambassador mount "
+                f"(allowed: {', '.join(envoy.allowedSecrets) or 'none'})"
+            )
+    return spec
+
+
+def _parameter(reference: str) -> str:
+    match = _REFERENCE.fullmatch(reference)
+    assert match is not None  # the policy checks envoy references at load
     return match.group(1)
 
 
@@ -113,3 +176,9 @@ def _substitute(value: Any, references: dict[str, Any], as_string: bool = False)
     if isinstance(value, (list, tuple)):
         return [_substitute(item, references, as_string) for item in value]
     return value
+
+
+def _annotations(template: SidecarTemplate, envoy: EnvoySettings) -> str:
+    references = (envoy.upstream, envoy.config)
+    keys = [template.parameters[_parameter(r)].annotation for r in references if r]
+    return " or ".join(f"annotation {key}" for key in keys)
