@@ -7,8 +7,8 @@ import pytest
 from webhook import annotations as ann
 from webhook.annotations import InvalidAnnotations
 from webhook.hostport import Upstream
-from webhook.policy import default_policy
 from webhook.injector import _sidecars
+from webhook.policy import default_policy
 from webhook.selection import decide
 
 POLICY = default_policy()
