@@ -594,10 +594,13 @@ class _Walker:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # reported by the walk
+                # Unknown keys were already reported, with their path, by the walk. The library
+                # must not judge names itself: betterproto2 re-cases every key and so cannot
+                # read a field such as `consecutive_5xx` (it looks for `consecutive_5_xx`).
                 if cls in _SPECIAL_JSON:
-                    cls.from_dict(canonical)
+                    cls.from_dict(canonical, ignore_unknown_fields=True)
                 else:
-                    bytes(cls.from_dict(canonical))
+                    bytes(cls.from_dict(canonical, ignore_unknown_fields=True))
         except Exception as error:  # the library raises KeyError, ValueError, TypeError, ...
             detail = " ".join(str(error).split())
             self.problem(

@@ -413,10 +413,10 @@ def test_the_library_parses_what_the_walk_accepts(monkeypatch: pytest.MonkeyPatc
     """After the walk, envoy-data-plane's own from_dict runs; its errors are reported too."""
 
     def lenient_walk(self: Any, value: Any, spec: Any, path: str) -> Any:
-        return {"static_resources": {"clusters": [{"name": "upstream", "typo": 1}]}}
+        return {"static_resources": {"clusters": [{"name": "upstream", "connect_timeout": "soon"}]}}
 
     monkeypatch.setattr(envoy_schema._Walker, "value", lenient_walk)
     problems = rejection(bootstrap())
     assert len(problems) == 1
-    assert problems[0].startswith("<root>: envoy-data-plane rejects it: KeyError")
-    assert "typo" in problems[0]
+    assert problems[0].startswith("<root>: envoy-data-plane rejects it: ValueError")
+    assert "soon" in problems[0]

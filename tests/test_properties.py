@@ -67,6 +67,17 @@ annotation_values = st.fixed_dictionaries(
         "outrigger.dev/ambassador-port": st.sampled_from(
             ["8081", "9090", "15001"] * 3 + ["9901", "80"]
         ),
+        "outrigger.dev/ambassador-config": st.sampled_from(
+            [
+                "upstreams: {a: {address: 'a.example.com:443', port: 9001, "
+                "tls: {caSecret: ambassador-a-ca}}, b: {address: 'b:80', port: 9002}}",
+                "upstreams: {db: {address: 'db.example.com:5432', port: 15432, protocol: tcp}}",
+                "upstreams: {a: {address: 'a:80'}}\nrouting: {port: 9003, routes: "
+                "[{pathPrefix: /, upstream: a}]}",
+                "upstreams: {a: {address: 'a:80', port: 8080}}",  # the app's port: denied
+                "upstreams: [broken",
+            ]
+        ),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
     },

@@ -51,7 +51,8 @@ class Timeouts(_Model):
 
 class Retries(_Model):
     count: Annotated[int, Field(ge=0, le=10)]
-    on: tuple[RetryOn, ...] = ("5xx", "connect-failure", "reset")
+    # Not `on`: YAML 1.1 reads that key as the boolean true.
+    retryOn: tuple[RetryOn, ...] = ("5xx", "connect-failure", "reset")
     perTryTimeout: Duration | None = None
 
 

@@ -142,7 +142,7 @@ def _route(match: Json, cluster: str, upstream: UpstreamSpec) -> Json:
         action["timeout"] = upstream.timeouts.request
     if upstream.retries is not None:
         retry: Json = {
-            "retry_on": ",".join(upstream.retries.on),
+            "retry_on": ",".join(upstream.retries.retryOn),
             "num_retries": upstream.retries.count,
         }
         if upstream.retries.perTryTimeout:

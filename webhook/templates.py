@@ -144,8 +144,8 @@ def _ambassador_spec(
     for name in spec.secrets:
         if not envoy.secret_allowed(name):
             raise TemplateError(
-                f"{_annotations(template, envoy)}: Secret {name!r} is not one the cluster "
-                "policy lets the ambassador mount "
+                f"annotation {_config_annotation(template, envoy)}: Secret {name!r} is not one "
+                "the cluster policy lets the ambassador mount "
                 f"(allowed: {', '.join(envoy.allowedSecrets) or 'none'})"
             )
     return spec
@@ -182,3 +182,8 @@ def _annotations(template: SidecarTemplate, envoy: EnvoySettings) -> str:
     references = (envoy.upstream, envoy.config)
     keys = [template.parameters[_parameter(r)].annotation for r in references if r]
     return " or ".join(f"annotation {key}" for key in keys)
+
+
+def _config_annotation(template: SidecarTemplate, envoy: EnvoySettings) -> str:
+    assert envoy.config is not None  # Secrets only come from a configuration
+    return template.parameters[_parameter(envoy.config)].annotation
