@@ -22,7 +22,11 @@ def envoy(config: str) -> dict[str, Any]:
 
 
 def listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {item["name"]: item for item in config["static_resources"]["listeners"]}
+    """By name, without the "upstream-" that keeps upstream listeners apart from Outrigger's."""
+    return {
+        item["name"].removeprefix("upstream-"): item
+        for item in config["static_resources"]["listeners"]
+    }
 
 
 def clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -146,6 +150,24 @@ def test_tcp_proxy_and_no_access_log() -> None:
     assert proxy["@type"].endswith("tcp_proxy.v3.TcpProxy")
 
 
+def test_durations_are_given_to_envoy_in_seconds() -> None:
+    config = envoy(
+        "upstreams: {api: {address: api.example.com:80, port: 8081, "
+        "timeouts: {connect: 500ms, request: 2m}, discovery: {refreshRate: 1h}}}"
+    )
+    cluster = clusters(config)["api"]
+    assert cluster["connect_timeout"] == "0.5s"
+    assert cluster["cluster_type"]["typed_config"]["dns_refresh_rate"] == "3600s"
+    route = manager(listeners(config)["api"])["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["route"]["timeout"] == "120s"
+
+
+def test_an_upstream_may_be_called_like_outriggers_own_listeners() -> None:
+    config = envoy("upstreams: {health: {address: health.example.com:80, port: 8081}}")
+    names = [item["name"] for item in config["static_resources"]["listeners"]]
+    assert names == ["upstream-health", "health"]
+
+
 def test_access_log_is_json_on_stdout() -> None:
     config = envoy("upstreams: {api: {address: api.example.com:80, port: 8081}}\n")
     log = manager(listeners(config)["api"])["access_log"][0]["typed_config"]
@@ -227,6 +249,23 @@ def test_access_log_is_json_on_stdout() -> None:
             id="routing-port-twice",
         ),
         pytest.param("just a string", "Input should be a valid dictionary", id="not-a-mapping"),
+        pytest.param(
+            "upstreams: {a: {address: 'a:80'}}\nrouting: {port: 9000, routes: [{upstream: a, "
+            "host: x.local}, {upstream: a, host: x.local}]}",
+            "host x.local is routed twice",
+            id="host-twice",
+        ),
+        pytest.param(
+            "upstreams: {a: {address: 'a:80'}}\nrouting: {port: 9000, routes: [{upstream: a, "
+            "host: '*'}]}",
+            'host "*" would shadow the path routes',
+            id="host-star",
+        ),
+        pytest.param(
+            "upstreams: {a: {address: '10.0.0.7:443', port: 9000, tls: {caSecret: c}}}",
+            "tls.sni (and subjectAltNames) are required for an IP address upstream",
+            id="tls-to-ip-without-sni",
+        ),
     ],
 )
 def test_refused(config: str, message: str) -> None:

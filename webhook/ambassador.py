@@ -111,6 +111,11 @@ class UpstreamSpec(_Model):
     def _http_only(self) -> UpstreamSpec:
         if self.protocol == "tcp" and (self.retries or self.timeouts.request):
             raise ValueError("retries and timeouts.request apply to http upstreams, not tcp")
+        if self.tls is not None and self.tls.sni is None and self.target.is_ip:
+            raise ValueError(
+                "tls.sni (and subjectAltNames) are required for an IP address upstream: "
+                "TLS sends no IP address as a server name"
+            )
         return self
 
     @property
@@ -139,6 +144,17 @@ class Routing(_Model):
 
     port: LocalPort
     routes: Annotated[tuple[Route, ...], Field(min_length=1)]
+
+    @field_validator("routes")
+    @classmethod
+    def _distinct_hosts(cls, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+        hosts = [route.host for route in routes if route.host]
+        if "*" in hosts:
+            raise ValueError('host "*" would shadow the path routes; use pathPrefix: / instead')
+        twice = sorted({host for host in hosts if hosts.count(host) > 1})
+        if twice:
+            raise ValueError(f"host {', '.join(twice)} is routed twice")
+        return routes
 
 
 class AmbassadorSpec(_Model):

@@ -9,7 +9,9 @@ spec: pods of one workload ask for the same configuration again and again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
@@ -49,6 +51,17 @@ _TCP_LOG_FIELDS = {
     "duration_ms": "%DURATION%",
     "response_flags": "%RESPONSE_FLAGS%",
 }
+
+
+_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+
+
+def seconds(duration: str) -> str:
+    """Envoy reads durations only in seconds ("0.25s"); the spec also takes ms, m and h."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", duration)
+    assert match is not None  # the spec validated the format
+    value = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return f"{value.normalize():f}s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +110,7 @@ def _upstream_listener(name: str, upstream: UpstreamSpec, address: str, access_l
             "cluster": name,
         }
         if upstream.timeouts.idle:
-            proxy["idle_timeout"] = upstream.timeouts.idle
+            proxy["idle_timeout"] = seconds(upstream.timeouts.idle)
         if access_log:
             proxy["access_log"] = [_stdout_log(_TCP_LOG_FIELDS)]
         network_filter = {"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy}
@@ -105,7 +118,8 @@ def _upstream_listener(name: str, upstream: UpstreamSpec, address: str, access_l
         routes = [_route({"prefix": "/"}, name, upstream)]
         virtual_hosts = [{"name": name, "domains": ["*"], "routes": routes}]
         network_filter = _http_manager(name, virtual_hosts, access_log, upstream.timeouts.idle)
-    return _listener(name, address, upstream.port, network_filter)
+    # "upstream-": an upstream may be called "health" or "routing" like Outrigger's own.
+    return _listener(f"upstream-{name}", address, upstream.port, network_filter)
 
 
 def _routing_listener(spec: AmbassadorSpec, routing: Routing, address: str) -> Json:
@@ -139,14 +153,14 @@ def _route(match: Json, cluster: str, upstream: UpstreamSpec) -> Json:
         # The upstream's virtual hosting sees its own name, not "localhost:8081".
         action["auto_host_rewrite"] = True
     if upstream.timeouts.request:
-        action["timeout"] = upstream.timeouts.request
+        action["timeout"] = seconds(upstream.timeouts.request)
     if upstream.retries is not None:
         retry: Json = {
             "retry_on": ",".join(upstream.retries.retryOn),
             "num_retries": upstream.retries.count,
         }
         if upstream.retries.perTryTimeout:
-            retry["per_try_timeout"] = upstream.retries.perTryTimeout
+            retry["per_try_timeout"] = seconds(upstream.retries.perTryTimeout)
         action["retry_policy"] = retry
     return {"match": match, "route": action}
 
@@ -164,7 +178,7 @@ def _http_manager(
     if access_log:
         manager["access_log"] = [_stdout_log(_HTTP_LOG_FIELDS)]
     if idle_timeout:
-        manager["common_http_protocol_options"] = {"idle_timeout": idle_timeout}
+        manager["common_http_protocol_options"] = {"idle_timeout": seconds(idle_timeout)}
     return {"name": HCM, "typed_config": manager}
 
 
@@ -222,7 +236,7 @@ def _cluster(name: str, upstream: UpstreamSpec) -> Json:
     endpoint = {"endpoint": {"address": socket_address(target.host, target.port)}}
     cluster: Json = {
         "name": name,
-        "connect_timeout": upstream.timeouts.connect,
+        "connect_timeout": seconds(upstream.timeouts.connect),
         "lb_policy": upstream.loadBalancing,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
     }
@@ -236,8 +250,8 @@ def _cluster(name: str, upstream: UpstreamSpec) -> Json:
         detection = upstream.outlierDetection
         cluster["outlier_detection"] = {
             "consecutive_5xx": detection.consecutive5xx,
-            "interval": detection.interval,
-            "base_ejection_time": detection.baseEjectionTime,
+            "interval": seconds(detection.interval),
+            "base_ejection_time": seconds(detection.baseEjectionTime),
             "max_ejection_percent": detection.maxEjectionPercent,
         }
     if upstream.tls is not None:
@@ -253,7 +267,7 @@ def _dns_cluster_type(upstream: UpstreamSpec) -> Json:
         "name": "envoy.cluster.dns",
         "typed_config": {
             "@type": _TYPE + "extensions.clusters.dns.v3.DnsCluster",
-            "dns_refresh_rate": discovery.refreshRate,
+            "dns_refresh_rate": seconds(discovery.refreshRate),
             "dns_lookup_family": discovery.lookupFamily,
             "all_addresses_in_single_endpoint": discovery.type != "STRICT_DNS",
         },

@@ -194,6 +194,7 @@ class SidecarTemplate(_Model):
                 "envoy.container-ports",
                 "envoy.service-host",
                 "envoy.service-port",
+                "envoy.health-port",
             }
         return frozenset(names)
 

@@ -119,6 +119,7 @@ def _envoy_references(
         "envoy.container-ports": [{"containerPort": p, "protocol": "TCP"} for p in spec.ports],
         "envoy.service-host": first.host,
         "envoy.service-port": first.port,
+        "envoy.health-port": envoy.healthPort,
         _SECRETS: spec.secrets,
     }
 
