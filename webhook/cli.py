@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="how often the policy file is checked for changes (default: 5)",
+        help="how often the policy file and the serving certificate are checked for changes "
+        "(default: 5)",
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -86,6 +87,53 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, default=Path("certs"), help="output directory")
     certs.add_argument("--days", type=int, default=365, help="validity in days")
     certs.set_defaults(run=_certs)
+
+    register = commands.add_parser(
+        "register",
+        help="create or update the MutatingWebhookConfiguration in the cluster",
+        description="Create the MutatingWebhookConfiguration, or replace it keeping its "
+        "resourceVersion (for installs without Helm and CA rotation).",
+    )
+    register.add_argument("--name", default="outrigger", help="object name (default: outrigger)")
+    register.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
+    register.add_argument(
+        "--service", default="outrigger", help="the webhook's Service (default: outrigger)"
+    )
+    ca = register.add_mutually_exclusive_group()
+    ca.add_argument(
+        "--ca-file",
+        type=Path,
+        default=Path("certs/ca.crt"),
+        metavar="PATH",
+        help="PEM CA of the serving certificate (default: certs/ca.crt)",
+    )
+    ca.add_argument("--ca-bundle", metavar="BASE64", help="the CA as base64 of the PEM")
+    register.add_argument("--failure-policy", choices=["Fail", "Ignore"], default="Fail")
+    register.add_argument(
+        "--timeout-seconds",
+        type=int,
+        default=5,
+        metavar="1-30",
+        help="how long the API server waits for the webhook (default: 5)",
+    )
+    register.add_argument(
+        "--injection-mode",
+        choices=["opt-in", "opt-out"],
+        default="opt-in",
+        help="opt-in: namespaces labelled outrigger.dev/injection=enabled; opt-out: all but "
+        "those labelled outrigger.dev/injection=disabled (default: opt-in)",
+    )
+    register.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="default: in-cluster credentials in a pod, else $KUBECONFIG or ~/.kube/config",
+    )
+    register.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    register.add_argument(
+        "--dry-run", action="store_true", help="print the object as YAML, contact nothing"
+    )
+    register.set_defaults(run=_register)
     return parser
 
 
@@ -196,6 +244,46 @@ def _certs(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {paths.ca_cert}, {paths.cert}, {paths.key}", file=sys.stderr)
     print(ca_bundle(paths.ca_cert))
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from webhook import registration  # the kubernetes client is only needed here
+
+    try:
+        ca = registration.load_ca_bundle(
+            None if args.ca_bundle is not None else args.ca_file, args.ca_bundle
+        )
+        body = registration.webhook_configuration(
+            name=args.name,
+            namespace=args.namespace,
+            service=args.service,
+            ca_bundle=ca,
+            failure_policy=args.failure_policy,
+            timeout_seconds=args.timeout_seconds,
+            injection_mode=args.injection_mode,
+        )
+        if args.dry_run:
+            yaml.dump(body, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
+            return 0
+        outcome = registration.apply_configuration(
+            body, kubeconfig=args.kubeconfig, context=args.context
+        )
+    except (ValueError, registration.RegistrationError) as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
+    versions = f"resourceVersion {outcome.resource_version}"
+    if outcome.action == "replaced":
+        versions = (
+            f"resourceVersion {outcome.previous_resource_version} -> {outcome.resource_version}"
+        )
+    retried = f", after {outcome.conflicts} conflict(s)" if outcome.conflicts else ""
+    print(
+        f"mutatingwebhookconfiguration/{args.name} {outcome.action} ({versions}{retried}): "
+        f"webhook {registration.WEBHOOK_NAME} -> service {args.namespace}/{args.service}:"
+        f"{registration.SERVICE_PORT}{registration.WEBHOOK_PATH}, failurePolicy "
+        f"{args.failure_policy}, timeout {args.timeout_seconds}s, {args.injection_mode}"
+    )
     return 0
 
 

