@@ -582,3 +582,22 @@ def test_custom_policy_as_a_map(render: Callable[..., Docs], tmp_path: Path) -> 
     values.write_text(yaml.safe_dump({"policy": policy}))
     text = policy_of(render("-f", str(values)))
     assert yaml.safe_load(text) == policy
+
+
+@pytest.mark.parametrize("mode", ["opt-in", "opt-out"])
+def test_outrigger_register_sends_what_the_chart_installs(
+    render: Callable[..., Docs], mode: str
+) -> None:
+    """`outrigger register` and the chart must not drift apart (the caBundle aside)."""
+    from webhook.registration import webhook_configuration
+
+    chart = webhook(render("--set", f"injection.mode={mode}"))
+    service = chart["clientConfig"]["service"]
+    registered = webhook_configuration(
+        name="outrigger",
+        namespace=service["namespace"],
+        service=service["name"],
+        ca_bundle=chart["clientConfig"]["caBundle"],
+        injection_mode=mode,
+    )["webhooks"][0]
+    assert registered == chart
