@@ -16,10 +16,10 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from webhook.background import running
 from webhook.metrics import Metrics
 from webhook.policy import Policy, PolicyError, load_policy
 
@@ -109,17 +109,9 @@ class PolicyFile:
             except Exception:
                 log.exception("cannot check policy %s; retrying in %ss", self.path, self.interval)
 
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
+    def watching(self) -> AbstractAsyncContextManager[None]:
         """Poll in the background for the duration of the `async with` (the app's lifespan)."""
-        task = asyncio.create_task(self.poll(), name=f"outrigger policy poll {self.path}")
-        try:
-            yield
-        finally:
-            task.cancel()
-            # wait() rather than await: the task's own CancelledError is expected, and is not
-            # to be mistaken for (or to swallow) a cancellation of this shutdown itself.
-            await asyncio.wait([task])
+        return running(self.poll(), f"outrigger policy poll {self.path}")
 
     def _swap(self, policy: Policy, digest: str) -> None:
         previous = self._policy.version

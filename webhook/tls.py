@@ -18,14 +18,15 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from webhook.background import running
 from webhook.metrics import Metrics
 
 log = logging.getLogger("outrigger.tls")
@@ -220,15 +221,9 @@ class ServingCertificate:
                     self.interval,
                 )
 
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
+    def watching(self) -> AbstractAsyncContextManager[None]:
         """Poll in the background for the duration of the `async with` (the app's lifespan)."""
-        task = asyncio.create_task(self.poll(), name=f"outrigger certificate poll {self.cert_file}")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.wait([task])  # as in PolicyFile.watching
+        return running(self.poll(), f"outrigger certificate poll {self.cert_file}")
 
     def _reject(self, key: str, reason: str) -> None:
         if key == self._rejected:
