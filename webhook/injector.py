@@ -76,7 +76,7 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     injected_pod = {
         **pod,
         "metadata": {**metadata, "annotations": {**annotations, ann.STATUS: status}},
-        "spec": _injected_spec(spec, sidecars, policy),
+        "spec": _injected_spec(spec, sidecars),
     }
     return Injection(injected_pod, INJECTED, decision.sidecars, warnings, decision.explanation)
 
@@ -125,9 +125,7 @@ def _sidecars(
     return rendered, (*warnings, *idle)
 
 
-def _injected_spec(
-    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...], policy: Policy
-) -> Pod:
+def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> Pod:
     mounts = [mount for sidecar in sidecars for mount in sidecar.app_volume_mounts]
     containers: list[dict[str, Any]] = spec["containers"]
     if mounts:
