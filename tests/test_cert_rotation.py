@@ -17,7 +17,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import admission_review, outrigger_executable
 from tests.test_https import Server, _free_port, _stop, _wait_until_healthy, applied, pod
-from tests.test_reload import WAIT_SECONDS
+from tests.test_reload import WAIT_SECONDS, BackgroundLoad
 from webhook.certs import CertificatePaths, write_certificates
 from webhook.metrics import Metrics
 from webhook.tls import CertificateError, ServingCertificate
@@ -203,38 +202,27 @@ def test_a_bad_pair_fails_the_start(tmp_path: Path, pairs: list[CertificatePaths
 # End to end: the real server, rotated under load -----------------------------------------------
 
 
-class HandshakeLoad:
-    """A thread POSTing AdmissionReviews, each on a new connection, recording the peer cert."""
+class HandshakeLoad(BackgroundLoad[bytes]):
+    """AdmissionReviews back to back, each on a new connection, recording the peer cert."""
+
+    name = "handshake-load"
 
     def __init__(self, url: str, trust: ssl.SSLContext) -> None:
         self.url = url
         self.trust = trust
-        self.presented: list[bytes] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="handshake-load", daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> HandshakeLoad:
-        self._thread.start()
-        return self
+    @property
+    def presented(self) -> list[bytes]:
+        return self.answers
 
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(WAIT_SECONDS)
-        assert not self._thread.is_alive(), "the load thread did not stop"
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Callable[[], bytes]]:
+        def request() -> bytes:
+            with httpx.Client(base_url=self.url, verify=self.trust, timeout=10.0) as client:
+                return admit(client)[1]
 
-    def seen(self) -> list[bytes]:
-        """The certificates presented, in order, without consecutive repeats."""
-        return [cert for cert, _ in itertools.groupby(list(self.presented))]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 120.0
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                with httpx.Client(base_url=self.url, verify=self.trust, timeout=10.0) as client:
-                    self.presented.append(admit(client)[1])
-            except Exception as error:
-                self.failures.append(repr(error))
+        yield request
 
 
 def admit(client: httpx.Client) -> tuple[Any, bytes]:

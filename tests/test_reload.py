@@ -18,9 +18,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
 import orjson
@@ -409,22 +410,25 @@ STATUS = "outrigger.dev/status"
 MAX_LOAD_SECONDS = 120.0
 
 
-class AdmissionLoad:
-    """A thread POSTing AdmissionReviews back to back over HTTPS until stopped.
+T = TypeVar("T")
 
-    It records the policy version of every answer (from the status annotation of the patched
-    pod) and every failure: a transport error, a status other than 200, or an answer that is not
-    a valid AdmissionReview injecting the log-watcher.
+
+class BackgroundLoad(Generic[T]):
+    """A thread sending requests back to back until stopped, keeping answers and failures.
+
+    `_session` yields the function that makes one request; subclasses decide whether requests
+    share a connection.
     """
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.versions: list[str] = []
+    name = "load"
+
+    def __init__(self) -> None:
+        self.answers: list[T] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="admission-load", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def __enter__(self) -> AdmissionLoad:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -440,23 +444,49 @@ class AdmissionLoad:
             assert not self.failures, self.failures[:5]
             assert self._thread.is_alive(), "the load thread stopped early"
             if time.monotonic() > deadline:
-                pytest.fail(f"waited {WAIT_SECONDS}s for {what}; versions seen: {self.seen()}")
+                pytest.fail(f"waited {WAIT_SECONDS}s for {what}; seen: {self.seen()}")
             time.sleep(0.02)
 
-    def seen(self) -> list[str]:
-        """The versions answered, in order, without consecutive repeats."""
-        return [version for version, _ in itertools.groupby(list(self.versions))]
+    def seen(self) -> list[T]:
+        """The answers, in order, without consecutive repeats."""
+        return [answer for answer, _ in itertools.groupby(list(self.answers))]
+
+    def _session(self) -> AbstractContextManager[Callable[[], T]]:
+        raise NotImplementedError
 
     def _run(self) -> None:
         deadline = time.monotonic() + MAX_LOAD_SECONDS
+        with self._session() as request:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    self.answers.append(request())
+                except Exception as error:
+                    self.failures.append(repr(error))
+
+
+class AdmissionLoad(BackgroundLoad[str]):
+    """AdmissionReviews back to back over one HTTPS connection, recording the policy version
+    of every answer (from the status annotation of the patched pod). A failure is a transport
+    error, a status other than 200, or an answer that is not a valid AdmissionReview injecting
+    the log-watcher.
+    """
+
+    name = "admission-load"
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        super().__init__()
+
+    @property
+    def versions(self) -> list[str]:
+        return self.answers
+
+    @contextmanager
+    def _session(self) -> Iterator[Callable[[], str]]:
         with httpx.Client(
             base_url=self.server.url, verify=self.server.trusting_ca(), timeout=10.0
         ) as client:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                try:
-                    self.versions.append(_admit(client))
-                except Exception as error:
-                    self.failures.append(repr(error))
+            yield lambda: _admit(client)
 
 
 def _admit(client: httpx.Client) -> str:
