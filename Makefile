@@ -23,12 +23,14 @@ run: $(STAMP)
 test: $(STAMP) $(HELM)
 	$(BIN)/ruff check webhook tests bench charts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check webhook tests bench charts
 	$(BIN)/ruff format --check webhook tests bench charts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from webhook.policy import Policy, default_policy
+from webhook.core.policy import Policy, default_policy
 
 # Kubernetes version whose OpenAPI schema every mutated object is validated against.
 KUBERNETES_VERSION = "1.31.0"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.envoy_schema import validate_bootstrap
-from webhook.ambassador import InvalidSpec, parse_spec
-from webhook.envoy import Listening, bootstrap
+from webhook.ambassador.envoy import Listening, bootstrap
+from webhook.ambassador.spec import InvalidSpec, parse_spec
 
 LISTENING = Listening("127.0.0.1", 9901, 9902)
 

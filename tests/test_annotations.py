@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from webhook import annotations as ann
-from webhook.annotations import InvalidAnnotations
-from webhook.hostport import Upstream
-from webhook.injector import _sidecars
-from webhook.policy import default_policy
-from webhook.selection import decide
+from webhook.ambassador.hostport import Upstream
+from webhook.core import annotations as ann
+from webhook.core.annotations import InvalidAnnotations
+from webhook.core.injector import _sidecars
+from webhook.core.policy import default_policy
+from webhook.core.selection import decide
 
 POLICY = default_policy()
 AVAILABLE = frozenset(POLICY.templates)

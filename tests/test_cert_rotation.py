@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives import serialization
 from tests.conftest import admission_review, outrigger_executable
 from tests.test_https import Server, _free_port, _stop, _wait_until_healthy, applied, pod
 from tests.test_reload import WAIT_SECONDS, BackgroundLoad
-from webhook.certs import CertificatePaths, write_certificates
-from webhook.metrics import Metrics
-from webhook.tls import CertificateError, ServingCertificate
+from webhook.serving.certs import CertificatePaths, write_certificates
+from webhook.serving.metrics import Metrics
+from webhook.serving.tls import CertificateError, ServingCertificate
 
 POLL_SECONDS = 0.2
 EXPIRY = "outrigger_serving_certificate_expiry_timestamp_seconds"

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from webhook.certs import (
+from webhook.serving.certs import (
     CA_CERT,
     SERVING_CERT,
     SERVING_KEY,
@@ -28,7 +28,7 @@ from webhook.certs import (
     ensure_serving_certificates,
     write_certificates,
 )
-from webhook.tls import server_ssl_context
+from webhook.serving.tls import server_ssl_context
 
 DNS_NAMES = ["outrigger.outrigger-system.svc", "localhost"]
 IP_ADDRESSES = ["127.0.0.1", "::1"]

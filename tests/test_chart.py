@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from webhook.policy import load_policy
+from webhook.core.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "outrigger"
@@ -551,16 +551,16 @@ def policy_of(docs: Docs) -> str:
 
 
 def test_default_policy_is_the_embedded_one() -> None:
-    """values.yaml's policy and webhook/default-policy.yaml are the same data."""
+    """values.yaml's policy and webhook/core/default-policy.yaml are the same data."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    embedded = yaml.safe_load((ROOT / "webhook" / "default-policy.yaml").read_text())
+    embedded = yaml.safe_load((ROOT / "webhook" / "core" / "default-policy.yaml").read_text())
     assert yaml.safe_load(values["policy"]) == embedded
 
 
 def test_rendered_default_policy_loads(render: Callable[..., Docs], tmp_path: Path) -> None:
     text = policy_of(render())
     assert yaml.safe_load(text) == yaml.safe_load(
-        (ROOT / "webhook" / "default-policy.yaml").read_text()
+        (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()
     )
     path = tmp_path / "policy.yaml"
     path.write_text(text)
@@ -589,7 +589,7 @@ def test_outrigger_register_sends_what_the_chart_installs(
     render: Callable[..., Docs], mode: str
 ) -> None:
     """`outrigger register` and the chart must not drift apart (the caBundle aside)."""
-    from webhook.registration import webhook_configuration
+    from webhook.cluster.registration import webhook_configuration
 
     chart = webhook(render("--set", f"injection.mode={mode}"))
     service = chart["clientConfig"]["service"]

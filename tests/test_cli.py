@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import FIXTURES, outrigger_executable, validate_strict
-from webhook.policy import load_policy
+from webhook.core.policy import load_policy
 
 MANIFESTS = """\
 # A Deployment whose labels are shared through a YAML anchor, as hand-written manifests often do.

@@ -15,10 +15,10 @@ import pytest
 
 from tests import envoy_schema
 from tests.envoy_schema import EnvoyConfigError, validate_bootstrap, validate_message
-from webhook.ambassador import single_upstream
-from webhook.envoy import Listening
-from webhook.envoy import bootstrap as envoy_bootstrap
-from webhook.hostport import Upstream, parse_hostport
+from webhook.ambassador.envoy import Listening
+from webhook.ambassador.envoy import bootstrap as envoy_bootstrap
+from webhook.ambassador.hostport import Upstream, parse_hostport
+from webhook.ambassador.spec import single_upstream
 
 Config = dict[str, Any]
 

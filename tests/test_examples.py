@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, validate_strict
-from webhook.policy import Policy
-from webhook.workloads import inject_workload
+from webhook.core.policy import Policy
+from webhook.core.workloads import inject_workload
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

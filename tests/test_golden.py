@@ -22,8 +22,8 @@ import yaml
 from tests.conftest import FIXTURES, as_pod, validate_strict
 from tests.envoy_schema import validate_bootstrap
 from tests.pod_security import container_violations
-from webhook.admission import review
-from webhook.policy import Policy
+from webhook.admission.review import review
+from webhook.core.policy import Policy
 
 REGENERATE = os.environ.get("OUTRIGGER_REGENERATE") == "1"
 REQUESTS = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".injected.yaml"))

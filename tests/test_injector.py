@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from webhook import annotations as ann
-from webhook.injector import InjectionDenied, RequestContext, inject
-from webhook.policy import Policy, parse_policy
-from webhook.selection import (
+from webhook.core import annotations as ann
+from webhook.core.injector import InjectionDenied, RequestContext, inject
+from webhook.core.policy import Policy, parse_policy
+from webhook.core.selection import (
     ALREADY_INJECTED,
     INJECTED,
     NAMESPACE_EXCLUDED,

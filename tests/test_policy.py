@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from webhook.policy import PolicyError, default_policy, is_pinned_image, load_policy
+from webhook.core.policy import PolicyError, default_policy, is_pinned_image, load_policy
 
 POLICIES = FIXTURES / "policies"
 
@@ -173,7 +173,7 @@ def test_bad_policies_name_the_field(name: str, errors: list[str]) -> None:
 def test_cross_field_errors_name_the_path(change: dict[str, object], error: str) -> None:
     document = {**default_policy().model_dump(mode="json"), **change}
     with pytest.raises(PolicyError) as caught:
-        from webhook.policy import parse_policy
+        from webhook.core.policy import parse_policy
 
         parse_policy(document)
     assert error in str(caught.value)

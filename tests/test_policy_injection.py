@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
-from webhook.admission import review
-from webhook.injector import RequestContext, inject
-from webhook.patch import diff
-from webhook.policy import Policy, default_policy, load_policy, parse_policy
+from webhook.admission.review import review
+from webhook.core.injector import RequestContext, inject
+from webhook.core.patch import diff
+from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
 
 TEAM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
 UPSTREAM = {"outrigger.dev/ambassador-upstream": "payments.example.com:443"}

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
-from webhook import annotations as ann
-from webhook.admission import review
-from webhook.injector import RequestContext, inject
-from webhook.patch import diff
-from webhook.policy import Policy, default_policy, load_policy, parse_policy
+from webhook.admission.review import review
+from webhook.core import annotations as ann
+from webhook.core.injector import RequestContext, inject
+from webhook.core.patch import diff
+from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
 
 # The default policy, the platform team's (rules, native sidecars, Deny on unknown keys) and
 # the default one with every sidecar native (insertions at the front of initContainers).
@@ -129,7 +129,7 @@ def test_injection_is_valid_and_idempotent(
     if "patch" not in response:
         return
     operations = orjson.loads(base64.b64decode(response["patch"]))
-    # The webhook decodes only what the injector reads (webhook.wire): its patch must be
+    # The webhook decodes only what the injector reads (webhook.admission.wire): its patch must be
     # exactly the patch made from the whole pod.
     assert operations == diff(pod, inject(pod, RequestContext(namespace), policy).pod)
     injected = jsonpatch.apply_patch(pod, operations)

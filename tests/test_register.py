@@ -6,11 +6,12 @@ against a local HTTPS endpoint that records every request the client sends and a
 the API server would, from a script per test: Status objects for 404/403/409, the stored object
 with a resourceVersion for GET, the body echoed back with a new resourceVersion for POST/PUT.
 It is a small `http.server` with TLS on 127.0.0.1, whose certificate comes from
-`webhook.certs.write_certificates`; the kubeconfig written to tmp_path points at it, with that CA
-as `certificate-authority-data` and a bearer token. So what is verified is the client's wire
-traffic (paths, verbs, headers, bodies) and the CLI's handling of the answers, not the behaviour
-of a real API server (admission of the object, conflict detection, RBAC): the builder's output
-is checked against the Kubernetes 1.31 OpenAPI schema separately, with kubernetes_validate.
+`webhook.serving.certs.write_certificates`; the kubeconfig written to tmp_path points at it,
+with that CA as `certificate-authority-data` and a bearer token. So what is verified is the
+client's wire traffic (paths, verbs, headers, bodies) and the CLI's handling of the answers,
+not the behaviour of a real API server (admission of the object, conflict detection, RBAC):
+the builder's output is checked against the Kubernetes 1.31 OpenAPI schema separately, with
+kubernetes_validate.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import pytest
 import yaml
 
 from tests.conftest import outrigger_executable, validate_strict
-from webhook.certs import write_certificates
-from webhook.registration import webhook_configuration
+from webhook.cluster.registration import webhook_configuration
+from webhook.serving.certs import write_certificates
 
 TOKEN = "test-bearer-token-0123456789"
 NAMESPACE = "outrigger-system"

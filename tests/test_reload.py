@@ -39,13 +39,13 @@ from tests.test_https import (
     pod,
     post_review,
 )
-from webhook.app import AdmissionEndpoint, create_app
 from webhook.cli import main
-from webhook.metrics import Metrics
-from webhook.policy import Policy, PolicyError, default_policy, load_policy
-from webhook.reload import PolicyFile
+from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
+from webhook.serving.app import AdmissionEndpoint, create_app
+from webhook.serving.metrics import Metrics
+from webhook.serving.reload import PolicyFile
 
-DEFAULT_TEXT = resources.files("webhook").joinpath("default-policy.yaml").read_text()
+DEFAULT_TEXT = resources.files("webhook.core").joinpath("default-policy.yaml").read_text()
 BROKEN_YAML = "apiVersion: outrigger.dev/v1alpha1\nkind: [InjectionPolicy\n"
 BAD_FIELD = "bogusReloadField"
 INVALID_SCHEMA = f"{DEFAULT_TEXT.rstrip()}\n{BAD_FIELD}: true\n"

@@ -11,10 +11,10 @@ from typing import Any
 
 import yaml
 
-from webhook.certs import ca_bundle, write_certificates
-from webhook.injector import Injection, InjectionDenied
-from webhook.policy import Policy, PolicyError, default_policy, load_policy
-from webhook.workloads import inject_workload
+from webhook.core.injector import Injection, InjectionDenied
+from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
+from webhook.core.workloads import inject_workload
+from webhook.serving.certs import ca_bundle, write_certificates
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,7 +142,7 @@ def _policy(path: Path | None) -> Policy:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from webhook.server import serve  # uvicorn is only needed here
+    from webhook.serving.server import serve  # uvicorn is only needed here
 
     if not 0 < args.policy_poll_seconds < float("inf"):
         print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
@@ -248,7 +248,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from webhook import registration  # the kubernetes client is only needed here
+    from webhook.cluster import registration  # the kubernetes client is only needed here
 
     try:
         ca = registration.load_ca_bundle(

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from webhook.ambassador import AmbassadorSpec, Route, Routing, UpstreamSpec
+from webhook.ambassador.spec import AmbassadorSpec, Route, Routing, UpstreamSpec
 
 Json = dict[str, Any]
 _TYPE = "type.googleapis.com/envoy."

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.ambassador import AmbassadorSpec, single_upstream
-from webhook.envoy import SECRETS_ROOT, Listening, bootstrap_json
-from webhook.hostport import Upstream
-from webhook.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
+from webhook.ambassador.envoy import SECRETS_ROOT, Listening, bootstrap_json
+from webhook.ambassador.hostport import Upstream
+from webhook.ambassador.spec import AmbassadorSpec, single_upstream
+from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _STRING_FIELDS = frozenset({"command", "args"})

@@ -1,4 +1,4 @@
-"""Serving over HTTPS: certificates, TLS settings and uvicorn, around `webhook.app`."""
+"""Serving over HTTPS: certificates, TLS settings and uvicorn, around `webhook.serving.app`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import uvicorn
 
-from webhook.app import AdmissionEndpoint, Background, create_app
-from webhook.certs import CertificatePaths, ensure_serving_certificates
-from webhook.metrics import Metrics
-from webhook.policy import Policy, default_policy
-from webhook.reload import PolicyFile
-from webhook.tls import CertificateError, ServingCertificate
+from webhook.core.policy import Policy, default_policy
+from webhook.serving.app import AdmissionEndpoint, Background, create_app
+from webhook.serving.certs import CertificatePaths, ensure_serving_certificates
+from webhook.serving.metrics import Metrics
+from webhook.serving.reload import PolicyFile
+from webhook.serving.tls import CertificateError, ServingCertificate
 
 log = logging.getLogger("outrigger.server")
 

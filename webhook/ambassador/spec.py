@@ -7,7 +7,7 @@ Two ways to ask, both parameters of the `ambassador` template:
   own local port or routed on one port by path prefix or host, TCP proxying, timeouts,
   retries, circuit breaking, outlier detection, load balancing, DNS discovery, TLS to the
   upstream with SNI, a CA and an optional client certificate from Secrets.
-`webhook.envoy` turns the spec into an Envoy bootstrap.
+`webhook.ambassador.envoy` turns the spec into an Envoy bootstrap.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from webhook.hostport import ACCEPTED as HOSTPORT_ACCEPTED
-from webhook.hostport import Upstream, parse_hostport
+from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
+from webhook.ambassador.hostport import Upstream, parse_hostport
 
 _DURATION = r"^([0-9]+(\.[0-9]{1,9})?)(ms|s|m|h)$"
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

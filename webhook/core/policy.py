@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from webhook.core.parameters import Parameter, valid_default
+
 API_VERSION = "outrigger.dev/v1alpha1"
 KIND = "InjectionPolicy"
 ANNOTATION_PREFIX = "outrigger.dev/"
@@ -55,34 +57,8 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Parameter(_Model):
-    """A value an annotation may set in a template, with its type and validation."""
-
-    annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-    type: Literal["string", "integer", "boolean", "path", "hostport", "image", "ambassador"] = (
-        "string"
-    )
-    default: str | int | bool | None = None
-    required: bool = False
-    enum: tuple[str, ...] | None = None
-    pattern: str | None = None
-    minimum: int | None = None
-    maximum: int | None = None
-    description: str = ""
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"not a regular expression: {error}") from None
-        return pattern
-
-
 class EnvoySettings(_Model):
-    """Renders an Envoy bootstrap for the ambassador (see webhook.ambassador, webhook.envoy).
+    """Renders an Envoy bootstrap for the ambassador (see `webhook.ambassador`).
 
     The pod sets either `upstream` (one host:port, on `listenPort`) or `config` (a full
     ambassador configuration); each names a parameter of the template.
@@ -168,8 +144,6 @@ class SidecarTemplate(_Model):
 
     @model_validator(mode="after")
     def _defaults_valid(self) -> SidecarTemplate:
-        from webhook.annotations import valid_default  # the one place values are parsed
-
         for name, parameter in self.parameters.items():
             if parameter.default is not None and not valid_default(parameter):
                 raise ValueError(
@@ -357,7 +331,7 @@ def load_policy(path: Path) -> Policy:
 
 def default_policy() -> Policy:
     """The policy embedded in the package, used when no --policy file is given."""
-    text = resources.files("webhook").joinpath("default-policy.yaml").read_text()
+    text = resources.files("webhook.core").joinpath("default-policy.yaml").read_text()
     return parse_policy(yaml.safe_load(text), "embedded default policy")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from webhook.injector import Injection, RequestContext, inject
-from webhook.policy import Policy
+from webhook.core.injector import Injection, RequestContext, inject
+from webhook.core.policy import Policy
 
 # Path of field names from the object to its pod (template); a Pod is its own template.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {

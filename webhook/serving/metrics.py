@@ -20,7 +20,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import InfoMetricFamily, Metric
 
-from webhook.policy import Policy
+from webhook.core.policy import Policy
 
 ReloadResult = Literal["success", "failure"]
 _POLICY_INFO = "outrigger_policy"  # exposed as outrigger_policy_info{version="..."} 1

@@ -19,9 +19,9 @@ import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from webhook.background import running
-from webhook.metrics import Metrics
-from webhook.policy import Policy, PolicyError, load_policy
+from webhook.core.policy import Policy, PolicyError, load_policy
+from webhook.serving.background import running
+from webhook.serving.metrics import Metrics
 
 log = logging.getLogger("outrigger.reload")
 

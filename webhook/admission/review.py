@@ -16,11 +16,11 @@ from typing import Any, cast
 
 import orjson
 
-from webhook import wire
-from webhook.injector import InjectionDenied, RequestContext, inject
-from webhook.patch import diff
-from webhook.policy import Policy
-from webhook.selection import INJECTED
+from webhook.admission import wire
+from webhook.core.injector import InjectionDenied, RequestContext, inject
+from webhook.core.patch import diff
+from webhook.core.policy import Policy
+from webhook.core.selection import INJECTED
 
 log = logging.getLogger("outrigger.admission")
 
@@ -38,7 +38,7 @@ class BadReview(ValueError):
 class AdmissionRequest:
     uid: str
     namespace: str
-    # The pod as canonical JSON of what the injector reads (see `webhook.wire`); None when
+    # The pod as canonical JSON of what the injector reads (see `webhook.admission.wire`); None when
     # the request is no pod creation.
     pod_json: bytes | None
     name: str

@@ -1,11 +1,12 @@
 """TLS settings for the webhook's HTTPS listener, and the serving pair reloaded when it changes.
 
 cert-manager renews the serving certificate into its Secret, and kubelet updates the mounted
-volume the way it updates a ConfigMap (see `webhook.reload`): a new timestamped directory, the
-`..data` symlink swapped to it, `tls.crt` and `tls.key` symlinks through `..data`. The server
-polls the pair and loads a new one into the context it already serves with, so new handshakes
-present the new certificate while established connections keep the one they negotiated (OpenSSL
-copies the certificate and key into each connection when the connection is created).
+volume the way it updates a ConfigMap (see `webhook.serving.reload`): a new timestamped
+directory, the `..data` symlink swapped to it, `tls.crt` and `tls.key` symlinks through
+`..data`. The server polls the pair and loads a new one into the context it already serves
+with, so new handshakes present the new certificate while established connections keep the
+one they negotiated (OpenSSL copies the certificate and key into each connection when the
+connection is created).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from webhook.background import running
-from webhook.metrics import Metrics
+from webhook.serving.background import running
+from webhook.serving.metrics import Metrics
 
 log = logging.getLogger("outrigger.tls")
 

@@ -1,4 +1,4 @@
-"""The HTTP layer: FastAPI around `webhook.admission`. It knows HTTP; nothing else does.
+"""The HTTP layer: FastAPI around `webhook.admission.review`. It knows HTTP; nothing else does.
 
 `POST /mutate` is answered by `AdmissionEndpoint`, a bare ASGI app in front of FastAPI, not by
 a FastAPI route: the API server calls it for every pod, and FastAPI's per-request machinery
@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webhook.admission import review
-from webhook.metrics import TEXT_FORMAT, Metrics
-from webhook.policy import Policy
+from webhook.admission.review import review
+from webhook.core.policy import Policy
+from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
 # The API server sends objects of at most ~3 MiB; anything far larger is not a review.

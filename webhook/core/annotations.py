@@ -7,24 +7,25 @@ annotation at once, each message naming the annotation and the values it accepts
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from webhook.ambassador import AmbassadorSpec, InvalidSpec, parse_spec
-from webhook.hostport import ACCEPTED as HOSTPORT_ACCEPTED
-from webhook.hostport import Upstream, parse_hostport
+from webhook.ambassador.spec import InvalidSpec, parse_spec
+from webhook.core.parameters import (
+    Parameter,
+    ParameterValue,
+    accepted,
+    parse_value,
+    typed_default,
+)
 
 if TYPE_CHECKING:
-    from webhook.policy import Parameter, SidecarTemplate
+    from webhook.core.policy import SidecarTemplate
 
 PREFIX = "outrigger.dev/"
 INJECT = PREFIX + "inject"
 STATUS = PREFIX + "status"
-
-_PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,6 @@ class InvalidAnnotations(ValueError):
         self.problems = problems
 
 
-ParameterValue = str | int | bool | Upstream | AmbassadorSpec
 ImageCheck = Callable[[str], "str | None"]
 
 
@@ -133,103 +133,18 @@ def _parameter_value(
         if parameter.required:
             raise _Invalid(
                 f"annotation {parameter.annotation} is required when {template.name} is "
-                f"injected; expected {_accepted(parameter)}"
+                f"injected; expected {accepted(parameter)}"
             )
-        return None if parameter.default is None else _typed_default(parameter)
+        return None if parameter.default is None else typed_default(parameter)
     if parameter.type == "ambassador":
         try:
             return parse_spec(raw)
         except InvalidSpec as error:
             raise _Invalid(f"annotation {parameter.annotation}: {error}") from None
-    value = _parse(parameter, raw.strip())
+    value = parse_value(parameter, raw.strip())
     if value is None:
         raise _Invalid(
             f"annotation {parameter.annotation}: {raw!r} is not accepted; "
-            f"expected {_accepted(parameter)}"
+            f"expected {accepted(parameter)}"
         )
     return value
-
-
-def valid_default(parameter: Parameter) -> bool:
-    return _typed_default(parameter) is not None
-
-
-def _typed_default(parameter: Parameter) -> ParameterValue | None:
-    default = parameter.default
-    return _parse(parameter, str(default).lower() if isinstance(default, bool) else str(default))
-
-
-@lru_cache(maxsize=4096)
-def _parse(parameter: Parameter, text: str) -> ParameterValue | None:
-    """Cached: the pods of one workload carry the same values, and some parsing is not cheap."""
-    match parameter.type:
-        case "integer":
-            number = int(text) if text.isascii() and text.lstrip("-").isdigit() else None
-            if number is None:
-                return None
-            low, high = parameter.minimum, parameter.maximum
-            too_low = low is not None and number < low
-            return None if too_low or (high is not None and number > high) else number
-        case "boolean":
-            return {"true": True, "false": False}.get(text.lower())
-        case "path":
-            return _path(text)
-        case "hostport":
-            return parse_hostport(text)
-        case _:
-            return _string(parameter, text)
-
-
-def _string(parameter: Parameter, text: str) -> str | None:
-    if parameter.enum is not None and text not in parameter.enum:
-        return None
-    if parameter.pattern is not None and not re.fullmatch(parameter.pattern, text):
-        return None
-    return text if len(text) <= 4096 and text.isprintable() else None
-
-
-def _path(text: str) -> str | None:
-    path = text.rstrip("/")
-    segments = path.split("/")
-    if (
-        not _PATH_CHARS.match(path)
-        or len(path) > 1024
-        or ".." in segments
-        or "." in segments
-        or "" in segments[1:]
-    ):
-        return None
-    return path
-
-
-def _accepted(parameter: Parameter) -> str:
-    match parameter.type:
-        case "integer":
-            low = "" if parameter.minimum is None else f" from {parameter.minimum}"
-            high = "" if parameter.maximum is None else f" to {parameter.maximum}"
-            text = f"an integer{low}{high}"
-        case "boolean":
-            text = '"true" or "false"'
-        case "path":
-            text = (
-                "an absolute directory path below / such as /var/log/app (letters, digits, "
-                ". _ - @ + =; no '..' or empty segments)"
-            )
-        case "hostport":
-            text = HOSTPORT_ACCEPTED
-        case "image":
-            text = "an image reference allowed by the cluster policy"
-        case "ambassador":
-            text = "an ambassador configuration (YAML; see the README)"
-        case _:
-            text = (
-                f"one of: {', '.join(parameter.enum)}"
-                if parameter.enum
-                else f"a string matching {parameter.pattern}"
-                if parameter.pattern
-                else "a printable string"
-            )
-    default = parameter.default
-    if default is not None:
-        text += f" (default {str(default).lower() if isinstance(default, bool) else default})"
-    return text

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from webhook import annotations as ann
-from webhook.policy import Policy
+from webhook.core import annotations as ann
+from webhook.core.policy import Policy
 
 # Why a pod came out as it did: log fields, `--explain` output, metric labels.
 INJECTED = "injected"

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 
-from webhook.certs import ca_bundle as file_ca_bundle
+from webhook.serving.certs import ca_bundle as file_ca_bundle
 
 WEBHOOK_NAME = "inject.outrigger.dev"
 WEBHOOK_PATH = "/mutate"

@@ -2,8 +2,8 @@
 
 Pure and shared by the webhook and `outrigger inject`. The input pod is never modified; the
 result shares every untouched sub-object with it, which keeps the work proportional to what
-changes and lets the patch be derived cheaply from the difference (see `webhook.patch`).
-Decide first (`webhook.selection`), then read the parameters, render the templates, check
+changes and lets the patch be derived cheaply from the difference (see `webhook.core.patch`).
+Decide first (`webhook.core.selection`), then read the parameters, render the templates, check
 that they fit the pod, and build.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from webhook import annotations as ann
-from webhook.policy import Policy
-from webhook.selection import (
+from webhook.core import annotations as ann
+from webhook.core.policy import Policy
+from webhook.core.selection import (
     ALREADY_INJECTED,
     INJECTED,
     NAMESPACE_EXCLUDED,
@@ -26,8 +26,8 @@ from webhook.selection import (
     Decision,
     decide,
 )
-from webhook.templates import RenderedSidecar, TemplateError, render
-from webhook.volumes import mount_conflicts, with_mounts
+from webhook.core.templates import RenderedSidecar, TemplateError, render
+from webhook.core.volumes import mount_conflicts, with_mounts
 
 Pod = dict[str, Any]
 # Pods whose annotations are not even read: warnings about them would be noise.

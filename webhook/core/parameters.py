@@ -1,0 +1,136 @@
+"""A template parameter: how the policy declares it, and how a value of it is parsed.
+
+The policy validates its defaults with the same parser that reads a pod's annotations
+(`webhook.core.annotations`), so both live here, below both.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
+from webhook.ambassador.hostport import Upstream, parse_hostport
+from webhook.ambassador.spec import AmbassadorSpec
+
+ParameterValue = str | int | bool | Upstream | AmbassadorSpec
+
+_PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
+
+
+class Parameter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    """A value an annotation may set in a template, with its type and validation."""
+
+    annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+    type: Literal["string", "integer", "boolean", "path", "hostport", "image", "ambassador"] = (
+        "string"
+    )
+    default: str | int | bool | None = None
+    required: bool = False
+    enum: tuple[str, ...] | None = None
+    pattern: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    description: str = ""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
+
+
+def valid_default(parameter: Parameter) -> bool:
+    return typed_default(parameter) is not None
+
+
+def typed_default(parameter: Parameter) -> ParameterValue | None:
+    default = parameter.default
+    return parse_value(
+        parameter, str(default).lower() if isinstance(default, bool) else str(default)
+    )
+
+
+@lru_cache(maxsize=4096)
+def parse_value(parameter: Parameter, text: str) -> ParameterValue | None:
+    """Cached: the pods of one workload carry the same values, and some parsing is not cheap."""
+    match parameter.type:
+        case "integer":
+            number = int(text) if text.isascii() and text.lstrip("-").isdigit() else None
+            if number is None:
+                return None
+            low, high = parameter.minimum, parameter.maximum
+            too_low = low is not None and number < low
+            return None if too_low or (high is not None and number > high) else number
+        case "boolean":
+            return {"true": True, "false": False}.get(text.lower())
+        case "path":
+            return _path(text)
+        case "hostport":
+            return parse_hostport(text)
+        case _:
+            return _string(parameter, text)
+
+
+def _string(parameter: Parameter, text: str) -> str | None:
+    if parameter.enum is not None and text not in parameter.enum:
+        return None
+    if parameter.pattern is not None and not re.fullmatch(parameter.pattern, text):
+        return None
+    return text if len(text) <= 4096 and text.isprintable() else None
+
+
+def _path(text: str) -> str | None:
+    path = text.rstrip("/")
+    segments = path.split("/")
+    if (
+        not _PATH_CHARS.match(path)
+        or len(path) > 1024
+        or ".." in segments
+        or "." in segments
+        or "" in segments[1:]
+    ):
+        return None
+    return path
+
+
+def accepted(parameter: Parameter) -> str:
+    match parameter.type:
+        case "integer":
+            low = "" if parameter.minimum is None else f" from {parameter.minimum}"
+            high = "" if parameter.maximum is None else f" to {parameter.maximum}"
+            text = f"an integer{low}{high}"
+        case "boolean":
+            text = '"true" or "false"'
+        case "path":
+            text = (
+                "an absolute directory path below / such as /var/log/app (letters, digits, "
+                ". _ - @ + =; no '..' or empty segments)"
+            )
+        case "hostport":
+            text = HOSTPORT_ACCEPTED
+        case "image":
+            text = "an image reference allowed by the cluster policy"
+        case "ambassador":
+            text = "an ambassador configuration (YAML; see the README)"
+        case _:
+            text = (
+                f"one of: {', '.join(parameter.enum)}"
+                if parameter.enum
+                else f"a string matching {parameter.pattern}"
+                if parameter.pattern
+                else "a printable string"
+            )
+    default = parameter.default
+    if default is not None:
+        text += f" (default {str(default).lower() if isinstance(default, bool) else default})"
+    return text
