@@ -77,19 +77,23 @@ def test_inject_names(annotations: dict[str, str], sidecars: tuple[str, ...]) ->
 )
 def test_upstream_accepted(raw: str, expected: Upstream) -> None:
     request = parse({ann.INJECT: "ambassador", AMBASSADOR_UPSTREAM: raw})
-    assert request.values["ambassador"] == {"upstream": expected, "port": 8081}
+    assert request.values["ambassador"] == {"upstream": expected, "port": 8081, "stop-delay": 5}
 
 
 def test_defaults() -> None:
     request = parse({ann.INJECT: "log-watcher,ambassador", **UPSTREAM})
-    assert request.values["log-watcher"] == {"log-path": "/var/log/app"}
+    assert request.values["log-watcher"] == {
+        "log-path": "/var/log/app",
+        "log-volume-size": "1Gi",
+        "stop-delay": 10,
+    }
     assert request.values["ambassador"]["port"] == 8081
     assert request.warnings == ()
 
 
 def test_log_path_trailing_slash_is_dropped() -> None:
     request = parse({ann.INJECT: "log-watcher", LOG_PATH: "/data/logs/"})
-    assert request.values["log-watcher"] == {"log-path": "/data/logs"}
+    assert request.values["log-watcher"]["log-path"] == "/data/logs"
 
 
 @pytest.mark.parametrize(

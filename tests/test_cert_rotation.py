@@ -235,7 +235,7 @@ def admit(client: httpx.Client) -> tuple[Any, bytes]:
     )
     assert reply.status_code == 200, reply.text
     result = applied(reply.json()["response"], sent)
-    assert [c["name"] for c in result["spec"]["containers"]] == ["main-app", "log-watcher"]
+    assert [c["name"] for c in result["spec"]["initContainers"]] == ["log-watcher"]
     stream = reply.extensions["network_stream"]
     peer = stream.get_extra_info("ssl_object").getpeercert(True)  # _ssl object: positional
     assert isinstance(peer, bytes)

@@ -221,19 +221,23 @@ def test_inject_manifests(injected: subprocess.CompletedProcess[str]) -> None:
     assert pod["metadata"]["labels"] == {"app": "web"}
     assert "outrigger.dev/status" in pod["metadata"]["annotations"]
     containers = pod["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["main-app", "log-watcher", "ambassador"]
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["shared-logs"]
+    assert [c["name"] for c in containers] == ["main-app"]
+    sidecars = pod["spec"]["initContainers"]
+    assert [c["name"] for c in sidecars] == ["log-watcher", "ambassador"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["shared-logs", "log-watcher-state"]
     assert {"name": "shared-logs", "mountPath": "/var/log/app"} in containers[0]["volumeMounts"]
 
     job_pod = after["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]
     assert after["CronJob"]["spec"]["schedule"] == "0 3 * * *"
     assert job_pod["spec"]["restartPolicy"] == "OnFailure"
     job_containers = job_pod["spec"]["containers"]
-    assert [c["name"] for c in job_containers] == ["report", "log-watcher"]
-    assert [v["name"] for v in job_pod["spec"]["volumes"]] == ["shared-logs"]
+    assert [c["name"] for c in job_containers] == ["report"]
+    (watcher,) = job_pod["spec"]["initContainers"]
+    assert (watcher["name"], watcher["restartPolicy"]) == ("log-watcher", "Always")
+    assert [v["name"] for v in job_pod["spec"]["volumes"]] == ["shared-logs", "log-watcher-state"]
     report_mount = {"name": "shared-logs", "mountPath": "/var/log/report"}
     assert report_mount in job_containers[0]["volumeMounts"]
-    assert any(m["mountPath"] == "/var/log/report" for m in job_containers[1]["volumeMounts"])
+    assert any(m["mountPath"] == "/var/log/report" for m in watcher["volumeMounts"])
 
 
 def test_inject_list_of_workloads_has_no_aliases(tmp_path: Path) -> None:
@@ -250,8 +254,8 @@ def test_inject_list_of_workloads_has_no_aliases(tmp_path: Path) -> None:
     assert not has_anchors(result.stdout)
     (document,) = yaml.safe_load_all(result.stdout)
     for item in document["items"]:
-        names = [c["name"] for c in item["spec"]["template"]["spec"]["containers"]]
-        assert names == ["main-app", "log-watcher", "ambassador"]
+        names = [c["name"] for c in item["spec"]["template"]["spec"]["initContainers"]]
+        assert names == ["log-watcher", "ambassador"]
         validate_strict(item)
 
 
@@ -316,7 +320,7 @@ def test_inject_list_reports_the_denied_item_and_injects_the_rest() -> None:
     assert "Pod/p1" in result.stderr and "List/" not in result.stderr
     out = yaml.safe_load(result.stdout)["items"]
     assert out[0] == items[0]
-    assert [c["name"] for c in out[1]["spec"]["containers"]] == ["a", "log-watcher"]
+    assert [c["name"] for c in out[1]["spec"]["initContainers"]] == ["log-watcher"]
 
 
 def test_workload_without_template_is_unchanged() -> None:

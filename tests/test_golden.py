@@ -5,6 +5,8 @@ calls it); the patch is applied with `jsonpatch` and the resulting pod compared 
 golden one, validated strictly against the Kubernetes schema, and injected again to show that
 a second pass changes nothing. Regenerate after an intended change with
 `OUTRIGGER_REGENERATE=1 make test` and review the diff; a golden without a request fails.
+Requests named `classic-*` run under the default policy in classic placement
+(`nativeSidecars: false`), the others under the default policy itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.conftest import FIXTURES, as_pod, validate_strict
 from tests.envoy_schema import validate_bootstrap
 from tests.pod_security import container_violations
 from webhook.admission.review import review
-from webhook.core.policy import Policy
+from webhook.core.policy import Policy, default_policy, parse_policy
 
 REGENERATE = os.environ.get("OUTRIGGER_REGENERATE") == "1"
 REQUESTS = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
@@ -50,8 +52,13 @@ def outcome(request: dict[str, Any], policy: Policy) -> dict[str, Any]:
     return result
 
 
+CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False})
+
+
 @pytest.mark.parametrize("request_file", REQUESTS, ids=lambda p: p.stem)
 def test_golden(request_file: Path, policy: Policy) -> None:
+    if request_file.name.startswith("classic-"):
+        policy = CLASSIC
     request = yaml.safe_load(request_file.read_text())
     result = outcome(request, policy)
     golden = request_file.with_name(request_file.stem + ".injected.yaml")
@@ -60,7 +67,8 @@ def test_golden(request_file: Path, policy: Policy) -> None:
     assert result == yaml.safe_load(golden.read_text())
     if "pod" in result:
         validate_strict(as_pod(result["pod"]))
-        for container in result["pod"]["spec"]["containers"]:
+        spec = result["pod"]["spec"]
+        for container in [*spec["containers"], *spec.get("initContainers", ())]:
             if container["name"] == "ambassador":
                 validate_bootstrap(orjson.loads(container["args"][1]))
         status = orjson.loads(result["pod"]["metadata"]["annotations"]["outrigger.dev/status"])

@@ -226,12 +226,13 @@ def test_annotated_pod_is_injected(client: httpx.Client) -> None:
     assert sent == original, "jsonpatch.apply_patch must not have changed the sent pod"
 
     spec = result["spec"]
-    assert [c["name"] for c in spec["containers"]] == ["main-app", "log-watcher", "ambassador"]
-    assert [v["name"] for v in spec["volumes"]] == ["shared-logs"]
+    assert [c["name"] for c in spec["containers"]] == ["main-app"]
+    assert [c["name"] for c in spec["initContainers"]] == ["log-watcher", "ambassador"]
+    assert [v["name"] for v in spec["volumes"]] == ["shared-logs", "log-watcher-state"]
     assert "emptyDir" in spec["volumes"][0]
     app = spec["containers"][0]
     assert {"name": "shared-logs", "mountPath": "/var/log/app"} in app["volumeMounts"]
-    watcher = spec["containers"][1]
+    watcher = spec["initContainers"][0]
     assert any(
         m["name"] == "shared-logs" and m["mountPath"] == "/var/log/app"
         for m in watcher["volumeMounts"]
@@ -251,7 +252,7 @@ def test_pod_with_generate_name_is_injected(client: httpx.Client) -> None:
     del sent["metadata"]["name"]
     sent["metadata"]["generateName"] = "web-7d9c5b-"
     result = applied(post_review(client, admission_review(sent)), sent)
-    assert [c["name"] for c in result["spec"]["containers"]] == ["main-app", "log-watcher"]
+    assert [c["name"] for c in result["spec"]["initContainers"]] == ["log-watcher"]
     assert result["metadata"]["generateName"] == "web-7d9c5b-"
     assert "name" not in result["metadata"]
     validate_strict(as_pod(result))

@@ -59,10 +59,11 @@ def test_everything_else_in_the_pod_is_kept(policy: Policy) -> None:
     after = inject(before, DEFAULT, policy).pod
     assert after["metadata"]["labels"] == {"app": "p"}
     assert after["metadata"]["annotations"]["team"] == "shop"
-    assert after["spec"]["initContainers"] == init
+    assert after["spec"]["initContainers"][1:] == init  # native sidecars come first
+    assert names(after["spec"]["initContainers"]) == ["log-watcher", *names(init)]
     assert after["spec"]["nodeSelector"] == {"disk": "ssd"}
     assert after["spec"]["volumes"][:1] == volumes
-    assert names(after["spec"]["containers"]) == ["a", "b", "log-watcher"]
+    assert names(after["spec"]["containers"]) == ["a", "b"]
     a_mounts = after["spec"]["containers"][0]["volumeMounts"]
     assert a_mounts == [
         {"name": "data", "mountPath": "/d"},
@@ -76,18 +77,25 @@ def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Poli
         containers=[{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}],
     )
     spec = inject(before, DEFAULT, policy).pod["spec"]
-    assert spec["volumes"] == [{"name": "shared-logs", "emptyDir": {}}]
+    assert spec["volumes"] == [
+        {"name": "shared-logs", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "log-watcher-state", "emptyDir": {"sizeLimit": "16Mi"}},
+    ]
     for container in spec["containers"]:
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts == {"shared-logs": "/srv/logs"}
-    watcher = spec["containers"][-1]
+    (watcher,) = spec["initContainers"]
     assert "path=/srv/logs/*.log" in watcher["args"]
-    assert watcher["volumeMounts"][0]["readOnly"] is True
+    assert watcher["volumeMounts"][0] == {
+        "name": "shared-logs",
+        "mountPath": "/srv/logs",
+        "readOnly": True,
+    }
 
 
 def test_ambassador_listens_where_the_app_expects_it(policy: Policy) -> None:
     before = pod({ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "9090"})
-    ambassador = inject(before, DEFAULT, policy).pod["spec"]["containers"][-1]
+    ambassador = inject(before, DEFAULT, policy).pod["spec"]["initContainers"][-1]
     assert ambassador["name"] == "ambassador"
     assert ambassador["ports"] == [{"containerPort": 9090, "protocol": "TCP"}]
     assert ambassador["env"] == [
@@ -101,7 +109,9 @@ def test_ambassador_listens_where_the_app_expects_it(policy: Policy) -> None:
 
 def test_injected_containers_are_locked_down_by_policy(policy: Policy) -> None:
     before = pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM})
-    for container in inject(before, DEFAULT, policy).pod["spec"]["containers"][1:]:
+    injected = inject(before, DEFAULT, policy).pod["spec"]["initContainers"]
+    assert names(injected) == ["log-watcher", "ambassador"]
+    for container in injected:
         context = container["securityContext"]
         assert context["runAsNonRoot"] is True
         assert context["allowPrivilegeEscalation"] is False
@@ -204,3 +214,13 @@ def test_denied(before: dict[str, Any], message: str, policy: Policy) -> None:
     with pytest.raises(InjectionDenied) as caught:
         inject(before, DEFAULT, policy)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("taken", ["shared-logs", "log-watcher-state"])
+def test_every_volume_a_template_adds_is_checked_for_collisions(policy: Policy, taken: str) -> None:
+    before = pod({ann.INJECT: "log-watcher"}, volumes=[{"name": taken, "emptyDir": {}}])
+    with pytest.raises(InjectionDenied) as denied:
+        inject(before, DEFAULT, policy)
+    assert f"volume name {taken!r} is already used in the pod; log-watcher adds" in str(
+        denied.value
+    )

@@ -18,7 +18,7 @@ def test_default_policy_defines_both_sidecars_with_pinned_allowed_images() -> No
     assert list(policy.templates) == ["log-watcher", "ambassador"]
     for template in policy.sidecars:
         assert policy.image_problem(template.container["image"]) is None
-    assert not policy.nativeSidecars and policy.unknownAnnotations == "Warn"
+    assert policy.nativeSidecars and policy.unknownAnnotations == "Warn"
 
 
 def test_platform_team_policy_is_loaded() -> None:
@@ -31,7 +31,8 @@ def test_platform_team_policy_is_loaded() -> None:
     ]
     assert policy.matching_rules("prod-eu", {"tier": "backend"}) == []
     assert policy.native(policy.templates["ambassador"])
-    assert not policy.native(policy.templates["log-watcher"])
+    assert policy.native(policy.templates["log-watcher"])
+    assert policy.templates["ambassador"].envoy.healthPort == 9902  # type: ignore[union-attr]
     assert policy.version != default_policy().version
 
 
@@ -104,6 +105,13 @@ def test_bad_policies_name_the_field(name: str, errors: list[str]) -> None:
         assert f"\n  {error}" in str(caught.value)
 
 
+_P = {"annotation": "outrigger.dev/p"}
+
+
+def _template(**fields: object) -> dict[str, object]:
+    return {"name": "a", "container": {"image": "cr.fluentbit.io/fluent/x:1"}, **fields}
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
@@ -167,6 +175,68 @@ def test_bad_policies_name_the_field(name: str, errors: list[str]) -> None:
             },
             "sidecars[0]: envoy.upstream must be one ${parameter} of type hostport",
             id="envoy-upstream-type",
+        ),
+        pytest.param(
+            {
+                "nativeSidecars": True,
+                "sidecars": [
+                    {
+                        "name": "a",
+                        "container": {"image": "docker.io/envoyproxy/envoy:v1.37.10"},
+                        "parameters": {"u": {"annotation": "outrigger.dev/u", "type": "hostport"}},
+                        "envoy": {"upstream": "${u}", "healthPort": None},
+                    }
+                ],
+            },
+            "sidecars[0].envoy.healthPort: a native ambassador needs a readiness endpoint",
+            id="native-envoy-without-readiness",
+        ),
+        pytest.param(
+            {"sidecars": [_template(classicPreStopSleep="${p}", parameters={"p": _P})]},
+            "classicPreStopSleep must be a number or one ${parameter} of type integer",
+            id="pre-stop-not-integer",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        classicPreStopSleep="${p}",
+                        parameters={"p": {**_P, "type": "integer", "minimum": 0}},
+                    )
+                ]
+            },
+            "classicPreStopSleep: its parameter needs minimum >= 0 and maximum <= 300",
+            id="pre-stop-unbounded",
+        ),
+        pytest.param(
+            {"sidecars": [_template(classicPreStopSleep=301)]},
+            "sidecars[0].classicPreStopSleep.constrained-int: Input should be less than or equal",
+            id="pre-stop-too-long",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        classicPreStopSleep=5,
+                        container={
+                            "image": "cr.fluentbit.io/fluent/x:1",
+                            "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
+                        },
+                    )
+                ]
+            },
+            "set classicPreStopSleep or container.lifecycle.preStop, not both",
+            id="pre-stop-twice",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(volumes=[{"name": "v", "emptyDir": {}}]),
+                    {**_template(volumes=[{"name": "v", "emptyDir": {}}]), "name": "b"},
+                ]
+            },
+            "sidecars: a and b both add a volume 'v'",
+            id="volume-added-twice",
         ),
     ],
 )

@@ -62,7 +62,8 @@ def names(containers: list[dict[str, Any]]) -> list[str]:
 
 def test_required_sidecar_is_injected_without_annotation() -> None:
     result = injected(TEAM, pod(labels={"tier": "frontend"}), "prod-eu")
-    assert names(result["spec"]["containers"]) == ["app", "log-watcher"]
+    assert names(result["spec"]["initContainers"]) == ["log-watcher"]
+    assert names(result["spec"]["containers"]) == ["app"]
 
 
 def test_required_sidecar_survives_opt_out_with_a_warning() -> None:
@@ -113,20 +114,114 @@ def test_native_sidecars_go_first_in_init_containers() -> None:
     )
     result = injected(TEAM, sent, "shop")
     init = result["spec"]["initContainers"]
-    assert names(init) == ["ambassador", "migrate"]
-    assert init[0]["restartPolicy"] == "Always" and "restartPolicy" not in init[1]
-    # log-watcher's template overrides the policy's switch: classic placement.
-    assert names(result["spec"]["containers"]) == ["app", "log-watcher"]
-
-
-def test_native_switch_of_the_policy_applies_to_every_template() -> None:
-    document = default_policy().model_dump(mode="json")
-    native = parse_policy({**document, "nativeSidecars": True})
-    result = injected(native, pod({"outrigger.dev/inject": "log-watcher"}))
-    assert names(result["spec"]["initContainers"]) == ["log-watcher"]
-    assert result["spec"]["initContainers"][0]["restartPolicy"] == "Always"
+    assert names(init) == ["ambassador", "log-watcher", "migrate"]
+    assert [c.get("restartPolicy") for c in init] == ["Always", "Always", None]
     assert names(result["spec"]["containers"]) == ["app"]
-    assert result["spec"]["containers"][0]["volumeMounts"][0]["name"] == "shared-logs"
+
+
+def with_template(policy: Policy, name: str, **changes: Any) -> Policy:
+    document = policy.model_dump(mode="json", exclude_none=True)
+    for template in document["sidecars"]:
+        if template["name"] == name:
+            template.update(changes)
+    return parse_policy(document)
+
+
+def test_a_template_overrides_the_policy_switch() -> None:
+    mixed = with_template(TEAM, "log-watcher", native=False)
+    sent = pod({"outrigger.dev/inject": "ambassador,log-watcher", **UPSTREAM})
+    result = injected(mixed, sent, "shop")
+    assert names(result["spec"]["initContainers"]) == ["ambassador"]
+    assert names(result["spec"]["containers"]) == ["app", "log-watcher"]
+    watcher = result["spec"]["containers"][1]
+    assert watcher["lifecycle"] == {"preStop": {"sleep": {"seconds": 15}}}  # the policy's
+
+
+CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False})
+BOTH = {"outrigger.dev/inject": "log-watcher,ambassador", **UPSTREAM}
+
+
+def test_native_placement_orders_start_and_stop_by_itself() -> None:
+    result = injected(default_policy(), pod(BOTH))
+    watcher, ambassador = result["spec"]["initContainers"]
+    assert names(result["spec"]["containers"]) == ["app"]
+    # The kubelet starts the app once this probe passes: every second, on Envoy's /ready.
+    assert ambassador["startupProbe"] == {
+        "httpGet": {"path": "/ready", "port": 9902},
+        "periodSeconds": 1,
+        "timeoutSeconds": 1,
+        "failureThreshold": 600,
+    }
+    assert "startupProbe" not in watcher
+    # The kubelet stops native sidecars after the app: no preStop sleep to delay a Job's end.
+    assert "lifecycle" not in watcher and "lifecycle" not in ambassador
+
+
+def test_classic_placement_gets_pre_stop_sleeps_and_no_startup_probe() -> None:
+    result = injected(CLASSIC, pod(BOTH))
+    assert "initContainers" not in result["spec"]
+    app, watcher, ambassador = result["spec"]["containers"]
+    assert names([app, watcher, ambassador]) == ["app", "log-watcher", "ambassador"]
+    assert watcher["lifecycle"] == {"preStop": {"sleep": {"seconds": 10}}}
+    assert ambassador["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    assert "startupProbe" not in ambassador and "restartPolicy" not in ambassador
+
+
+@pytest.mark.parametrize(
+    ("annotations", "watcher_sleep", "ambassador_sleep"),
+    [
+        pytest.param({"outrigger.dev/log-watcher-stop-delay": "30"}, 30, 5, id="watcher-30"),
+        pytest.param({"outrigger.dev/ambassador-stop-delay": "120"}, 10, 120, id="envoy-max"),
+        pytest.param({"outrigger.dev/log-watcher-stop-delay": "0"}, None, 5, id="watcher-none"),
+    ],
+)
+def test_classic_stop_delays_are_parameters(
+    annotations: dict[str, str], watcher_sleep: int | None, ambassador_sleep: int
+) -> None:
+    result = injected(CLASSIC, pod({**BOTH, **annotations}))
+    _, watcher, ambassador = result["spec"]["containers"]
+    sleep = watcher.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+    assert sleep == watcher_sleep
+    assert ambassador["lifecycle"]["preStop"]["sleep"]["seconds"] == ambassador_sleep
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        pytest.param("outrigger.dev/log-watcher-stop-delay", "121", id="watcher-too-long"),
+        pytest.param("outrigger.dev/ambassador-stop-delay", "-1", id="envoy-negative"),
+        pytest.param("outrigger.dev/log-volume-size", "10Ti", id="volume-unit"),
+        pytest.param("outrigger.dev/log-volume-size", "0Mi", id="volume-zero"),
+    ],
+)
+def test_bad_lifecycle_values_are_denied_by_name(annotation: str, value: str) -> None:
+    response = answer(CLASSIC, pod({**BOTH, annotation: value}), "default")
+    assert not response["allowed"]
+    message = response["status"]["message"]
+    assert f"annotation {annotation}: {value!r} is not accepted; expected " in message
+
+
+@pytest.mark.parametrize("restart_policy", ["Never", "OnFailure"])
+def test_a_job_pod_gets_native_sidecars_and_completes(restart_policy: str) -> None:
+    result = injected(default_policy(), pod(BOTH, restartPolicy=restart_policy))
+    assert [c["restartPolicy"] for c in result["spec"]["initContainers"]] == ["Always"] * 2
+
+
+@pytest.mark.parametrize("restart_policy", ["Never", "OnFailure"])
+def test_a_job_pod_with_classic_sidecars_is_denied_with_the_way_out(restart_policy: str) -> None:
+    response = answer(CLASSIC, pod(BOTH, restartPolicy=restart_policy), "default")
+    assert not response["allowed"]
+    message = response["status"]["message"]
+    assert "log-watcher, ambassador would run in spec.containers" in message
+    assert f"(restartPolicy: {restart_policy}, as in a Job or CronJob) would never complete" in (
+        message
+    )
+    assert "nativeSidecars: false" in message and 'outrigger.dev/inject: "false"' in message
+
+
+def test_a_classic_sidecar_is_fine_in_a_pod_that_restarts() -> None:
+    result = injected(CLASSIC, pod(BOTH, restartPolicy="Always"))
+    assert names(result["spec"]["containers"]) == ["app", "log-watcher", "ambassador"]
 
 
 # What annotations can and cannot do --------------------------------------------------------

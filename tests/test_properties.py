@@ -1,8 +1,10 @@
 """Properties over generated pods and annotation sets, through the whole admission envelope.
 
 For every pod: the answer is well formed and never an internal error; a patch applies with
-`jsonpatch`, the result validates strictly against the Kubernetes schema, and injecting the
-result again changes nothing (the API server's reinvocation, re-applied manifests).
+`jsonpatch`, the result validates strictly against the Kubernetes schema, its injected
+containers meet the restricted Pod Security Standard, a pod that runs to completion (a Job's)
+has no sidecar in `containers`, and injecting the result again changes nothing (the API
+server's reinvocation, re-applied manifests).
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
+from tests.pod_security import container_violations
 from webhook.admission.review import review
 from webhook.core import annotations as ann
 from webhook.core.injector import RequestContext, inject
 from webhook.core.patch import diff
 from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
 
-# The default policy, the platform team's (rules, native sidecars, Deny on unknown keys) and
-# the default one with every sidecar native (insertions at the front of initContainers).
+# The default policy (native sidecars: insertions at the front of initContainers), the
+# platform team's (rules, Deny on unknown keys) and the default one in classic placement.
 POLICIES = [
     default_policy(),
     load_policy(FIXTURES / "policies" / "good-platform-team.yaml"),
-    parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": True}),
+    parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False}),
 ]
 NAMES = st.sampled_from(["app", "main-app", "worker", "db"] * 3 + ["ambassador", "log-watcher"])
 PATHS = st.sampled_from(["/var/log/app", "/data", "/logs/", "/tmp/x"] * 3 + ["relative", "/a/../b"])
@@ -78,6 +81,9 @@ annotation_values = st.fixed_dictionaries(
                 "upstreams: [broken",
             ]
         ),
+        "outrigger.dev/log-watcher-stop-delay": st.sampled_from(["0", "10", "120", "121"]),
+        "outrigger.dev/ambassador-stop-delay": st.sampled_from(["5", "60", "-1"]),
+        "outrigger.dev/log-volume-size": st.sampled_from(["1Gi", "200Mi", "0Mi"]),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
     },
@@ -99,6 +105,10 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
         spec["volumes"] = [{"name": "data", "emptyDir": {}}]
     if draw(st.booleans()):
         spec["initContainers"] = [{"name": "init", "image": "busybox:1.36"}]
+    if draw(st.booleans()):  # Jobs: classic sidecars are denied there
+        spec["restartPolicy"] = draw(st.sampled_from(["Always", "OnFailure", "Never"]))
+    if draw(st.booleans()):  # shorter than a classic sidecar's preStop sleep: a warning
+        spec["terminationGracePeriodSeconds"] = draw(st.sampled_from([0, 10, 30, 120]))
     return {"metadata": metadata, "spec": spec}
 
 
@@ -134,6 +144,11 @@ def test_injection_is_valid_and_idempotent(
     assert operations == diff(pod, inject(pod, RequestContext(namespace), policy).pod)
     injected = jsonpatch.apply_patch(pod, operations)
     validate_strict(as_pod(injected))
-    assert ann.STATUS in injected["metadata"]["annotations"]
+    status = orjson.loads(injected["metadata"]["annotations"][ann.STATUS])
+    for name in status["injected"]:
+        assert container_violations(as_pod(injected), name) == []
+    if injected["spec"].get("restartPolicy", "Always") != "Always":  # the pod can complete
+        sidecars = [c for c in injected["spec"]["containers"] if c["name"] in status["injected"]]
+        assert sidecars == []
     again = answer_for(injected, namespace, policy)
     assert again["allowed"] and "patch" not in again

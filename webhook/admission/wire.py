@@ -1,14 +1,14 @@
 """The AdmissionReview wire format, decoded by msgspec into plain dicts of what Outrigger reads.
 
 A pod is decoded partially: only the fields the injector looks at (annotations, names, ports,
-mounts, volumes). The rest (managedFields, env, probes, ...) is skipped without ever becoming
-Python objects, and building those objects is most of the cost of a request. This is sound
-because the JSON Patch is the difference between this partial pod and the injected one: every
-path the injector changes, and each parent of one, is present in the partial pod; the injector
-inserts whole new objects and, in objects it changes, only adds what the partial pod holds
-(volume mounts), so no operation ever carries a partial object. `tests/test_properties.py`
-checks, for generated pods, that the patch made from the partial pod equals the patch made
-from the whole pod.
+mounts, volumes, restart policy, grace period). The rest (managedFields, env, probes, ...) is
+skipped without ever becoming Python objects, and building those objects is most of the cost
+of a request. This is sound because the JSON Patch is the difference between this partial pod
+and the injected one: every path the injector changes, and each parent of one, is present in
+the partial pod; the injector inserts whole new objects and, in objects it changes, only adds
+what the partial pod holds (volume mounts), so no operation ever carries a partial object.
+`tests/test_properties.py` checks, for generated pods, that the patch made from the partial
+pod equals the patch made from the whole pod.
 
 A field the injector starts to read must be added here.
 """
@@ -45,6 +45,8 @@ class PodSpec(TypedDict, total=False):
     ephemeralContainers: list[Container] | None
     volumes: list[Volume] | None
     hostNetwork: bool | None
+    restartPolicy: str | None
+    terminationGracePeriodSeconds: int | None
 
 
 class ObjectMeta(TypedDict, total=False):

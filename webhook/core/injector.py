@@ -72,6 +72,7 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
         return Injection(pod, decision.reason, warnings=warnings, explanation=decision.explanation)
     spec = _mapping(pod.get("spec"), "spec")
     _check_fits(spec, sidecars)
+    warnings = (*warnings, *_grace_warnings(spec, sidecars))
     status = orjson.dumps({"injected": decision.sidecars, "policy": policy.version}).decode()
     injected_pod = {
         **pod,
@@ -170,8 +171,53 @@ def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) 
                 for name in mount_conflicts(containers, str(mount["mountPath"]))
             ]
         problems += _port_problems(spec, sidecar, ports)
+    problems += _run_to_completion_problems(spec, sidecars)
     if problems:
         raise InjectionDenied("; ".join(problems))
+
+
+def _run_to_completion_problems(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
+) -> list[str]:
+    """A classic sidecar never exits, so a Job's pod (restartPolicy Never/OnFailure) would
+    never complete: deny rather than place it natively against the policy, which may have
+    chosen classic placement for a cluster without native sidecars (there, an init container
+    that never exits would hold the pod in Init for ever)."""
+    restart_policy = spec.get("restartPolicy", "Always")
+    classic = [s.name for s in sidecars if "restartPolicy" not in s.container]
+    if restart_policy == "Always" or not classic:
+        return []
+    names, them = ", ".join(classic), "them" if len(classic) > 1 else "it"
+    return [
+        f"{names} would run in spec.containers beside the app and never exit, so this pod "
+        f"(restartPolicy: {restart_policy}, as in a Job or CronJob) would never complete: the "
+        "cluster policy places sidecars classically (nativeSidecars: false). Ask the platform "
+        f"team for native sidecars (Kubernetes 1.29+), or leave {them} out with "
+        f'{ann.INJECT}: "false" (or a list without {them})'
+    ]
+
+
+# What Fluent Bit and Envoy need after SIGTERM to flush and exit (Fluent Bit's grace is 5 s).
+_EXIT_SECONDS = 5
+_DEFAULT_GRACE_SECONDS = 30  # the pod's terminationGracePeriodSeconds when unset
+
+
+def _grace_warnings(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> list[str]:
+    """A classic sidecar's preStop sleep counts against the pod's grace period: past it, the
+    kubelet kills the sidecar before it has flushed (or the app's last calls have gone out)."""
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace = _DEFAULT_GRACE_SECONDS if not isinstance(grace, int) else grace
+    warnings = []
+    for sidecar in sidecars:
+        pre_stop = sidecar.container.get("lifecycle", {}).get("preStop", {})
+        sleep = pre_stop.get("sleep", {}).get("seconds")
+        if isinstance(sleep, int) and grace < sleep + _EXIT_SECONDS:
+            warnings.append(
+                f"terminationGracePeriodSeconds ({grace}) is shorter than {sidecar.name}'s "
+                f"preStop sleep ({sleep} s) plus {_EXIT_SECONDS} s to exit: the kubelet will "
+                f"kill it first; set it to at least {sleep + _EXIT_SECONDS}"
+            )
+    return warnings
 
 
 def _port_problems(

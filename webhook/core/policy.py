@@ -32,6 +32,9 @@ ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public"})
 # The Helm chart sets it (downward API) so that the webhook never injects into its own pods.
 OWN_NAMESPACE_ENV = "POD_NAMESPACE"
 
+# A classic sidecar's preStop sleep must leave room in the pod's termination grace period.
+CLASSIC_PRE_STOP_MAX = 300
+
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _IMAGE_NAME = re.compile(r"^[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
@@ -69,8 +72,10 @@ class EnvoySettings(_Model):
     config: str | None = None
     listenAddress: str = "127.0.0.1"
     adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
-    # Envoy's readiness endpoint (GET /ready) on all addresses, for the kubelet; None: none.
-    healthPort: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    # Envoy's readiness endpoint (GET /ready) on all addresses, for the kubelet's probes; a
+    # native ambassador's startupProbe calls it, so that the app starts once Envoy listens.
+    # None: no endpoint (classic placement only).
+    healthPort: Annotated[int, Field(ge=1024, le=65535)] | None = 9902
     # Secret names (globs) whose CA or client certificate an ambassador may mount.
     allowedSecrets: tuple[str, ...] = ()
 
@@ -88,6 +93,11 @@ class SidecarTemplate(_Model):
     volumes: tuple[dict[str, Any], ...] = ()
     appVolumeMounts: tuple[dict[str, Any], ...] = ()
     envoy: EnvoySettings | None = None
+    # Classic placement only: seconds the sidecar sleeps in preStop, so that it outlives the
+    # app's shutdown (the kubelet signals every classic container at once). An integer or one
+    # ${parameter} of type integer; 0 or None: no preStop. Native sidecars get none: the
+    # kubelet stops them after the app by itself, and a sleep would only delay a Job's end.
+    classicPreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
 
     @field_validator("parameters")
     @classmethod
@@ -114,6 +124,7 @@ class SidecarTemplate(_Model):
             ("volumes", self.volumes),
             ("appVolumeMounts", self.appVolumeMounts),
             ("envoy", self.envoy.model_dump() if self.envoy else {}),
+            ("classicPreStopSleep", self.classicPreStopSleep),
         ):
             for reference in _references(value):
                 if reference not in known:
@@ -121,6 +132,28 @@ class SidecarTemplate(_Model):
                         f"{where} refers to ${{{reference}}}, which is not a parameter of this "
                         f"template (known: {', '.join(sorted(known)) or 'none'})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _classic_pre_stop(self) -> SidecarTemplate:
+        sleep = self.classicPreStopSleep
+        lifecycle = self.container.get("lifecycle")
+        if sleep is not None and isinstance(lifecycle, dict) and "preStop" in lifecycle:
+            raise ValueError("set classicPreStopSleep or container.lifecycle.preStop, not both")
+        if not isinstance(sleep, str):
+            return self
+        reference = _REFERENCE.fullmatch(sleep)
+        parameter = self.parameters.get(reference.group(1)) if reference else None
+        if parameter is None or parameter.type != "integer":
+            raise ValueError(
+                "classicPreStopSleep must be a number or one ${parameter} of type integer"
+            )
+        low, high = parameter.minimum, parameter.maximum
+        if low is None or low < 0 or high is None or high > CLASSIC_PRE_STOP_MAX:
+            raise ValueError(
+                f"classicPreStopSleep: its parameter needs minimum >= 0 and maximum <= "
+                f"{CLASSIC_PRE_STOP_MAX} (seconds)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -250,11 +283,34 @@ class Policy(_Model):
                         f"sidecars[{index}].parameters.{name}.annotation: "
                         f"{parameter.annotation} is reserved"
                     )
+        for index, template in enumerate(self.sidecars):
+            envoy = template.envoy
+            if envoy is not None and envoy.healthPort is None and self.native(template):
+                raise ValueError(
+                    f"sidecars[{index}].envoy.healthPort: a native ambassador needs a readiness "
+                    "endpoint for its startupProbe (without it the app may start before Envoy "
+                    "listens)"
+                )
+        self._volume_names_unique()
         for index, rule in enumerate(self.rules):
             unknown = [n for n in (*rule.inject, *rule.require) if n not in names]
             if unknown:
                 raise ValueError(f"rules[{index}] ({rule.name}) names unknown sidecars {unknown}")
         return self
+
+    def _volume_names_unique(self) -> None:
+        """Two templates injected into one pod must not add volumes of the same name."""
+        owners: dict[str, str] = {}
+        for template in self.sidecars:
+            added = [str(volume.get("name")) for volume in template.volumes]
+            if template.envoy is not None:
+                added.append(f"{template.name}-tls-*")  # one per mounted Secret
+            for name in added:
+                if name in owners:
+                    raise ValueError(
+                        f"sidecars: {owners[name]} and {template.name} both add a volume {name!r}"
+                    )
+                owners[name] = template.name
 
     def __hash__(self) -> int:
         # By identity, so that a policy can key caches of what is built from it; equal

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.ambassador.envoy import SECRETS_ROOT, Listening, bootstrap_json
+from webhook.ambassador.envoy import HEALTH_PATH, SECRETS_ROOT, Listening, bootstrap_json
 from webhook.ambassador.hostport import Upstream
 from webhook.ambassador.spec import AmbassadorSpec, single_upstream
 from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
@@ -56,6 +56,13 @@ def render(
     container = {"name": template.name, **_substitute(template.container, references)}
     if native:
         container["restartPolicy"] = "Always"
+        if template.envoy is not None and template.envoy.healthPort is not None:
+            container.setdefault("startupProbe", _startup_probe(template.envoy.healthPort))
+    else:
+        sleep = _substitute(template.classicPreStopSleep, references)
+        if sleep:
+            lifecycle = {**container.get("lifecycle", {}), "preStop": {"sleep": {"seconds": sleep}}}
+            container["lifecycle"] = lifecycle
     container["resources"] = {**defaults.resources, **container.get("resources", {})}
     container["securityContext"] = {
         **defaults.securityContext,
@@ -78,6 +85,21 @@ def render(
         ports=tuple(p for p in ports if isinstance(p, int)),
         annotations=tuple(p.annotation for p in template.parameters.values()),
     )
+
+
+def _startup_probe(port: int) -> dict[str, Any]:
+    """The kubelet starts the app containers once a native sidecar's startupProbe succeeds.
+
+    Every second, so that the app starts within about a second of Envoy listening (its
+    listeners and /ready open together, once its clusters are initialised); 600 failures
+    (10 minutes, as Istio allows) before a slow node's Envoy is restarted.
+    """
+    return {
+        "httpGet": {"path": HEALTH_PATH, "port": port},
+        "periodSeconds": 1,
+        "timeoutSeconds": 1,
+        "failureThreshold": 600,
+    }
 
 
 def _secret_volumes(
