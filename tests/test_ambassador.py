@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.envoy_schema import validate_bootstrap
-from webhook.ambassador.envoy import Listening, bootstrap
+from webhook.ambassador.envoy import Listening, bootstrap, sds_files
 from webhook.ambassador.spec import InvalidSpec, parse_spec
 
 LISTENING = Listening("127.0.0.1", 9901, 9902)
@@ -48,7 +49,11 @@ def test_each_upstream_listens_on_its_own_loopback_port() -> None:
     assert {name: item["address"]["socket_address"] for name, item in found.items()} == {
         "payments": {"address": "127.0.0.1", "port_value": 9001},
         "users": {"address": "127.0.0.1", "port_value": 9002},
-        "health": {"address": "0.0.0.0", "port_value": 9902},  # the only non-loopback one
+        "health": {
+            "address": "::",
+            "port_value": 9902,
+            "ipv4_compat": True,
+        },  # the only non-loopback one
     }
     assert config["admin"]["address"]["socket_address"] == {
         "address": "127.0.0.1",
@@ -115,25 +120,48 @@ def test_routing_puts_host_rules_before_path_prefixes() -> None:
     assert set(listeners(config)) == {"routing", "health"}
 
 
+SPEC_BANK = (
+    "upstreams:\n"
+    "  bank:\n"
+    "    address: api.bank.example:443\n"
+    "    port: 8443\n"
+    "    tls: {caSecret: bank-ca, clientCertSecret: bank-client}\n"
+)
+
+
 def test_tls_origination_with_client_certificate() -> None:
-    config = envoy(
-        "upstreams:\n"
-        "  bank:\n"
-        "    address: api.bank.example:443\n"
-        "    port: 8443\n"
-        "    tls: {caSecret: bank-ca, clientCertSecret: bank-client}\n"
-    )
+    config = envoy(SPEC_BANK)
     tls = clusters(config)["bank"]["transport_socket"]["typed_config"]
     assert tls["sni"] == "api.bank.example"
     context = tls["common_tls_context"]
-    assert context["validation_context"]["trusted_ca"] == {
-        "filename": "/etc/outrigger/secrets/bank-ca/ca.crt"
-    }
-    assert context["validation_context"]["match_typed_subject_alt_names"] == [
+    combined = context["combined_validation_context"]
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "api.bank.example"}}
     ]
-    assert context["tls_certificates"][0]["private_key"] == {
+    # The CA and the client certificate through file-based SDS, watching each Secret's mount.
+    assert combined["validation_context_sds_secret_config"] == {
+        "name": "tls-0-ca",
+        "sds_config": {
+            "path_config_source": {
+                "path": "/etc/outrigger/sds/tls-0-ca.json",
+                "watched_directory": {"path": "/etc/outrigger/secrets/bank-ca"},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+    (certificate,) = context["tls_certificate_sds_secret_configs"]
+    assert certificate["name"] == "tls-1-cert"
+    assert certificate["sds_config"]["path_config_source"]["watched_directory"] == {
+        "path": "/etc/outrigger/secrets/bank-client"
+    }
+    files = {f.name: orjson.loads(f.text) for f in sds_files(parse_spec(SPEC_BANK))}
+    (cert_resource,) = files["tls-1-cert"]["resources"]
+    assert cert_resource["tls_certificate"]["private_key"] == {
         "filename": "/etc/outrigger/secrets/bank-client/tls.key"
+    }
+    (ca_resource,) = files["tls-0-ca"]["resources"]
+    assert ca_resource["validation_context"] == {
+        "trusted_ca": {"filename": "/etc/outrigger/secrets/bank-ca/ca.crt"}
     }
     assert parse_spec(
         "upstreams: {b: {address: 'b:443', port: 9000, tls: {caSecret: x, clientCertSecret: y}}}"
@@ -203,7 +231,8 @@ def test_access_log_is_json_on_stdout() -> None:
         ),
         pytest.param(
             "upstreams: {a: {address: 'a:80', port: 9000, timeouts: {connect: soon}}}",
-            "upstreams.a.timeouts.connect: String should match pattern",
+            "upstreams.a.timeouts.connect: 'soon' is not a duration such as 250ms, 5s, 1.5m or 1h, "
+            "greater than 0s, at most 9223372035.999999999s, in whole nanoseconds",
             id="duration-format",
         ),
         pytest.param(

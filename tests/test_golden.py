@@ -3,7 +3,8 @@
 Each request goes through the whole envelope (`webhook.admission.review`, as the HTTP route
 calls it); the patch is applied with `jsonpatch` and the resulting pod compared with the
 golden one, validated strictly against the Kubernetes schema, and injected again to show that
-a second pass changes nothing. Regenerate after an intended change with
+a second pass changes nothing; every ambassador's bootstrap passes the real `envoy --mode validate`
+with the container's exact arguments. Regenerate after an intended change with
 `OUTRIGGER_REGENERATE=1 make test` and review the diff; a golden without a request fails.
 Requests named `classic-*` run under the default policy in classic placement
 (`nativeSidecars: false`), the others under the default policy itself.
@@ -24,6 +25,7 @@ import yaml
 from tests.conftest import FIXTURES, as_pod, validate_strict
 from tests.envoy_schema import validate_bootstrap
 from tests.pod_security import container_violations
+from tests.real_envoy import IS_ROOT, ambassadors, validate_pod
 from webhook.admission.review import review
 from webhook.core.policy import Policy, default_policy, parse_policy
 
@@ -67,10 +69,10 @@ def test_golden(request_file: Path, policy: Policy) -> None:
     assert result == yaml.safe_load(golden.read_text())
     if "pod" in result:
         validate_strict(as_pod(result["pod"]))
-        spec = result["pod"]["spec"]
-        for container in [*spec["containers"], *spec.get("initContainers", ())]:
-            if container["name"] == "ambassador":
-                validate_bootstrap(orjson.loads(container["args"][1]))
+        for container in ambassadors(result["pod"]):
+            validate_bootstrap(orjson.loads(container["args"][1]))
+        if IS_ROOT:  # Envoy opens the files at the ambassador's absolute mount paths
+            validate_pod(result["pod"])
         status = orjson.loads(result["pod"]["metadata"]["annotations"]["outrigger.dev/status"])
         for name in status["injected"]:  # the app's own containers are the app's business
             assert container_violations(as_pod(result["pod"]), name) == []

@@ -2,7 +2,8 @@
 
 For every pod: the answer is well formed and never an internal error; a patch applies with
 `jsonpatch`, the result validates strictly against the Kubernetes schema, its injected
-containers meet the restricted Pod Security Standard, a pod that runs to completion (a Job's)
+containers meet the restricted Pod Security Standard, a sample of the ambassadors passes the
+real `envoy --mode validate`, a pod that runs to completion (a Job's)
 has no sidecar in `containers`, and injecting the result again changes nothing (the API
 server's reinvocation, re-applied manifests).
 """
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
 from tests.pod_security import container_violations
+from tests.real_envoy import IS_ROOT, ambassadors, validate_pod
 from webhook.admission.review import review
 from webhook.core import annotations as ann
 from webhook.core.injector import RequestContext, inject
@@ -33,6 +35,8 @@ POLICIES = [
     load_policy(FIXTURES / "policies" / "good-platform-team.yaml"),
     parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False}),
 ]
+# How many generated ambassadors also go through the real `envoy --mode validate`.
+ENVOY_SAMPLE = {"left": 40}
 NAMES = st.sampled_from(["app", "main-app", "worker", "db"] * 3 + ["ambassador", "log-watcher"])
 PATHS = st.sampled_from(["/var/log/app", "/data", "/logs/", "/tmp/x"] * 3 + ["relative", "/a/../b"])
 PORTS = st.sampled_from([80, 1024, 8080, 9090] * 3 + [8081, 9901])
@@ -152,3 +156,6 @@ def test_injection_is_valid_and_idempotent(
         assert sidecars == []
     again = answer_for(injected, namespace, policy)
     assert again["allowed"] and "patch" not in again
+    if IS_ROOT and ambassadors(injected) and ENVOY_SAMPLE["left"] > 0:
+        ENVOY_SAMPLE["left"] -= 1  # a bounded sample: each costs an Envoy start
+        validate_pod(injected)

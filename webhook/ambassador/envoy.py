@@ -9,15 +9,13 @@ spec: pods of one workload ask for the same configuration again and again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
 import orjson
 
-from webhook.ambassador.spec import AmbassadorSpec, Route, Routing, UpstreamSpec
+from webhook.ambassador.spec import AmbassadorSpec, Route, Routing, UpstreamSpec, duration_seconds
 
 Json = dict[str, Any]
 _TYPE = "type.googleapis.com/envoy."
@@ -25,6 +23,12 @@ HCM = "envoy.filters.network.http_connection_manager"
 HEALTH_PATH = "/ready"
 # Where the Secrets an ambassador uses are mounted in its container, one directory each.
 SECRETS_ROOT = "/etc/outrigger/secrets"
+# Where the SDS files naming the certificate files in those Secrets are projected (from the
+# pod's annotations, by a downwardAPI volume): Envoy reloads certificates only through SDS.
+SDS_ROOT = "/etc/outrigger/sds"
+# SDS needs a node identity; nothing else reads it.
+NODE = {"id": "ambassador", "cluster": "outrigger"}
+_SECRET_TYPE = _TYPE + "extensions.transport_sockets.tls.v3.Secret"
 
 # One JSON object per request or connection on stdout, where the cluster collects logs.
 _HTTP_LOG_FIELDS = {
@@ -53,15 +57,15 @@ _TCP_LOG_FIELDS = {
 }
 
 
-_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
-
-
 def seconds(duration: str) -> str:
     """Envoy reads durations only in seconds ("0.25s"); the spec also takes ms, m and h."""
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", duration)
-    assert match is not None  # the spec validated the format
-    value = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return f"{value.normalize():f}s"
+    return f"{duration_seconds(duration).normalize():f}s"
+
+
+# The readiness listener's address for each family: DualStack is one IPv6 socket that also
+# accepts IPv4 (ipv4_compat), so it answers the kubelet in IPv4-only, dual-stack and IPv6-only
+# pods alike, as long as the node has not disabled IPv6 altogether (then: IPv4).
+_HEALTH_ADDRESSES = {"DualStack": ("::", True), "IPv4": ("0.0.0.0", False), "IPv6": ("::", False)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,16 @@ class Listening:
     address: str = "127.0.0.1"
     admin_port: int = 9901
     health_port: int | None = None  # on all addresses, so that the kubelet can probe it
+    health_family: str = "DualStack"  # a key of _HEALTH_ADDRESSES
+
+
+@dataclass(frozen=True, slots=True)
+class SdsFile:
+    """One SDS resource file: where Envoy reads it, and the Secret directory it watches."""
+
+    name: str  # the resource's name, and the file's (`<name>.json` under SDS_ROOT)
+    watched: str  # the Secret's mount, whose `..data` swap the kubelet makes on renewal
+    text: str  # the file's JSON
 
 
 @lru_cache(maxsize=1024)
@@ -87,18 +101,70 @@ def bootstrap(spec: AmbassadorSpec, listening: Listening) -> Json:
     if spec.routing is not None:
         listeners.append(_routing_listener(spec, spec.routing, listening.address))
     if listening.health_port is not None:
-        listeners.append(_health_listener(listening.health_port))
+        listeners.append(_health_listener(listening.health_port, listening.health_family))
     return {
+        "node": NODE,
         "admin": {"address": socket_address("127.0.0.1", listening.admin_port)},
         "static_resources": {
             "listeners": listeners,
-            "clusters": [_cluster(name, upstream) for name, upstream in spec.upstreams.items()],
+            "clusters": [_cluster(spec, name, u) for name, u in spec.upstreams.items()],
         },
     }
 
 
-def socket_address(address: str, port: int) -> Json:
-    return {"socket_address": {"address": address, "port_value": port}}
+def socket_address(address: str, port: int, ipv4_compat: bool = False) -> Json:
+    socket: Json = {"address": address, "port_value": port}
+    if ipv4_compat:
+        socket["ipv4_compat"] = True
+    return {"socket_address": socket}
+
+
+@lru_cache(maxsize=1024)
+def sds_files(spec: AmbassadorSpec) -> tuple[SdsFile, ...]:
+    """The SDS files the bootstrap's TLS contexts read: per Secret (by its index in
+    `spec.secrets`, as mounted), `tls-<i>-ca` for its ca.crt and `tls-<i>-cert` for its
+    tls.crt and tls.key, each only where an upstream uses it."""
+    files: dict[str, SdsFile] = {}
+    for upstream in spec.upstreams.values():
+        if upstream.tls is None:
+            continue
+        uses = [("ca", upstream.tls.caSecret)]
+        if upstream.tls.clientCertSecret:
+            uses.append(("cert", upstream.tls.clientCertSecret))
+        for kind, secret in uses:
+            name = _sds_name(spec, kind, secret)
+            directory = f"{SECRETS_ROOT}/{secret}"
+            if kind == "ca":
+                body: Json = {
+                    "validation_context": {"trusted_ca": {"filename": f"{directory}/ca.crt"}}
+                }
+            else:
+                body = {
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": f"{directory}/tls.crt"},
+                        "private_key": {"filename": f"{directory}/tls.key"},
+                    }
+                }
+            resource = {"@type": _SECRET_TYPE, "name": name, **body}
+            text = orjson.dumps({"resources": [resource]}).decode()
+            files[name] = SdsFile(name, directory, text)
+    return tuple(files.values())
+
+
+def _sds_name(spec: AmbassadorSpec, kind: str, secret: str) -> str:
+    return f"tls-{spec.secrets.index(secret)}-{kind}"
+
+
+def _sds_config(spec: AmbassadorSpec, kind: str, secret: str) -> Json:
+    name = _sds_name(spec, kind, secret)
+    source = {
+        "path_config_source": {
+            "path": f"{SDS_ROOT}/{name}.json",
+            "watched_directory": {"path": f"{SECRETS_ROOT}/{secret}"},
+        },
+        "resource_api_version": "V3",
+    }
+    return {"name": name, "sds_config": source}
 
 
 def _upstream_listener(name: str, upstream: UpstreamSpec, address: str, access_log: bool) -> Json:
@@ -182,7 +248,7 @@ def _http_manager(
     return {"name": HCM, "typed_config": manager}
 
 
-def _health_listener(port: int) -> Json:
+def _health_listener(port: int, family: str) -> Json:
     """`GET /ready` answers 200 while Envoy serves and 503 once it drains (health_check filter)."""
     health = {
         "name": "envoy.filters.http.health_check",
@@ -203,7 +269,12 @@ def _health_listener(port: int) -> Json:
         },
         "http_filters": [health, _router()],
     }
-    return _listener("health", "0.0.0.0", port, {"name": HCM, "typed_config": manager})
+    address, ipv4_compat = _HEALTH_ADDRESSES[family]
+    return {
+        "name": "health",
+        "address": socket_address(address, port, ipv4_compat),
+        "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
+    }
 
 
 def _listener(name: str, address: str, port: int, network_filter: Json) -> Json:
@@ -231,7 +302,7 @@ def _stdout_log(fields: dict[str, str]) -> Json:
     }
 
 
-def _cluster(name: str, upstream: UpstreamSpec) -> Json:
+def _cluster(spec: AmbassadorSpec, name: str, upstream: UpstreamSpec) -> Json:
     target = upstream.target
     endpoint = {"endpoint": {"address": socket_address(target.host, target.port)}}
     cluster: Json = {
@@ -255,7 +326,7 @@ def _cluster(name: str, upstream: UpstreamSpec) -> Json:
             "max_ejection_percent": detection.maxEjectionPercent,
         }
     if upstream.tls is not None:
-        cluster["transport_socket"] = _tls_socket(upstream)
+        cluster["transport_socket"] = _tls_socket(spec, upstream)
     return cluster
 
 
@@ -289,26 +360,27 @@ def _thresholds(upstream: UpstreamSpec) -> Json:
     return thresholds
 
 
-def _tls_socket(upstream: UpstreamSpec) -> Json:
+def _tls_socket(spec: AmbassadorSpec, upstream: UpstreamSpec) -> Json:
+    """The CA and client certificate come through file-based SDS, watching the Secret's
+    directory, so that a renewed Secret is used from the next handshake on; the names the
+    upstream's certificate must carry stay static."""
     tls = upstream.tls
     assert tls is not None
     sni = tls.sni or upstream.target.host
     names = tls.subjectAltNames or (sni,)
     context: Json = {
-        "validation_context": {
-            "trusted_ca": {"filename": f"{SECRETS_ROOT}/{tls.caSecret}/ca.crt"},
-            "match_typed_subject_alt_names": [
-                {"san_type": "DNS", "matcher": {"exact": name}} for name in names
-            ],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": name}} for name in names
+                ]
+            },
+            "validation_context_sds_secret_config": _sds_config(spec, "ca", tls.caSecret),
         }
     }
     if tls.clientCertSecret:
-        directory = f"{SECRETS_ROOT}/{tls.clientCertSecret}"
-        context["tls_certificates"] = [
-            {
-                "certificate_chain": {"filename": f"{directory}/tls.crt"},
-                "private_key": {"filename": f"{directory}/tls.key"},
-            }
+        context["tls_certificate_sds_secret_configs"] = [
+            _sds_config(spec, "cert", tls.clientCertSecret)
         ]
     return {
         "name": "envoy.transport_sockets.tls",

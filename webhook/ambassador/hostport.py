@@ -11,8 +11,8 @@ _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 
 ACCEPTED = (
-    "host:port with a DNS name or IP address and a port from 1 to 65535 "
-    "(e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
+    "host:port with a DNS name or IP address (IPv6 in brackets, without a %zone) and a port "
+    "from 1 to 65535 (e.g. api.example.com:443, 10.0.0.7:8080, [fd00::7]:80)"
 )
 
 
@@ -31,6 +31,8 @@ def parse_hostport(text: str) -> Upstream | None:
         host = host[1:-1]
     port = int(port_text) if sep and port_text.isascii() and port_text.isdigit() else 0
     if not sep or not 1 <= port <= 65535:
+        return None
+    if "%" in host:  # an IPv6 zone (fe80::1%eth0): Envoy cannot connect to one
         return None
     try:
         ipaddress.ip_address(host)

@@ -13,21 +13,77 @@ Two ways to ask, both parameters of the `ambassador` template:
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from functools import lru_cache
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
 from webhook.ambassador.hostport import Upstream, parse_hostport
 
-_DURATION = r"^([0-9]+(\.[0-9]{1,9})?)(ms|s|m|h)$"
+_DURATION = re.compile(r"([0-9]{1,20})(\.[0-9]{1,20})?(ms|s|m|h)")
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _SECRET = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_SAN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
-Duration = Annotated[str, Field(pattern=_DURATION)]
-LocalPort = Annotated[int, Field(ge=1024, le=65535)]
+# Envoy's own limits on what Outrigger emits, mirrored so that nothing admitted makes Envoy
+# refuse its bootstrap (tests/test_envoy_bounds.py reads each back from Envoy's protobuf
+# descriptors, `validate.rules`, or checks it against the real binary).
+# Durations: protobuf holds nanoseconds, and Envoy keeps every duration as int64 nanoseconds.
+DURATION_MAX_SECONDS = Decimal("9223372035.999999999")
+DNS_REFRESH_MIN_SECONDS = Decimal("0.001")  # DnsCluster.dns_refresh_rate: gt 1ms
+UINT32_MAX = 2**32 - 1  # google.protobuf.UInt32Value: circuit breakers, outlier counts
+SNI_MAX_BYTES = 255  # UpstreamTlsContext.sni: max_bytes
+PORT_MAX = 65535  # SocketAddress.port_value: lte
+MAX_EJECTION_PERCENT = 100  # OutlierDetection.max_ejection_percent: lte
+
+_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+
+
+def duration_seconds(duration: str) -> Decimal:
+    """A validated duration ("250ms", "1.5s", "2m", "1h") in seconds."""
+    match = _DURATION.fullmatch(duration)
+    assert match is not None  # validated
+    number = Decimal(match.group(1) + (match.group(2) or ""))
+    return number * _UNIT_SECONDS[match.group(3)]
+
+
+def _duration(minimum_exclusive: Decimal | None) -> AfterValidator:
+    span = (
+        f"from 0s to {DURATION_MAX_SECONDS}s"
+        if minimum_exclusive is None
+        else f"greater than {minimum_exclusive.normalize():f}s, at most {DURATION_MAX_SECONDS}s"
+    )
+    accepted = f"a duration such as 250ms, 5s, 1.5m or 1h, {span}, in whole nanoseconds"
+
+    def check(duration: str) -> str:
+        if not (duration.isascii() and _DURATION.fullmatch(duration)):
+            raise ValueError(f"{duration[:40]!r} is not {accepted}")
+        value = duration_seconds(duration)
+        too_low = minimum_exclusive is not None and value <= minimum_exclusive
+        if too_low or value > DURATION_MAX_SECONDS or (value * 10**9) % 1:
+            raise ValueError(f"{duration!r} is out of range: expected {accepted}")
+        return duration
+
+    return AfterValidator(check)
+
+
+Duration = Annotated[str, _duration(None)]
+PositiveDuration = Annotated[str, _duration(Decimal(0))]
+DnsRefreshDuration = Annotated[str, _duration(DNS_REFRESH_MIN_SECONDS)]
+LocalPort = Annotated[int, Field(ge=1024, le=PORT_MAX)]
+Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 RetryOn = Literal[
     "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
     "retriable-status-codes", "http3-post-connect-failure",
@@ -43,7 +99,7 @@ class _Model(BaseModel):
 
 
 class Timeouts(_Model):
-    connect: Duration = "5s"
+    connect: PositiveDuration = "5s"
     # The whole request, retries included (Envoy's route timeout); "0s" waits forever.
     request: Duration | None = None
     idle: Duration | None = None
@@ -57,17 +113,18 @@ class Retries(_Model):
 
 
 class CircuitBreaker(_Model):
-    maxConnections: Annotated[int, Field(ge=1)] | None = None
-    maxPendingRequests: Annotated[int, Field(ge=1)] | None = None
-    maxRequests: Annotated[int, Field(ge=1)] | None = None
-    maxRetries: Annotated[int, Field(ge=0)] | None = None
+    # Per Envoy worker thread (see --concurrency), as Envoy applies them.
+    maxConnections: Count | None = None
+    maxPendingRequests: Count | None = None
+    maxRequests: Count | None = None
+    maxRetries: Annotated[int, Field(ge=0, le=UINT32_MAX)] | None = None
 
 
 class OutlierDetection(_Model):
-    consecutive5xx: Annotated[int, Field(ge=1)] = 5
-    interval: Duration = "10s"
-    baseEjectionTime: Duration = "30s"
-    maxEjectionPercent: Annotated[int, Field(ge=1, le=100)] = 10
+    consecutive5xx: Count = 5
+    interval: PositiveDuration = "10s"
+    baseEjectionTime: PositiveDuration = "30s"
+    maxEjectionPercent: Annotated[int, Field(ge=1, le=MAX_EJECTION_PERCENT)] = 10
 
 
 class Discovery(_Model):
@@ -75,7 +132,7 @@ class Discovery(_Model):
     # LOGICAL_DNS connects to the first (large external services). Default: LOGICAL_DNS for a
     # name, STATIC for an IP address.
     type: Literal["STRICT_DNS", "LOGICAL_DNS"] | None = None
-    refreshRate: Duration = "5s"
+    refreshRate: DnsRefreshDuration = "5s"
     lookupFamily: Literal["V4_ONLY", "V6_ONLY", "V4_PREFERRED", "AUTO", "ALL"] = "V4_PREFERRED"
 
 
@@ -83,8 +140,10 @@ class TLS(_Model):
     """TLS origination: verify the upstream against a CA from a Secret, send SNI, maybe mTLS."""
 
     caSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)]
-    sni: str | None = None  # default: the upstream's host name
-    subjectAltNames: tuple[str, ...] = ()  # default: the SNI name
+    # A DNS name (TLS sends no IP address as a server name); default: the upstream's name.
+    sni: Annotated[str, Field(pattern=_DNS_NAME, max_length=SNI_MAX_BYTES)] | None = None
+    # DNS names the certificate must carry, `*.` wildcards allowed; default: the SNI name.
+    subjectAltNames: tuple[Annotated[str, Field(pattern=_SAN, max_length=253)], ...] = ()
     clientCertSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)] | None = None
 
 
@@ -127,7 +186,9 @@ class UpstreamSpec(_Model):
 
 class Route(_Model):
     upstream: str
-    pathPrefix: Annotated[str, Field(pattern=r"^/[^\s]*$")] | None = None
+    # Printable ASCII without spaces: what an HTTP request path can hold (others arrive
+    # percent-encoded).
+    pathPrefix: Annotated[str, Field(pattern=r"^/[!-~]*$", max_length=1024)] | None = None
     host: Annotated[str, Field(pattern=r"^[a-z0-9*]([-a-z0-9.*]*[a-z0-9])?(:[0-9]+)?$")] | None = (
         None
     )

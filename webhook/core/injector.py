@@ -74,9 +74,10 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     _check_fits(spec, sidecars)
     warnings = (*warnings, *_grace_warnings(spec, sidecars))
     status = orjson.dumps({"injected": decision.sidecars, "policy": policy.version}).decode()
+    added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
     injected_pod = {
         **pod,
-        "metadata": {**metadata, "annotations": {**annotations, ann.STATUS: status}},
+        "metadata": {**metadata, "annotations": {**annotations, **added, ann.STATUS: status}},
         "spec": _injected_spec(spec, sidecars),
     }
     return Injection(injected_pod, INJECTED, decision.sidecars, warnings, decision.explanation)

@@ -76,6 +76,9 @@ class EnvoySettings(_Model):
     # native ambassador's startupProbe calls it, so that the app starts once Envoy listens.
     # None: no endpoint (classic placement only).
     healthPort: Annotated[int, Field(ge=1024, le=65535)] | None = 9902
+    # The readiness listener's address: DualStack ([::], IPv4 too) works in IPv4-only,
+    # dual-stack and IPv6-only pods unless the node disables IPv6 (then IPv4: 0.0.0.0).
+    healthAddressFamily: Literal["DualStack", "IPv4", "IPv6"] = "DualStack"
     # Secret names (globs) whose CA or client certificate an ambassador may mount.
     allowedSecrets: tuple[str, ...] = ()
 
@@ -304,7 +307,7 @@ class Policy(_Model):
         for template in self.sidecars:
             added = [str(volume.get("name")) for volume in template.volumes]
             if template.envoy is not None:
-                added.append(f"{template.name}-tls-*")  # one per mounted Secret
+                added += [f"{template.name}-tls-*", f"{template.name}-sds"]  # Secrets, SDS
             for name in added:
                 if name in owners:
                     raise ValueError(

@@ -11,12 +11,22 @@ longer string is interpolated.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from webhook.ambassador.envoy import HEALTH_PATH, SECRETS_ROOT, Listening, bootstrap_json
+from webhook.ambassador.envoy import (
+    HEALTH_PATH,
+    SDS_ROOT,
+    SECRETS_ROOT,
+    Listening,
+    SdsFile,
+    bootstrap_json,
+    sds_files,
+)
 from webhook.ambassador.hostport import Upstream
 from webhook.ambassador.spec import AmbassadorSpec, single_upstream
 from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
@@ -24,6 +34,9 @@ from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplat
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _STRING_FIELDS = frozenset({"command", "args"})
 _SECRETS = "envoy.secrets"  # internal: the Secrets the ambassador mounts
+_SDS = "envoy.sds"  # internal: the SDS files naming the certificates in them
+_CPU = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(m?)")
+_DEFAULT_CONCURRENCY = 2
 
 
 class TemplateError(ValueError):
@@ -46,6 +59,8 @@ class RenderedSidecar:
     ports: tuple[int, ...]
     # The annotations that set its parameters, for messages that say what to change.
     annotations: tuple[str, ...]
+    # Annotations it adds to the pod (the ambassador's SDS files, projected from them).
+    pod_annotations: tuple[tuple[str, str], ...] = ()
 
 
 def render(
@@ -70,11 +85,17 @@ def render(
     }
     ports = [p["containerPort"] for p in container.get("ports", ()) if "containerPort" in p]
     volumes = _substitute(list(template.volumes), references)
+    pod_annotations: list[tuple[str, str]] = []
     if template.envoy is not None:
         ports += [template.envoy.adminPort, template.envoy.healthPort]
-        secret_volumes = _secret_volumes(template.name, references[_SECRETS])
-        volumes += [volume for volume, _ in secret_volumes]
-        mounts = [*container.get("volumeMounts", ()), *(mount for _, mount in secret_volumes)]
+        _add_concurrency(container)
+        pairs = _secret_volumes(template.name, references[_SECRETS])
+        sds = references[_SDS]
+        if sds:
+            pairs.append(_sds_volume(template.name, sds))
+            pod_annotations = [(_sds_annotation(template.name, f), f.text) for f in sds]
+        volumes += [volume for volume, _ in pairs]
+        mounts = [*container.get("volumeMounts", ()), *(mount for _, mount in pairs)]
         if mounts:
             container["volumeMounts"] = mounts
     return RenderedSidecar(
@@ -84,7 +105,49 @@ def render(
         app_volume_mounts=tuple(_substitute(list(template.appVolumeMounts), references)),
         ports=tuple(p for p in ports if isinstance(p, int)),
         annotations=tuple(p.annotation for p in template.parameters.values()),
+        pod_annotations=tuple(pod_annotations),
     )
+
+
+def _add_concurrency(container: dict[str, Any]) -> None:
+    """Envoy starts a worker per node CPU unless told; size it for its own CPU limit.
+
+    Connection and circuit-breaker limits apply per worker, so fewer workers also keep them
+    meaningful. The template may set `--concurrency` itself.
+    """
+    args = [str(arg) for arg in container.get("args", ())]
+    if "--concurrency" in args:
+        return
+    limit = container["resources"].get("limits", {}).get("cpu")
+    container["args"] = [*args, "--concurrency", str(envoy_concurrency(limit))]
+
+
+def envoy_concurrency(cpu_limit: object) -> int:
+    """Worker threads for a CPU limit ("500m", "1", "2.5"): rounded up, at least 1; 2 when
+    there is no limit (or one this cannot read)."""
+    match = _CPU.fullmatch(str(cpu_limit)) if cpu_limit is not None else None
+    if match is None:
+        return _DEFAULT_CONCURRENCY
+    cores = Decimal(match.group(1)) / (1000 if match.group(2) else 1)
+    return max(1, math.ceil(cores))
+
+
+def _sds_volume(sidecar: str, files: tuple[SdsFile, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SDS files, projected read-only from the pod's annotations (downward API)."""
+    name = f"{sidecar}-sds"
+    items = [
+        {
+            "path": f"{f.name}.json",
+            "fieldRef": {"fieldPath": f"metadata.annotations['{_sds_annotation(sidecar, f)}']"},
+        }
+        for f in files
+    ]
+    volume = {"name": name, "downwardAPI": {"items": items}}
+    return volume, {"name": name, "mountPath": SDS_ROOT, "readOnly": True}
+
+
+def _sds_annotation(sidecar: str, file: SdsFile) -> str:
+    return f"{sidecar}.sds.outrigger.dev/{file.name}"
 
 
 def _startup_probe(port: int) -> dict[str, Any]:
@@ -134,7 +197,9 @@ def _envoy_references(
     template: SidecarTemplate, envoy: EnvoySettings, values: Values, references: dict[str, Any]
 ) -> dict[str, Any]:
     spec = _ambassador_spec(template, envoy, values, references)
-    listening = Listening(envoy.listenAddress, envoy.adminPort, envoy.healthPort)
+    listening = Listening(
+        envoy.listenAddress, envoy.adminPort, envoy.healthPort, envoy.healthAddressFamily
+    )
     first = next(iter(spec.upstreams.values())).target
     return {
         "envoy.bootstrap": bootstrap_json(spec, listening),
@@ -143,6 +208,7 @@ def _envoy_references(
         "envoy.service-port": first.port,
         "envoy.health-port": envoy.healthPort,
         _SECRETS: spec.secrets,
+        _SDS: sds_files(spec),
     }
 
 
