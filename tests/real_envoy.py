@@ -232,8 +232,12 @@ def validate_pod(pod: dict[str, Any], pki: Pki | None = None) -> int:
 
 @dataclass
 class RunningEnvoy:
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
+    log: Path
     admin_port: int
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def stats(self, prefix: str) -> dict[str, int]:
         url = f"http://127.0.0.1:{self.admin_port}/stats?filter={prefix}"
@@ -243,41 +247,41 @@ class RunningEnvoy:
 
 
 @contextmanager
-def run_envoy(container: dict[str, Any], admin_port: int = 9901) -> Iterator[RunningEnvoy]:
-    """Envoy as the pod runs it (uid 101 when root), until it is ready; stopped on exit."""
+def run_envoy(
+    container: dict[str, Any], log: Path, ready_url: str, admin_port: int = 9901
+) -> Iterator[RunningEnvoy]:
+    """Envoy as the pod runs it (uid 101 when root), until `ready_url` answers 200, as the
+    kubelet's startupProbe waits; stopped (SIGTERM) on exit. Its stdout goes to `log`."""
     user = {"user": ENVOY_UID, "group": ENVOY_UID, "extra_groups": []} if IS_ROOT else {}
-    process = subprocess.Popen(  # type: ignore[call-overload]
-        argv(container),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd="/",
-        **user,
-    )
-    envoy = RunningEnvoy(process, admin_port)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(  # type: ignore[call-overload]
+            argv(container), stdout=sink, stderr=subprocess.STDOUT, cwd="/", **user
+        )
+    envoy = RunningEnvoy(process, log, admin_port)
     try:
-        wait_ready(f"http://127.0.0.1:{admin_port}/ready", process)
+        wait_ready(ready_url, envoy)
         yield envoy
     finally:
         process.terminate()
         try:
-            process.communicate(timeout=10)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            process.wait()
 
 
-def wait_ready(url: str, process: subprocess.Popen[str] | None = None, seconds: float = 20) -> None:
+def wait_ready(url: str, envoy: RunningEnvoy, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while True:
-        if process is not None and process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            raise AssertionError(f"envoy exited with {process.returncode}:\n{output[-3000:]}")
+        if envoy.process.poll() is not None:
+            raise AssertionError(
+                f"envoy exited with {envoy.process.returncode}:\n{envoy.output()[-3000:]}"
+            )
         try:
             if urllib.request.urlopen(url, timeout=1).status == 200:
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:
-            raise AssertionError(f"{url} not ready within {seconds} s")
+            raise AssertionError(f"{url} not ready within {seconds} s:\n{envoy.output()[-3000:]}")
         time.sleep(0.05)

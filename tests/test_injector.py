@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 import pytest
 
 from webhook.core import annotations as ann
@@ -17,11 +18,13 @@ from webhook.core.selection import (
     NOT_REQUESTED,
     OPTED_OUT,
 )
+from webhook.core.templates import envoy_concurrency
 
 DEFAULT = RequestContext("default")
 LOG_PATH = "outrigger.dev/log-path"
 AMBASSADOR_PORT = "outrigger.dev/ambassador-port"
 UPSTREAM = {"outrigger.dev/ambassador-upstream": "external-service:80"}
+CONFIG = "outrigger.dev/ambassador-config"
 
 
 def pod(annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -224,3 +227,46 @@ def test_every_volume_a_template_adds_is_checked_for_collisions(policy: Policy, 
     assert f"volume name {taken!r} is already used in the pod; log-watcher adds" in str(
         denied.value
     )
+
+
+@pytest.mark.parametrize(
+    ("limit", "workers"),
+    [(None, 2), ("1", 1), ("500m", 1), ("1500m", 2), ("2", 2), ("2.5", 3), ("4", 4), ("1Ki", 2)],
+)
+def test_envoy_workers_follow_the_cpu_limit(limit: str | None, workers: int) -> None:
+    assert envoy_concurrency(limit) == workers
+
+
+def test_the_ambassador_is_sized_by_its_cpu_limit(policy: Policy) -> None:
+    before = pod({ann.INJECT: "ambassador", **UPSTREAM})
+    (ambassador,) = inject(before, DEFAULT, policy).pod["spec"]["initContainers"]
+    assert ambassador["resources"]["limits"]["cpu"] == "1"
+    assert ambassador["args"][-2:] == ["--concurrency", "1"]
+
+
+def test_tls_material_reaches_envoy_through_projected_sds_files(policy: Policy) -> None:
+    config = (
+        "upstreams: {bank: {address: 'bank.example:443', port: 9000, tls: "
+        "{caSecret: ambassador-bank-ca, clientCertSecret: ambassador-bank-client}}}"
+    )
+    after = inject(pod({ann.INJECT: "ambassador", CONFIG: config}), DEFAULT, policy).pod
+    annotations = after["metadata"]["annotations"]
+    volumes = {v["name"]: v for v in after["spec"]["volumes"]}
+    assert volumes["ambassador-tls-0"]["secret"] == {"secretName": "ambassador-bank-ca"}
+    assert volumes["ambassador-tls-1"]["secret"] == {"secretName": "ambassador-bank-client"}
+    items = volumes["ambassador-sds"]["downwardAPI"]["items"]
+    assert [item["path"] for item in items] == ["tls-0-ca.json", "tls-1-cert.json"]
+    for item in items:
+        key = (
+            item["fieldRef"]["fieldPath"].removeprefix("metadata.annotations['").removesuffix("']")
+        )
+        assert key.startswith("ambassador.sds.outrigger.dev/")
+        (resource,) = orjson.loads(annotations[key])["resources"]
+        assert resource["name"] == item["path"].removesuffix(".json")
+    (ambassador,) = after["spec"]["initContainers"]
+    mounts = {m["mountPath"]: m for m in ambassador["volumeMounts"]}
+    assert mounts["/etc/outrigger/sds"] == {
+        "name": "ambassador-sds",
+        "mountPath": "/etc/outrigger/sds",
+        "readOnly": True,
+    }
