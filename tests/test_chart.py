@@ -43,9 +43,6 @@ SERVICE_DNS = [
 ]
 CERT_MANAGER_KINDS = {"Issuer", "Certificate"}
 WEBHOOK_NAME = "inject.outrigger.dev"
-SKIP_ANNOTATION_CEL = (
-    "!has(object.metadata.annotations) || !('outrigger.dev/status' in object.metadata.annotations)"
-)
 
 Docs = list[dict[str, Any]]
 
@@ -302,14 +299,9 @@ def test_webhook_defaults(render: Callable[..., Docs]) -> None:
             "scope": "Namespaced",
         }
     ]
-    assert hook["objectSelector"] == {
-        "matchExpressions": [
-            {"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["false"]}
-        ]
-    }
-    assert hook["matchConditions"] == [
-        {"name": "not-already-injected", "expression": SKIP_ANNOTATION_CEL}
-    ]
+    # Nothing a pod's creator can write (a label, outrigger.dev/status) skips the call: the
+    # webhook decides, so that a sidecar a rule requires cannot be skipped.
+    assert "objectSelector" not in hook and "matchConditions" not in hook
 
 
 EXCLUDED = {

@@ -274,9 +274,12 @@ def test_reinvocation_of_injected_pod_is_not_patched(client: httpx.Client) -> No
     assert_allowed_unpatched(post_review(client, admission_review(injected)))
 
 
-def test_status_annotation_alone_prevents_injection(client: httpx.Client) -> None:
+def test_a_forged_status_annotation_exempts_nothing(client: httpx.Client) -> None:
+    """Only what a pod holds counts: a status without the sidecars it claims is injected over."""
     sent = pod({**INJECT_BOTH, "outrigger.dev/status": '{"injected":["log-watcher"]}'})
-    assert_allowed_unpatched(post_review(client, admission_review(sent)))
+    result = applied(post_review(client, admission_review(sent)), sent)
+    assert [c["name"] for c in result["spec"]["initContainers"]] == ["log-watcher", "ambassador"]
+    assert_allowed_unpatched(post_review(client, admission_review(result)))
 
 
 def test_invalid_annotation_is_denied(client: httpx.Client) -> None:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from webhook.core import annotations as ann
-from webhook.core.injector import InjectionDenied, RequestContext, inject
+from webhook.core.injector import REINJECTED, InjectionDenied, RequestContext, inject
 from webhook.core.policy import Policy, parse_policy
 from webhook.core.selection import (
     ALREADY_INJECTED,
@@ -143,10 +143,10 @@ def test_status_records_what_was_injected_and_the_policy(policy: Policy) -> None
             id="kube-system",
         ),
         pytest.param(
-            pod({ann.INJECT: "log-watcher", ann.STATUS: "{}"}),
-            DEFAULT,
-            ALREADY_INJECTED,
-            id="already-injected",
+            pod({ann.INJECT: "log-watcher", ann.STATUS: "{}"}, hostNetwork=True),
+            RequestContext("kube-public"),
+            NAMESPACE_EXCLUDED,
+            id="excluded-with-a-status",
         ),
     ],
 )
@@ -270,3 +270,74 @@ def test_tls_material_reaches_envoy_through_projected_sds_files(policy: Policy) 
         "mountPath": "/etc/outrigger/sds",
         "readOnly": True,
     }
+
+
+# outrigger.dev/status: trusted only as far as the pod holds what it claims ---------------
+
+
+@pytest.mark.parametrize("status", ["", "{}", '{"injected":["log-watcher"]}', "not json", "[1]"])
+def test_a_forged_status_exempts_nothing(policy: Policy, status: str) -> None:
+    result = inject(pod({ann.INJECT: "log-watcher", ann.STATUS: status}), DEFAULT, policy)
+    assert result.reason == REINJECTED and result.injected == ("log-watcher",)
+    assert names(result.pod["spec"]["initContainers"]) == ["log-watcher"]
+
+
+def test_a_required_sidecar_cannot_be_skipped_with_a_status(policy: Policy) -> None:
+    document = policy.model_dump(mode="json", exclude_none=True)
+    document["rules"] = [{"name": "audit-logs", "require": ["log-watcher"]}]
+    strict = parse_policy(document)
+    forged = pod({ann.INJECT: "false", ann.STATUS: '{"injected":["log-watcher"],"policy":"x"}'})
+    result = inject(forged, DEFAULT, strict)
+    assert names(result.pod["spec"]["initContainers"]) == ["log-watcher"]
+
+
+def test_an_injected_pod_is_left_as_it_is_even_with_the_api_servers_defaults(
+    policy: Policy,
+) -> None:
+    once = inject(pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}), DEFAULT, policy).pod
+    defaulted = copy.deepcopy(once)
+    for container in [*defaulted["spec"]["containers"], *defaulted["spec"]["initContainers"]]:
+        container["terminationMessagePath"] = "/dev/termination-log"
+        container["imagePullPolicy"] = "IfNotPresent"
+        for probe in ("readinessProbe", "startupProbe"):
+            if probe in container:
+                container[probe]["successThreshold"] = 1
+    again = inject(defaulted, DEFAULT, policy)
+    assert again.reason == ALREADY_INJECTED and again.pod is defaulted
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(
+            lambda p: p["spec"]["initContainers"][0].update(image="busybox:1.36"), id="image"
+        ),
+        pytest.param(lambda p: p["spec"]["initContainers"][0]["args"].pop(), id="args"),
+        pytest.param(lambda p: p["spec"]["initContainers"].pop(0), id="sidecar-removed"),
+        pytest.param(lambda p: p["spec"]["volumes"].pop(), id="volume-removed"),
+        pytest.param(lambda p: p["spec"]["containers"][0].pop("volumeMounts"), id="mount-removed"),
+        pytest.param(
+            lambda p: p["spec"]["initContainers"][0]["securityContext"].update(privileged=True),
+            id="privileged",
+        ),
+    ],
+)
+def test_a_pod_that_does_not_hold_what_its_status_claims_is_injected_afresh(
+    policy: Policy, tamper: Any
+) -> None:
+    original = pod({ann.INJECT: "log-watcher"})
+    once = inject(original, DEFAULT, policy).pod
+    tampered = copy.deepcopy(once)
+    tamper(tampered)
+    again = inject(tampered, DEFAULT, policy)
+    assert again.reason == REINJECTED
+    assert again.pod == once  # the tampering is gone, nothing else changed
+
+
+def test_what_a_status_claims_is_taken_out_only_for_the_policys_templates(policy: Policy) -> None:
+    foreign = {"name": "proxy", "image": "registry.example.com/proxy:1"}
+    sent = pod({ann.INJECT: "log-watcher", ann.STATUS: '{"injected":["proxy"]}'})
+    sent["spec"]["containers"].append(foreign)
+    result = inject(sent, DEFAULT, policy).pod
+    kept = [c for c in result["spec"]["containers"] if c["name"] == "proxy"]
+    assert [c["image"] for c in kept] == [foreign["image"]]  # an app container, kept

@@ -11,16 +11,16 @@ import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, cast
 
 import orjson
 
 from webhook.admission import wire
+from webhook.core.annotations import STATUS
 from webhook.core.injector import InjectionDenied, RequestContext, inject
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
-from webhook.core.selection import INJECTED
+from webhook.limits import cache_small
 
 log = logging.getLogger("outrigger.admission")
 
@@ -28,6 +28,10 @@ API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 _POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 _PATCH_TYPE = "JSONPatch"
+# The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
+MAX_PATCH_BYTES = 512 * 1024
+# How much of a denial one log line repeats.
+LOGGED_CHARACTERS = 1024
 
 
 class BadReview(ValueError):
@@ -70,10 +74,16 @@ def decode_review(body: bytes) -> AdmissionRequest:
         raise BadReview("request.uid must be a non-empty string")
     pod = _created_pod(request)
     metadata = (pod or {}).get("metadata") or {}
+    pod_json: bytes | None = None
+    if pod is not None and STATUS in (metadata.get("annotations") or {}):
+        # Whether it holds what its status claims takes the whole of its containers.
+        pod_json = bytes(request["object"])
+    elif pod is not None:
+        pod_json = wire.encode(pod)
     return AdmissionRequest(
         uid=uid,
         namespace=request.get("namespace", ""),
-        pod_json=None if pod is None else wire.encode(pod),
+        pod_json=pod_json,
         name=metadata.get("name") or metadata.get("generateName") or "",
     )
 
@@ -112,8 +122,9 @@ def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:
     try:
         result = mutation(request.pod_json, request.namespace, policy)
     except InjectionDenied as error:
-        log.info("denied %s/%s: %s", request.namespace, request.name, error)
-        return denied(request, str(error), 400)
+        message = str(error)
+        log.info("denied %s/%s: %s", request.namespace, request.name, message[:LOGGED_CHARACTERS])
+        return denied(request, message, 400)
     except Exception:
         # A bug must not turn into a 500 or a half-made pod: refuse, and keep the trace here.
         log.exception(
@@ -125,7 +136,7 @@ def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:
     return allowed(request, result.patch, result.warnings)
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, lambda pod_json, *_: len(pod_json))
 def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     """Inject into the pod and encode the patch; memoised, as pods come in series.
 
@@ -134,12 +145,18 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
     so no cached object is ever shared with a request. Denials raise and are not cached.
     """
-    pod = cast(dict[str, Any], wire.decode_pod(pod_json))
+    pod = cast(dict[str, Any], orjson.loads(pod_json))
     injection = inject(pod, RequestContext(namespace), policy)
-    if injection.reason != INJECTED:
+    if injection.pod is pod:
         return Mutation(None, injection.warnings, ())
-    patch = base64.b64encode(orjson.dumps(diff(pod, injection.pod))).decode()
-    return Mutation(patch, injection.warnings, injection.injected)
+    operations = orjson.dumps(diff(pod, injection.pod))
+    if len(operations) > MAX_PATCH_BYTES:
+        raise InjectionDenied(
+            f"the injection would add {len(operations)} bytes to the pod, more than the "
+            f"{MAX_PATCH_BYTES} accepted (the API server stores objects of about 1.5 MiB): "
+            "ask for fewer upstreams or smaller values"
+        )
+    return Mutation(base64.b64encode(operations).decode(), injection.warnings, injection.injected)
 
 
 def allowed(

@@ -10,12 +10,12 @@ spec: pods of one workload ask for the same configuration again and again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import orjson
 
 from webhook.ambassador.spec import AmbassadorSpec, Route, Routing, UpstreamSpec, duration_seconds
+from webhook.limits import cache_small
 
 Json = dict[str, Any]
 _TYPE = "type.googleapis.com/envoy."
@@ -87,7 +87,7 @@ class SdsFile:
     text: str  # the file's JSON
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, lambda spec, *_: 1024 * len(spec.upstreams))
 def bootstrap_json(spec: AmbassadorSpec, listening: Listening) -> str:
     return orjson.dumps(bootstrap(spec, listening)).decode()
 
@@ -119,7 +119,7 @@ def socket_address(address: str, port: int, ipv4_compat: bool = False) -> Json:
     return {"socket_address": socket}
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, lambda spec: 1024 * len(spec.upstreams))
 def sds_files(spec: AmbassadorSpec) -> tuple[SdsFile, ...]:
     """The SDS files the bootstrap's TLS contexts read: per Secret (by its index in
     `spec.secrets`, as mounted), `tls-<i>-ca` for its ca.crt and `tls-<i>-cert` for its

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+
+from webhook.limits import cache_small
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
@@ -23,7 +24,7 @@ class Upstream:
     is_ip: bool = False
 
 
-@lru_cache(maxsize=4096)
+@cache_small(4096, len)
 def parse_hostport(text: str) -> Upstream | None:
     """The upstream, or None when `text` is not `host:port` (cached: IP parsing is not cheap)."""
     host, sep, port_text = text.strip().rpartition(":")
@@ -37,7 +38,7 @@ def parse_hostport(text: str) -> Upstream | None:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if len(host) > 253 or not _DNS_NAME.match(host.lower()):
+        if len(host) > 253 or not _DNS_NAME.fullmatch(host.lower()):
             return None
         return Upstream(host=host.lower(), port=port)
     return Upstream(host=host, port=port, is_ip=True)

@@ -30,6 +30,7 @@ from pydantic import (
 
 from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
 from webhook.ambassador.hostport import Upstream, parse_hostport
+from webhook.limits import cache_small, echo
 
 _DURATION = re.compile(r"([0-9]{1,20})(\.[0-9]{1,20})?(ms|s|m|h)")
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -47,6 +48,12 @@ UINT32_MAX = 2**32 - 1  # google.protobuf.UInt32Value: circuit breakers, outlier
 SNI_MAX_BYTES = 255  # UpstreamTlsContext.sni: max_bytes
 PORT_MAX = 65535  # SocketAddress.port_value: lte
 MAX_EJECTION_PERCENT = 100  # OutlierDetection.max_ejection_percent: lte
+
+# Bounds on one configuration, so that no annotation makes a review slow or its patch large.
+MAX_UPSTREAMS = 32
+MAX_ROUTES = 64
+MAX_NAMES = 16  # subjectAltNames, retryOn
+MAX_YAML_DEPTH = 12
 
 _UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
 
@@ -108,7 +115,11 @@ class Timeouts(_Model):
 class Retries(_Model):
     count: Annotated[int, Field(ge=0, le=10)]
     # Not `on`: YAML 1.1 reads that key as the boolean true.
-    retryOn: tuple[RetryOn, ...] = ("5xx", "connect-failure", "reset")
+    retryOn: Annotated[tuple[RetryOn, ...], Field(max_length=MAX_NAMES)] = (
+        "5xx",
+        "connect-failure",
+        "reset",
+    )
     perTryTimeout: Duration | None = None
 
 
@@ -143,7 +154,10 @@ class TLS(_Model):
     # A DNS name (TLS sends no IP address as a server name); default: the upstream's name.
     sni: Annotated[str, Field(pattern=_DNS_NAME, max_length=SNI_MAX_BYTES)] | None = None
     # DNS names the certificate must carry, `*.` wildcards allowed; default: the SNI name.
-    subjectAltNames: tuple[Annotated[str, Field(pattern=_SAN, max_length=253)], ...] = ()
+    subjectAltNames: Annotated[
+        tuple[Annotated[str, Field(pattern=_SAN, max_length=253)], ...],
+        Field(max_length=MAX_NAMES),
+    ] = ()
     clientCertSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)] | None = None
 
 
@@ -163,7 +177,7 @@ class UpstreamSpec(_Model):
     @classmethod
     def _hostport(cls, address: str) -> str:
         if parse_hostport(address) is None:
-            raise ValueError(f"{address!r} is not {HOSTPORT_ACCEPTED}")
+            raise ValueError(f"{echo(address)} is not {HOSTPORT_ACCEPTED}")
         return address
 
     @model_validator(mode="after")
@@ -204,7 +218,7 @@ class Routing(_Model):
     """HTTP routing on one local port, by path prefix or Host header, in the order given."""
 
     port: LocalPort
-    routes: Annotated[tuple[Route, ...], Field(min_length=1)]
+    routes: Annotated[tuple[Route, ...], Field(min_length=1, max_length=MAX_ROUTES)]
 
     @field_validator("routes")
     @classmethod
@@ -219,7 +233,7 @@ class Routing(_Model):
 
 
 class AmbassadorSpec(_Model):
-    upstreams: Annotated[dict[str, UpstreamSpec], Field(min_length=1)]
+    upstreams: Annotated[dict[str, UpstreamSpec], Field(min_length=1, max_length=MAX_UPSTREAMS)]
     routing: Routing | None = None
     accessLog: bool = True
 
@@ -232,8 +246,10 @@ class AmbassadorSpec(_Model):
     @classmethod
     def _names(cls, upstreams: dict[str, UpstreamSpec]) -> dict[str, UpstreamSpec]:
         for name in upstreams:
-            if not re.match(_NAME, name) or len(name) > 50:
-                raise ValueError(f"upstream name {name!r}: lowercase letters, digits and '-'")
+            if not re.fullmatch(_NAME, name) or len(name) > 50:
+                raise ValueError(
+                    f"upstream name {echo(name)}: lowercase letters, digits and '-', at most 50"
+                )
         return upstreams
 
     @model_validator(mode="after")
@@ -270,7 +286,7 @@ class AmbassadorSpec(_Model):
         return list(names)
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def single_upstream(upstream: Upstream, port: int) -> AmbassadorSpec:
     """The spec of `ambassador-upstream` and `ambassador-port`: one HTTP upstream."""
     address = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
@@ -279,17 +295,45 @@ def single_upstream(upstream: Upstream, port: int) -> AmbassadorSpec:
     )
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, len)
 def parse_spec(text: str) -> AmbassadorSpec:
-    """Parse `ambassador-config` YAML; `InvalidSpec` names every bad field (cached by text)."""
+    """Parse `ambassador-config` YAML; `InvalidSpec` names every bad field (small ones cached)."""
+    loader = _BoundedLoader(text)
     try:
-        document = yaml.safe_load(text)
+        document = loader.get_single_data()
     except yaml.YAMLError as error:
-        raise InvalidSpec(f"not valid YAML: {error}") from None
+        raise InvalidSpec(f"not valid YAML: {_bounded(str(error))}") from None
+    except ValueError as error:  # e.g. an integer past Python's 4300-digit limit
+        raise InvalidSpec(f"not a valid configuration: {_bounded(str(error))}") from None
+    finally:
+        loader.dispose()
     try:
         return AmbassadorSpec.model_validate(document)
     except ValidationError as error:
-        raise InvalidSpec("; ".join(_line(e) for e in error.errors())) from None
+        lines = [_line(e) for e in error.errors()[:10]]
+        raise InvalidSpec("; ".join(lines)) from None
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (whose expansion costs what the text does not show) and at
+    most MAX_YAML_DEPTH levels deep (deeper nesting exhausts the recursion that composes it)."""
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not accepted")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= 300 else message[:300] + "..."
 
 
 def _line(error: object) -> str:

@@ -122,29 +122,17 @@ def webhook_configuration(
                         },
                     ]
                 },
-                "objectSelector": {
-                    "matchExpressions": [
-                        {"key": "outrigger.dev/inject", "operator": "NotIn", "values": ["false"]}
-                    ]
-                },
-                "matchConditions": [
-                    {
-                        "name": "not-already-injected",
-                        "expression": "!has(object.metadata.annotations) || "
-                        "!('outrigger.dev/status' in object.metadata.annotations)",
-                    }
-                ],
             }
         ],
     }
 
 
 def _check_names(*, name: str, namespace: str, service: str) -> None:
-    if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+    if not _DNS_SUBDOMAIN.fullmatch(name) or len(name) > 253:
         raise ValueError(f"invalid name {name!r}: expected a DNS subdomain (lowercase, . and -)")
-    if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+    if not _DNS_LABEL.fullmatch(namespace) or len(namespace) > 63:
         raise ValueError(f"invalid namespace {namespace!r}: expected a DNS label (lowercase, -)")
-    if not _DNS_1035_LABEL.match(service) or len(service) > 63:
+    if not _DNS_1035_LABEL.fullmatch(service) or len(service) > 63:
         raise ValueError(
             f"invalid service name {service!r}: expected a DNS label starting with a letter"
         )

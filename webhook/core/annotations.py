@@ -7,6 +7,7 @@ annotation at once, each message naming the annotation and the values it accepts
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from webhook.core.parameters import (
     parse_value,
     typed_default,
 )
+from webhook.limits import MAX_ANNOTATION_BYTES, echo, has_control_characters
 
 if TYPE_CHECKING:
     from webhook.core.policy import SidecarTemplate
@@ -48,6 +50,19 @@ class InvalidAnnotations(ValueError):
 ImageCheck = Callable[[str], "str | None"]
 
 
+def claimed(status: str) -> tuple[str, ...]:
+    """The sidecars an `outrigger.dev/status` says were injected; () when it says nothing
+    usable (anyone can write it: what it claims is checked against the pod, not trusted)."""
+    try:
+        document = json.loads(status) if len(status) <= MAX_ANNOTATION_BYTES else None
+    except ValueError:
+        return ()
+    injected = document.get("injected") if isinstance(document, dict) else None
+    if not isinstance(injected, list):
+        return ()
+    return tuple(name for name in injected if isinstance(name, str))
+
+
 def ours(annotations: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The `outrigger.dev/` annotations, hashable: all a decision depends on, as a cache key."""
     return tuple(item for item in annotations.items() if item[0].startswith(PREFIX))
@@ -65,7 +80,7 @@ def parse_inject(raw: str | None, available: Collection[str]) -> InjectChoice:
         accepted = ", ".join(sorted(available))
         raise InvalidAnnotations(
             [
-                f"annotation {INJECT}: unknown sidecar {', '.join(map(repr, unknown))}; "
+                f"annotation {INJECT}: unknown sidecar {', '.join(map(echo, unknown[:5]))}; "
                 f'accepted: "true", "false" or a comma-separated list of: {accepted}'
             ]
         )
@@ -129,6 +144,11 @@ def _parameter_value(
     parameter: Parameter, raw: str | None, template: SidecarTemplate
 ) -> ParameterValue | None:
     """The typed value (the default when unset; None when there is none)."""
+    if raw is not None and len(raw.encode()) > MAX_ANNOTATION_BYTES:
+        raise _Invalid(
+            f"annotation {parameter.annotation}: the value has {len(raw.encode())} bytes, "
+            f"more than the {MAX_ANNOTATION_BYTES} accepted"
+        )
     if raw is None:
         if parameter.required:
             raise _Invalid(
@@ -141,10 +161,10 @@ def _parameter_value(
             return parse_spec(raw)
         except InvalidSpec as error:
             raise _Invalid(f"annotation {parameter.annotation}: {error}") from None
-    value = parse_value(parameter, raw.strip())
+    value = None if has_control_characters(raw) else parse_value(parameter, raw.strip())
     if value is None:
         raise _Invalid(
-            f"annotation {parameter.annotation}: {raw!r} is not accepted; "
-            f"expected {accepted(parameter)}"
+            f"annotation {parameter.annotation}: {echo(raw)} is not accepted; "
+            f"expected {accepted(parameter)} (no control characters)"
         )
     return value

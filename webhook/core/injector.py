@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -27,11 +26,14 @@ from webhook.core.selection import (
     decide,
 )
 from webhook.core.templates import RenderedSidecar, TemplateError, render
-from webhook.core.volumes import mount_conflicts, with_mounts
+from webhook.core.volumes import contains, mount_conflicts, with_mounts, without_mounts
+from webhook.limits import cache_small
 
 Pod = dict[str, Any]
 # Pods whose annotations are not even read: warnings about them would be noise.
-_LEFT_ALONE = frozenset({ALREADY_INJECTED, NAMESPACE_EXCLUDED, RULE_EXCLUDED})
+_LEFT_ALONE = frozenset({NAMESPACE_EXCLUDED, RULE_EXCLUDED})
+# A pod whose status did not match what it holds, injected afresh.
+REINJECTED = "reinjected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,30 @@ class InjectionDenied(Exception):
 
 
 def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
+    """The pod with the sidecars the policy and its annotations ask for.
+
+    A pod that carries `outrigger.dev/status` counts as injected only if it holds exactly
+    what the current policy renders for it: what the status claims is first taken out and
+    injected afresh, and when that gives back the pod (modulo the API server's defaults) it is
+    left as it is; otherwise the fresh injection replaces the old one, so that a forged status
+    exempts nothing and a pod injected under an older policy gets the current one.
+    """
+    annotations = _annotations(_mapping(pod.get("metadata"), "metadata"))
+    if ann.STATUS not in annotations:
+        return _inject(pod, context, policy)
+    base = without_injection(pod, ann.claimed(annotations[ann.STATUS]), policy)
+    fresh = _inject(base, context, policy)
+    if fresh.reason in _LEFT_ALONE:  # excluded: not ours to touch, stale or not
+        return Injection(pod, fresh.reason, explanation=fresh.explanation)
+    if contains(pod, fresh.pod):
+        return Injection(
+            pod, ALREADY_INJECTED, explanation=("already injected as the policy renders it",)
+        )
+    explanation = (*fresh.explanation, f"{ann.STATUS} did not match the pod: injected afresh")
+    return Injection(fresh.pod, REINJECTED, fresh.injected, fresh.warnings, explanation)
+
+
+def _inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     metadata = _mapping(pod.get("metadata"), "metadata")
     annotations = _annotations(metadata)
     labels = _mapping(metadata.get("labels"), "metadata.labels")
@@ -83,7 +109,7 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     return Injection(injected_pod, INJECTED, decision.sidecars, warnings, decision.explanation)
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, lambda _namespace, labels, ours, _policy: _size(labels) + _size(ours))
 def _decide(
     namespace: str,
     labels: tuple[tuple[str, str], ...],
@@ -94,7 +120,7 @@ def _decide(
     return decide(namespace, dict(labels), dict(ours), policy)
 
 
-@lru_cache(maxsize=1024)
+@cache_small(1024, lambda _policy, ours, _names: _size(ours))
 def _sidecars(
     policy: Policy, ours: tuple[tuple[str, str], ...], names: tuple[str, ...]
 ) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...]]:
@@ -125,6 +151,47 @@ def _sidecars(
     except TemplateError as error:
         raise ann.InvalidAnnotations([str(error)]) from None
     return rendered, (*warnings, *idle)
+
+
+def _size(pairs: tuple[tuple[str, str], ...]) -> int:
+    return sum(len(key) + len(value) for key, value in pairs)
+
+
+def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod:
+    """The pod without what a status claims Outrigger added: the claimed templates'
+    containers, the volumes they add and the app mounts of those volumes, their annotations
+    and the status itself. Only names of the current policy's templates are taken out."""
+    templates = [policy.templates[name] for name in claimed if name in policy.templates]
+    names = {template.name for template in templates}
+    volumes = {str(v.get("name")) for t in templates for v in t.volumes}
+    volumes |= {f"{t.name}-sds" for t in templates if t.envoy is not None}
+    secret_prefixes = tuple(f"{t.name}-tls-" for t in templates if t.envoy is not None)
+    annotation_prefixes = tuple(f"{name}.sds.outrigger.dev/" for name in names)
+
+    def added_volume(name: object) -> bool:
+        text = str(name)
+        return text in volumes or (bool(secret_prefixes) and text.startswith(secret_prefixes))
+
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    annotations = {
+        key: value
+        for key, value in _annotations(metadata).items()
+        if key != ann.STATUS and not (annotation_prefixes and key.startswith(annotation_prefixes))
+    }
+    spec = dict(_mapping(pod.get("spec"), "spec"))
+    for field in ("containers", "initContainers"):
+        if field in spec:
+            kept = [c for c in _containers(spec, field) if c.get("name") not in names]
+            spec[field] = [without_mounts(c, added_volume) for c in kept]
+    if "volumes" in spec:
+        volume_list = _list(spec["volumes"], "spec.volumes")
+        spec["volumes"] = [
+            v for v in volume_list if not added_volume(_mapping(v, "spec.volumes[]").get("name"))
+        ]
+    for field in ("initContainers", "volumes"):  # lists that only the injection had made
+        if field in spec and not spec[field]:
+            del spec[field]
+    return {**pod, "metadata": {**metadata, "annotations": annotations}, "spec": spec}
 
 
 def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> Pod:

@@ -7,7 +7,6 @@ The policy validates its defaults with the same parser that reads a pod's annota
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,10 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
 from webhook.ambassador.hostport import Upstream, parse_hostport
 from webhook.ambassador.spec import AmbassadorSpec
+from webhook.limits import cache_small, has_control_characters
 
 ParameterValue = str | int | bool | Upstream | AmbassadorSpec
 
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+# The container runtime refuses a volume mounted under these (procfs, sysfs).
+_KERNEL_FILESYSTEMS = frozenset({"proc", "sys"})
 
 
 class Parameter(BaseModel):
@@ -60,12 +63,14 @@ def typed_default(parameter: Parameter) -> ParameterValue | None:
     )
 
 
-@lru_cache(maxsize=4096)
+@cache_small(4096, lambda _parameter, text: len(text))
 def parse_value(parameter: Parameter, text: str) -> ParameterValue | None:
     """Cached: the pods of one workload carry the same values, and some parsing is not cheap."""
+    if has_control_characters(text):
+        return None
     match parameter.type:
         case "integer":
-            number = int(text) if text.isascii() and text.lstrip("-").isdigit() else None
+            number = int(text) if _INTEGER.fullmatch(text) else None
             if number is None:
                 return None
             low, high = parameter.minimum, parameter.maximum
@@ -93,11 +98,12 @@ def _path(text: str) -> str | None:
     path = text.rstrip("/")
     segments = path.split("/")
     if (
-        not _PATH_CHARS.match(path)
+        not _PATH_CHARS.fullmatch(path)
         or len(path) > 1024
         or ".." in segments
         or "." in segments
         or "" in segments[1:]
+        or segments[1] in _KERNEL_FILESYSTEMS
     ):
         return None
     return path
@@ -114,7 +120,7 @@ def accepted(parameter: Parameter) -> str:
         case "path":
             text = (
                 "an absolute directory path below / such as /var/log/app (letters, digits, "
-                ". _ - @ + =; no '..' or empty segments)"
+                ". _ - @ + =; no '..' or empty segments; not under /proc or /sys)"
             )
         case "hostport":
             text = HOSTPORT_ACCEPTED

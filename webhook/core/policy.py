@@ -106,7 +106,7 @@ class SidecarTemplate(_Model):
     @classmethod
     def _parameter_names(cls, parameters: dict[str, Parameter]) -> dict[str, Parameter]:
         for name in parameters:
-            if not re.match(_NAME, name):
+            if not re.fullmatch(_NAME, name):
                 raise ValueError(f"parameter name {name!r} must be lowercase letters, digits, '-'")
         return parameters
 
@@ -361,12 +361,12 @@ class Policy(_Model):
 def is_pinned_image(image: str) -> bool:
     """A valid image reference whose tag is not `latest`, or that carries a digest."""
     reference, _, digest = image.partition("@")
-    if digest and not _DIGEST.match(digest):
+    if digest and not _DIGEST.fullmatch(digest):
         return False
     slash = reference.rfind("/")
     colon = reference.rfind(":")
     name, tag = (reference[:colon], reference[colon + 1 :]) if colon > slash else (reference, "")
-    if not _IMAGE_NAME.match(name) or (tag and not _TAG.match(tag)):
+    if not _IMAGE_NAME.fullmatch(name) or (tag and not _TAG.fullmatch(tag)):
         return False
     return bool(digest) or (bool(tag) and tag != "latest")
 

@@ -4,12 +4,13 @@ Precedence, from the strongest:
 1. The namespace is excluded (kube-system, kube-public, the webhook's own namespace from
    $POD_NAMESPACE, the policy's excludedNamespaces) or a matching rule says `exclude: true`:
    nothing is injected, whatever the pod or other rules say.
-2. The pod already carries `outrigger.dev/status`: it was injected before; nothing more.
-3. Sidecars that a matching rule `require`s are always injected; the pod cannot opt out.
-4. The pod's `outrigger.dev/inject`: a list of names is injected as asked; "false" (or empty)
+2. Sidecars that a matching rule `require`s are always injected; the pod cannot opt out.
+3. The pod's `outrigger.dev/inject`: a list of names is injected as asked; "false" (or empty)
    opts out of everything not required; absent or "true" takes the matching rules' `inject`
    defaults.
-The injected sidecars are placed in the order the policy lists them.
+The injected sidecars are placed in the order the policy lists them. A pod that carries
+`outrigger.dev/status` is decided like any other: `webhook.core.injector` compares what it
+holds with what this decision renders.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ def decide(
     excluding = [rule.name for rule in rules if rule.exclude]
     if excluding:
         return Decision((), RULE_EXCLUDED, (f"excluded by rule {excluding[0]!r}",))
-    if ann.STATUS in annotations:
-        return Decision((), ALREADY_INJECTED, (f"already injected ({ann.STATUS} is set)",))
     choice = ann.parse_inject(annotations.get(ann.INJECT), policy.templates)
     why: dict[str, str] = {}
     for rule in rules:

@@ -112,7 +112,7 @@ def _validated_sans(
     if not dns_names and not ip_addresses:
         raise ValueError("a serving certificate needs at least one DNS name or IP address")
     for name in dns_names:
-        if not _DNS_SAN.match(name) or len(name) > 253:
+        if not _DNS_SAN.fullmatch(name) or len(name) > 253:
             raise ValueError(
                 f"invalid DNS name {name!r}: expected lowercase labels of letters, digits and "
                 "'-' separated by dots, optionally starting with '*.'"

@@ -1,0 +1,57 @@
+"""Bounds on what one request may make the webhook do or keep, shared by every layer.
+
+A pod's annotations are attacker-controlled input: their size bounds the work per request,
+and caches keep only small entries, so that no stream of distinct large pods grows the
+process (`cache_small`). Messages echo at most a prefix of a bad value (`echo`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache, wraps
+from typing import Any, ParamSpec, TypeVar
+
+# The largest value one outrigger.dev/ annotation may have (Kubernetes allows 256 KiB for
+# all of a pod's annotations together).
+MAX_ANNOTATION_BYTES = 16 * 1024
+# Inputs larger than this are worked out afresh each time rather than kept in a cache.
+MAX_CACHED_BYTES = 4 * 1024
+# How much of a bad value a message repeats.
+ECHO_CHARACTERS = 64
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def cache_small(
+    maxsize: int, size: Callable[..., int]
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """An `lru_cache` that skips calls whose inputs `size` finds over MAX_CACHED_BYTES, so
+    that the cache holds at most about maxsize * MAX_CACHED_BYTES of keys."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        cached = lru_cache(maxsize=maxsize)(function)
+
+        @wraps(function)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            if size(*args, **kwargs) > MAX_CACHED_BYTES:
+                return function(*args, **kwargs)
+            return cached(*args, **kwargs)  # type: ignore[arg-type]
+
+        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        call.cache_info = cached.cache_info  # type: ignore[attr-defined]
+        return call
+
+    return decorate
+
+
+def echo(value: Any) -> str:
+    """`repr(value)` for a message, cut to a prefix and the length when it is long."""
+    text = str(value)
+    if len(text) <= ECHO_CHARACTERS:
+        return repr(text)
+    return f"{text[: ECHO_CHARACTERS - 16]!r}... ({len(text)} characters)"
+
+
+def has_control_characters(text: str) -> bool:
+    return any(ord(character) < 32 or 127 <= ord(character) < 160 for character in text)
