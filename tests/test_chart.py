@@ -593,3 +593,19 @@ def test_outrigger_register_sends_what_the_chart_installs(
         injection_mode=mode,
     )["webhooks"][0]
     assert registered == chart
+
+
+@pytest.mark.parametrize(("delay", "grace"), [(None, 20), (12, 27), (0, 15)])
+def test_a_rolling_update_drains_before_the_server_stops(
+    render: Callable[..., Docs], delay: int | None, grace: int
+) -> None:
+    """preStop keeps the pod serving while its endpoint leaves the Service; the grace period
+    covers that and the server's own bounded drain (10 s)."""
+    docs = render(*(["--set", f"shutdownDelaySeconds={delay}"] if delay is not None else []))
+    pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+    main = container(docs)
+    if delay == 0:
+        assert "lifecycle" not in main
+    else:
+        assert main["lifecycle"] == {"preStop": {"sleep": {"seconds": delay or 5}}}

@@ -30,6 +30,8 @@ _POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 _PATCH_TYPE = "JSONPatch"
 # The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
 MAX_PATCH_BYTES = 512 * 1024
+# Pods whose part the injector reads is larger than this are answered off the event loop.
+HEAVY_POD_BYTES = 2 * 1024
 # How much of a denial one log line repeats.
 LOGGED_CHARACTERS = 1024
 
@@ -106,14 +108,29 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
 
 def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
     """The whole envelope: HTTP status and response body for one request body."""
+    request = parse(body)
+    return request if isinstance(request, tuple) else respond(request, policy)
+
+
+def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
+    """The request, or the HTTP status and body that refuse it (400)."""
     try:
-        request = decode_review(body)
+        return decode_review(body)
     except BadReview as error:
-        return 400, orjson.dumps({"error": str(error)})
+        return 400, orjson.dumps({"error": str(error)[:LOGGED_CHARACTERS]})
     except Exception:
         log.exception("cannot decode an AdmissionReview")
         return 400, b'{"error":"cannot decode the AdmissionReview"}'
+
+
+def respond(request: AdmissionRequest, policy: Policy) -> tuple[int, bytes]:
     return 200, orjson.dumps(answer(request, policy))
+
+
+def is_heavy(request: AdmissionRequest) -> bool:
+    """Whether answering may take milliseconds: a pod with large outrigger.dev/ values (or
+    the whole pod, to check a status), which the caches do not keep."""
+    return request.pod_json is not None and len(request.pod_json) > HEAVY_POD_BYTES
 
 
 def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:

@@ -298,20 +298,27 @@ def single_upstream(upstream: Upstream, port: int) -> AmbassadorSpec:
 @cache_small(1024, len)
 def parse_spec(text: str) -> AmbassadorSpec:
     """Parse `ambassador-config` YAML; `InvalidSpec` names every bad field (small ones cached)."""
-    loader = _BoundedLoader(text)
+    if _flow_depth(text) > MAX_YAML_DEPTH:  # before PyYAML, whose scanner is slow on these
+        raise InvalidSpec(f"not valid YAML: nested deeper than {MAX_YAML_DEPTH} levels")
     try:
-        document = loader.get_single_data()
+        document = _load(text)
     except yaml.YAMLError as error:
         raise InvalidSpec(f"not valid YAML: {_bounded(str(error))}") from None
     except ValueError as error:  # e.g. an integer past Python's 4300-digit limit
         raise InvalidSpec(f"not a valid configuration: {_bounded(str(error))}") from None
-    finally:
-        loader.dispose()
     try:
         return AmbassadorSpec.model_validate(document)
     except ValidationError as error:
         lines = [_line(e) for e in error.errors()[:10]]
         raise InvalidSpec("; ".join(lines)) from None
+
+
+def _load(text: str) -> object:
+    loader = _BoundedLoader(text)  # reads the text: a NUL is refused already here
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -330,6 +337,18 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+def _flow_depth(text: str) -> int:
+    """How deep `[` and `{` nest, counting those in strings too (an over-estimate is fine)."""
+    depth = deepest = 0
+    for character in text:
+        if character in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif character in "]}":
+            depth -= 1
+    return deepest
 
 
 def _bounded(message: str) -> str:

@@ -7,10 +7,11 @@ annotation at once, each message naming the annotation and the values it accepts
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import orjson
 
 from webhook.ambassador.spec import InvalidSpec, parse_spec
 from webhook.core.parameters import (
@@ -54,8 +55,8 @@ def claimed(status: str) -> tuple[str, ...]:
     """The sidecars an `outrigger.dev/status` says were injected; () when it says nothing
     usable (anyone can write it: what it claims is checked against the pod, not trusted)."""
     try:
-        document = json.loads(status) if len(status) <= MAX_ANNOTATION_BYTES else None
-    except ValueError:
+        document = orjson.loads(status) if len(status) <= MAX_ANNOTATION_BYTES else None
+    except orjson.JSONDecodeError:  # includes nesting past orjson's depth limit
         return ()
     injected = document.get("injected") if isinstance(document, dict) else None
     if not isinstance(injected, list):
@@ -69,6 +70,13 @@ def ours(annotations: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def parse_inject(raw: str | None, available: Collection[str]) -> InjectChoice:
+    if raw is not None and has_control_characters(raw):
+        raise InvalidAnnotations(
+            [
+                f"annotation {INJECT}: {echo(raw)} holds a control character; accepted: "
+                '"true", "false" or a comma-separated list of sidecar names'
+            ]
+        )
     if raw is None or raw.strip().lower() == "true":
         return InjectChoice()
     value = raw.strip()

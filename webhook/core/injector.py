@@ -27,7 +27,7 @@ from webhook.core.selection import (
 )
 from webhook.core.templates import RenderedSidecar, TemplateError, render
 from webhook.core.volumes import contains, mount_conflicts, with_mounts, without_mounts
-from webhook.limits import cache_small
+from webhook.limits import MAX_ANNOTATION_BYTES, cache_small, echo
 
 Pod = dict[str, Any]
 # Pods whose annotations are not even read: warnings about them would be noise.
@@ -319,10 +319,17 @@ def _settable(sidecar: RenderedSidecar) -> str:
 def _annotations(metadata: Mapping[str, Any]) -> dict[str, str]:
     annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
     for key, value in annotations.items():
-        if key.startswith(ann.PREFIX) and not isinstance(value, str):
+        if not key.startswith(ann.PREFIX):
+            continue
+        if not isinstance(value, str):
             raise InjectionDenied(
-                f"annotation {key}: annotation values must be strings, got {value!r} "
+                f"annotation {key}: annotation values must be strings, got {echo(value)} "
                 "(quote it in YAML)"
+            )
+        if len(value) > MAX_ANNOTATION_BYTES:  # characters: a quick bound before any parsing
+            raise InjectionDenied(
+                f"annotation {key}: the value has {len(value)} characters, more than the "
+                f"{MAX_ANNOTATION_BYTES} accepted"
             )
     return annotations
 

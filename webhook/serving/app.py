@@ -8,6 +8,7 @@ than the mutation itself. Every other request goes on to the FastAPI app and its
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -15,13 +16,15 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webhook.admission.review import review
+from webhook.admission.review import is_heavy, parse, respond, review
 from webhook.core.policy import Policy
 from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
 # The API server sends objects of at most ~3 MiB; anything far larger is not a review.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Bodies past this are decoded off the event loop too (an API server's pod is a few KiB).
+INLINE_BODY_BYTES = 256 * 1024
 _JSON = "application/json"
 _TOO_LARGE = b'{"error":"request body too large"}'
 _NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
@@ -94,7 +97,21 @@ class AdmissionEndpoint:
             if body is None:
                 await _respond(send, 413, _TOO_LARGE)
             else:
-                await _respond(send, *review(body, self.policy()))
+                await _respond(send, *await self._review(body))
+
+    async def _review(self, body: bytes) -> tuple[int, bytes]:
+        """Small reviews on the event loop (microseconds, mostly memoised: a hop to a thread
+        would cost more); large bodies and heavy pods in a thread, so that the event loop keeps
+        answering the other reviews and the probes meanwhile."""
+        policy = self.policy()
+        if len(body) > INLINE_BODY_BYTES:
+            return await asyncio.to_thread(review, body, policy)
+        request = parse(body)
+        if isinstance(request, tuple):
+            return request
+        if is_heavy(request):
+            return await asyncio.to_thread(respond, request, policy)
+        return respond(request, policy)
 
 
 async def _read_body(scope: Scope, receive: Receive) -> bytes | None:

@@ -16,10 +16,14 @@ from webhook.core.policy import Policy, default_policy
 from webhook.serving.app import AdmissionEndpoint, Background, create_app
 from webhook.serving.certs import CertificatePaths, ensure_serving_certificates
 from webhook.serving.metrics import Metrics
+from webhook.serving.protocol import WebhookHttpProtocol
 from webhook.serving.reload import PolicyFile
 from webhook.serving.tls import CertificateError, ServingCertificate
 
 log = logging.getLogger("outrigger.server")
+# At most this long from SIGTERM to exit: in-flight requests and draining connections
+# (the chart's terminationGracePeriodSeconds covers its preStop delay plus this).
+SHUTDOWN_SECONDS = 10
 
 
 def serve(
@@ -133,8 +137,13 @@ def _uvicorn_config(
         ssl_certfile=str(paths.cert),
         ssl_keyfile=str(paths.key),
         ssl_context_factory=tls_context,
-        http="httptools",
+        # httptools, with read timeouts and a shutdown that answers what it was sent.
+        http=WebhookHttpProtocol,
         loop="uvloop",
+        # Idle keep-alive connections are closed after 5 s (the API server reconnects); the
+        # whole shutdown, draining included, is bounded, so no client can hold the process.
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         log_level=log_level,
         # The API server calls once per pod: per-request access lines would cost more than the
         # mutation itself. Injections and denials are logged by the admission layer.
