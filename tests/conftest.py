@@ -9,6 +9,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from webhook.core.policy import Policy, default_policy
 
@@ -70,3 +71,19 @@ def outrigger_executable() -> str:
     if not found:
         raise RuntimeError("the outrigger entry point is not installed (pip install -e .)")
     return found
+
+
+def largest_admissible_config() -> str:
+    """An `ambassador-config` at every bound at once: the costliest review still admitted."""
+    upstreams = {
+        f"u{i}": {
+            "address": f"u{i}.example.com:443",
+            "port": 10000 + i,
+            "tls": {"caSecret": f"ambassador-u{i}", "clientCertSecret": f"ambassador-c{i}"},
+            "retries": {"count": 10},
+            "circuitBreaker": {"maxConnections": 4294967295},
+            "outlierDetection": {},
+        }
+        for i in range(32)
+    }
+    return yaml.safe_dump({"upstreams": upstreams}, default_flow_style=True, width=1 << 20)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, admission_review
+from tests.conftest import FIXTURES, admission_review, largest_admissible_config
 from webhook.admission import review as envelope
 from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
 
@@ -250,18 +250,7 @@ def test_a_patch_too_large_for_the_api_server_is_denied(monkeypatch: pytest.Monk
 
 def test_the_largest_admissible_configuration_is_admitted() -> None:
     """At every bound at once: still admitted, and the patch stays far below the limit."""
-    upstreams = {
-        f"u{i}": {
-            "address": f"u{i}.example.com:443",
-            "port": 10000 + i,
-            "tls": {"caSecret": f"ambassador-u{i}", "clientCertSecret": f"ambassador-c{i}"},
-            "retries": {"count": 10},
-            "circuitBreaker": {"maxConnections": 4294967295},
-            "outlierDetection": {},
-        }
-        for i in range(32)
-    }
-    config = yaml.safe_dump({"upstreams": upstreams}, default_flow_style=True, width=1 << 20)
+    config = largest_admissible_config()
     assert len(config) < 16 * 1024
     response = answer(ambassador(config))
     assert response["allowed"] is True

@@ -102,9 +102,8 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("https")
+def start_server(root: Path) -> tuple[Server, subprocess.Popen[bytes]]:
+    """`outrigger certs` into root/certs, then `outrigger serve` with them, until healthy."""
     cert_dir = root / "certs"
     _run_certs(cert_dir)
     server = Server(port=_free_port(), cert_dir=cert_dir, log=root / "serve.log")
@@ -117,6 +116,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         )
     try:
         _wait_until_healthy(process, server)
+    except BaseException:
+        _stop(process)
+        raise
+    return server, process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server, process = start_server(tmp_path_factory.mktemp("https"))
+    try:
         yield server
     finally:
         returncode = _stop(process)

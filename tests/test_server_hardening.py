@@ -12,7 +12,6 @@ the old behaviour (never, 5-9 s, +103 MiB) broke.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import ssl
@@ -25,25 +24,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import yaml
 
-from tests.conftest import admission_review, outrigger_executable
-from tests.test_https import Server, _free_port, _run_certs, _stop, _wait_until_healthy
-
-
-def start_server(root: Path) -> tuple[Server, subprocess.Popen[bytes]]:
-    cert_dir = root / "certs"
-    _run_certs(cert_dir)
-    server = Server(port=_free_port(), cert_dir=cert_dir, log=root / "serve.log")
-    command = [outrigger_executable(), "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(server.port), "--cert-dir", str(cert_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with server.log.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    _wait_until_healthy(process, server)
-    return server, process
+from tests.conftest import admission_review, largest_admissible_config
+from tests.test_https import Server, _stop, start_server
 
 
 @pytest.fixture(scope="module")
@@ -153,21 +136,6 @@ def test_slow_clients_are_cut_off(running: tuple[Server, subprocess.Popen[bytes]
 
 
 # One heavy review does not starve the others ---------------------------------------------
-
-
-def largest_admissible_config() -> str:
-    upstreams = {
-        f"u{i}": {
-            "address": f"u{i}.example.com:443",
-            "port": 10000 + i,
-            "tls": {"caSecret": f"ambassador-u{i}", "clientCertSecret": f"ambassador-c{i}"},
-            "retries": {"count": 10},
-            "circuitBreaker": {"maxConnections": 100},
-            "outlierDetection": {},
-        }
-        for i in range(32)
-    }
-    return yaml.safe_dump({"upstreams": upstreams}, default_flow_style=True, width=1 << 20)
 
 
 def test_heavy_reviews_do_not_starve_the_probes(
