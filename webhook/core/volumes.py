@@ -43,6 +43,8 @@ def mount_conflicts(containers: Sequence[Container], path: str) -> list[str]:
 
 
 def normalised(path: str) -> str:
+    if "//" not in path and "/." not in path and not path.endswith("/"):
+        return path  # already what the runtime resolves (the common case: no work)
     return posixpath.normpath(re.sub("/+", "/", path)) if path else path
 
 
