@@ -102,13 +102,14 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def start_server(root: Path) -> tuple[Server, subprocess.Popen[bytes]]:
-    """`outrigger certs` into root/certs, then `outrigger serve` with them, until healthy."""
+def start_server(root: Path, *extra: str) -> tuple[Server, subprocess.Popen[bytes]]:
+    """`outrigger certs` into root/certs, then `outrigger serve` with them (and `extra`
+    arguments), until healthy."""
     cert_dir = root / "certs"
     _run_certs(cert_dir)
     server = Server(port=_free_port(), cert_dir=cert_dir, log=root / "serve.log")
     command = [outrigger_executable(), "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(server.port), "--cert-dir", str(cert_dir)]
+    command += ["--port", str(server.port), "--cert-dir", str(cert_dir), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with server.log.open("wb") as log:
         process = subprocess.Popen(

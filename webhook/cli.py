@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, the decision fields at its top level",
+    )
     serve.set_defaults(run=_serve)
 
     inject = commands.add_parser("inject", help="inject into manifests, print the result")
@@ -141,15 +147,30 @@ def _policy(path: Path | None) -> Policy:
     return load_policy(path) if path else default_policy()
 
 
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from webhook.serving.server import serve  # uvicorn is only needed here
 
     if not 0 < args.policy_poll_seconds < float("inf"):
         print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    _configure_logging(args.log_level, args.log_format)
     # serve() loads a --policy file before anything else: a bad one fails the start with the
     # PolicyError, which main() reports with exit status 2.
     serve(

@@ -32,6 +32,8 @@ _PATCH_TYPE = "JSONPatch"
 MAX_PATCH_BYTES = 512 * 1024
 # Pods whose part the injector reads is larger than this are answered off the event loop.
 HEAVY_POD_BYTES = 2 * 1024
+# The reason of an answer to anything but a pod creation (other kinds, operations...).
+NOT_A_POD_CREATION = "not-a-pod-creation"
 # How much of a denial one log line repeats.
 LOGGED_CHARACTERS = 1024
 
@@ -48,6 +50,7 @@ class AdmissionRequest:
     # the request is no pod creation.
     pod_json: bytes | None
     name: str
+    owner: str = ""  # Kind/name of the controlling owner, for the decision log
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,24 @@ class Mutation:
     patch: str | None
     warnings: tuple[str, ...]
     injected: tuple[str, ...]
+    reason: str  # the selection's reason (webhook.core.selection), or `reinjected`
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What was decided, for metrics and the decision log: `outcome` is one of `injected`,
+    `unchanged`, `denied`, `bad_request`, `error`; `reason` a word from a bounded set."""
+
+    outcome: str
+    reason: str
+    sidecars: tuple[str, ...] = ()
+    message: str = ""  # a denial's or a refusal's, bounded
+
+
+def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
+    return Verdict(
+        "bad_request", "malformed", message=refusal[1][:LOGGED_CHARACTERS].decode(errors="replace")
+    )
 
 
 def decode_review(body: bytes) -> AdmissionRequest:
@@ -87,7 +108,16 @@ def decode_review(body: bytes) -> AdmissionRequest:
         namespace=request.get("namespace", ""),
         pod_json=pod_json,
         name=metadata.get("name") or metadata.get("generateName") or "",
+        owner=_owner(metadata),
     )
+
+
+def _owner(metadata: wire.ObjectMeta) -> str:
+    references = metadata.get("ownerReferences") or []
+    controllers = [r for r in references if r.get("controller")] or references
+    if not controllers:
+        return ""
+    return f"{controllers[0].get('kind', '')}/{controllers[0].get('name', '')}"
 
 
 def _created_pod(request: wire.Request) -> wire.Pod | None:
@@ -124,7 +154,14 @@ def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
 
 
 def respond(request: AdmissionRequest, policy: Policy) -> tuple[int, bytes]:
-    return 200, orjson.dumps(answer(request, policy))
+    return 200, orjson.dumps(answer(request, policy)[0])
+
+
+def respond_with_verdict(
+    request: AdmissionRequest, policy: Policy
+) -> tuple[tuple[int, bytes], Verdict]:
+    response, verdict = answer(request, policy)
+    return (200, orjson.dumps(response)), verdict
 
 
 def is_heavy(request: AdmissionRequest) -> bool:
@@ -133,24 +170,26 @@ def is_heavy(request: AdmissionRequest) -> bool:
     return request.pod_json is not None and len(request.pod_json) > HEAVY_POD_BYTES
 
 
-def answer(request: AdmissionRequest, policy: Policy) -> dict[str, Any]:
+def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], Verdict]:
     if request.pod_json is None:
-        return allowed(request)
+        return allowed(request), Verdict("unchanged", NOT_A_POD_CREATION)
     try:
         result = mutation(request.pod_json, request.namespace, policy)
     except InjectionDenied as error:
         message = str(error)
-        log.info("denied %s/%s: %s", request.namespace, request.name, message[:LOGGED_CHARACTERS])
-        return denied(request, message, 400)
+        log.debug("denied %s/%s: %s", request.namespace, request.name, message[:LOGGED_CHARACTERS])
+        verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
+        return denied(request, message, 400), verdict
     except Exception:
         # A bug must not turn into a 500 or a half-made pod: refuse, and keep the trace here.
         log.exception(
             "internal error on %s/%s (uid %s)", request.namespace, request.name, request.uid
         )
-        return denied(request, "internal error while injecting; see the webhook's logs", 500)
-    if result.injected:
-        log.debug("injected %s into %s/%s", result.injected, request.namespace, request.name)
-    return allowed(request, result.patch, result.warnings)
+        message = "internal error while injecting; see the webhook's logs"
+        return denied(request, message, 500), Verdict("error", "internal", message=message)
+    outcome = "injected" if result.patch else "unchanged"
+    verdict = Verdict(outcome, result.reason, result.injected)
+    return allowed(request, result.patch, result.warnings), verdict
 
 
 @cache_small(1024, lambda pod_json, *_: len(pod_json))
@@ -165,15 +204,17 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     pod = cast(dict[str, Any], orjson.loads(pod_json))
     injection = inject(pod, RequestContext(namespace), policy)
     if injection.pod is pod:
-        return Mutation(None, injection.warnings, ())
+        return Mutation(None, injection.warnings, (), injection.reason)
     operations = orjson.dumps(diff(pod, injection.pod))
     if len(operations) > MAX_PATCH_BYTES:
         raise InjectionDenied(
             f"the injection would add {len(operations)} bytes to the pod, more than the "
             f"{MAX_PATCH_BYTES} accepted (the API server stores objects of about 1.5 MiB): "
-            "ask for fewer upstreams or smaller values"
+            "ask for fewer upstreams or smaller values",
+            "too-large",
         )
-    return Mutation(base64.b64encode(operations).decode(), injection.warnings, injection.injected)
+    patch = base64.b64encode(operations).decode()
+    return Mutation(patch, injection.warnings, injection.injected, injection.reason)
 
 
 def allowed(

@@ -49,11 +49,19 @@ class PodSpec(TypedDict, total=False):
     terminationGracePeriodSeconds: int | None
 
 
+class OwnerReference(TypedDict, total=False):
+    kind: str
+    name: str
+    controller: bool | None
+
+
 class ObjectMeta(TypedDict, total=False):
     name: str
     generateName: str
     labels: dict[str, str] | None
     annotations: dict[str, str] | None
+    # Not read by the injector: named in the decision log.
+    ownerReferences: list[OwnerReference] | None
 
 
 class Pod(TypedDict, total=False):

@@ -53,7 +53,15 @@ class Injection:
 
 
 class InjectionDenied(Exception):
-    """The pod asks for something that cannot be injected; the message says what and why."""
+    """The pod asks for something that cannot be injected; the message says what and why.
+
+    `reason`, one of a few words (a metric label): `invalid-annotation`, `conflict` (names,
+    ports, mounts, placement), `invalid-pod` (a malformed object), `too-large`.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid-pod") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
@@ -92,7 +100,7 @@ def _inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
             return Injection(pod, decision.reason, explanation=decision.explanation)
         sidecars, warnings = _sidecars(policy, ann.ours(annotations), decision.sidecars)
     except ann.InvalidAnnotations as error:
-        raise InjectionDenied(str(error)) from None
+        raise InjectionDenied(str(error), "invalid-annotation") from None
     warnings = (*decision.warnings, *warnings)
     if decision.reason != INJECTED:
         return Injection(pod, decision.reason, warnings=warnings, explanation=decision.explanation)
@@ -241,7 +249,7 @@ def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) 
         problems += _port_problems(spec, sidecar, ports)
     problems += _run_to_completion_problems(spec, sidecars)
     if problems:
-        raise InjectionDenied("; ".join(problems))
+        raise InjectionDenied("; ".join(problems), "conflict")
 
 
 def _run_to_completion_problems(
@@ -324,12 +332,14 @@ def _annotations(metadata: Mapping[str, Any]) -> dict[str, str]:
         if not isinstance(value, str):
             raise InjectionDenied(
                 f"annotation {key}: annotation values must be strings, got {echo(value)} "
-                "(quote it in YAML)"
+                "(quote it in YAML)",
+                "invalid-annotation",
             )
         if len(value) > MAX_ANNOTATION_BYTES:  # characters: a quick bound before any parsing
             raise InjectionDenied(
                 f"annotation {key}: the value has {len(value)} characters, more than the "
-                f"{MAX_ANNOTATION_BYTES} accepted"
+                f"{MAX_ANNOTATION_BYTES} accepted",
+                "invalid-annotation",
             )
     return annotations
 

@@ -9,6 +9,7 @@ than the mutation itself. Every other request goes on to the FastAPI app and its
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -16,8 +17,14 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webhook.admission.review import is_heavy, parse, respond, review
+from webhook.admission.review import (
+    bad_request_verdict,
+    is_heavy,
+    parse,
+    respond_with_verdict,
+)
 from webhook.core.policy import Policy
+from webhook.serving.decisions import log_decision
 from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
@@ -47,7 +54,7 @@ def create_app(
     """
     metrics = Metrics() if metrics is None else metrics
     metrics.follow_policy(policy)
-    return AdmissionEndpoint(_fastapi_app(policy, metrics, background), policy)
+    return AdmissionEndpoint(_fastapi_app(policy, metrics, background), policy, metrics)
 
 
 def _fastapi_app(
@@ -83,9 +90,12 @@ def _fastapi_app(
 class AdmissionEndpoint:
     """Answers `POST /mutate`; passes every other request (and lifespan) on to FastAPI."""
 
-    def __init__(self, app: ASGIApp, policy: Callable[[], Policy]) -> None:
+    def __init__(
+        self, app: ASGIApp, policy: Callable[[], Policy], metrics: Metrics | None = None
+    ) -> None:
         self.app = app
         self.policy = policy
+        self.metrics = Metrics() if metrics is None else metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != MUTATE_PATH:
@@ -102,16 +112,26 @@ class AdmissionEndpoint:
     async def _review(self, body: bytes) -> tuple[int, bytes]:
         """Small reviews on the event loop (microseconds, mostly memoised: a hop to a thread
         would cost more); large bodies and heavy pods in a thread, so that the event loop keeps
-        answering the other reviews and the probes meanwhile."""
+        answering the other reviews and the probes meanwhile. Every review is counted, timed
+        and, unless it is a plain skip, logged (`webhook.serving.decisions`)."""
+        started = time.perf_counter()
         policy = self.policy()
         if len(body) > INLINE_BODY_BYTES:
-            return await asyncio.to_thread(review, body, policy)
-        request = parse(body)
+            request = await asyncio.to_thread(parse, body)
+        else:
+            request = parse(body)
         if isinstance(request, tuple):
-            return request
-        if is_heavy(request):
-            return await asyncio.to_thread(respond, request, policy)
-        return respond(request, policy)
+            answer, verdict, reviewed = request, bad_request_verdict(request), None
+        elif is_heavy(request):
+            answer, verdict = await asyncio.to_thread(respond_with_verdict, request, policy)
+            reviewed = request
+        else:
+            answer, verdict = respond_with_verdict(request, policy)
+            reviewed = request
+        seconds = time.perf_counter() - started
+        self.metrics.observe_review(verdict.outcome, verdict.reason, verdict.sidecars, seconds)
+        log_decision(reviewed, verdict, policy.version, seconds)
+        return answer
 
 
 async def _read_body(scope: Scope, receive: Receive) -> bytes | None:

@@ -1,28 +1,36 @@
-"""Prometheus metrics of the webhook itself: policy reloads, the policy in force, the certificate.
+"""Prometheus metrics of the webhook: every review by outcome and reason, the sidecars
+injected, the reviews' own duration, policy reloads, the policy in force, the certificate.
 
 Each `Metrics` has a registry of its own rather than prometheus-client's global one, so that
 several apps (tests, or an embedding program) never clash over metric names and each `/metrics`
-shows exactly its app's state.
-
-Nothing here is touched per admission request: `/mutate` is the benchmarked hot path (README,
-"Performance"). An increment of a pre-bound counter costs about 0.5 us there, cheap enough,
-but it would have to live in `AdmissionEndpoint`; request rates and latencies are better taken
-from the API server's own webhook metrics (`apiserver_admission_webhook_*`). What is counted
-here happens at most once per policy poll.
+shows exactly its app's state. Per review the cost is a dictionary lookup of a pre-bound child
+and two increments (`observe_review`), measured with `make bench` (README, "Performance").
+Label sets are bounded: outcomes and reasons are fixed words, sidecars the policy's templates.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import InfoMetricFamily, Metric
 
 from webhook.core.policy import Policy
 
 ReloadResult = Literal["success", "failure"]
+# From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
+DURATION_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+_EXPECTED_SERIES = (
+    ("injected", "injected"),
+    ("unchanged", "not-requested"),
+    ("denied", "invalid-annotation"),
+    ("bad_request", "malformed"),
+    ("error", "internal"),
+)
 _POLICY_INFO = "outrigger_policy"  # exposed as outrigger_policy_info{version="..."} 1
 _POLICY_INFO_HELP = "The policy in force; its version is recorded in the status annotation."
 # What `generate_latest` writes, as prometheus-client's own server labels it when the scraper
@@ -48,8 +56,50 @@ class Metrics:
             "When the serving certificate expires (Unix time); alert well before it.",
             registry=self.registry,
         )
+        self._reviews = Counter(
+            "outrigger_admission_reviews",
+            "AdmissionReviews answered, by outcome (injected, unchanged, denied, bad_request, "
+            "error) and reason.",
+            ["outcome", "reason"],
+            registry=self.registry,
+        )
+        self._sidecars = Counter(
+            "outrigger_sidecars_injected",
+            "Sidecars injected into pods, by sidecar template.",
+            ["sidecar"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "outrigger_admission_review_duration_seconds",
+            "Time the webhook spent on a review (decoding, deciding, building, encoding).",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._review_children: dict[tuple[str, str], Any] = {}
+        self._sidecar_children: dict[str, Any] = {}
+        for outcome, reason in _EXPECTED_SERIES:  # exist from the start, at 0
+            self._review_child(outcome, reason)
         self._policy: Callable[[], Policy] | None = None
         self.registry.register(_PolicyInfoCollector(self))
+
+    def observe_review(
+        self, outcome: str, reason: str, sidecars: tuple[str, ...], seconds: float
+    ) -> None:
+        """One answered review (children are bound once per label set: the hot path)."""
+        self._review_child(outcome, reason).inc()
+        for sidecar in sidecars:
+            child = self._sidecar_children.get(sidecar)
+            if child is None:
+                child = self._sidecar_children[sidecar] = self._sidecars.labels(sidecar=sidecar)
+            child.inc()
+        self._duration.observe(seconds)
+
+    def _review_child(self, outcome: str, reason: str) -> Any:
+        child = self._review_children.get((outcome, reason))
+        if child is None:
+            child = self._reviews.labels(outcome=outcome, reason=reason)
+            self._review_children[(outcome, reason)] = child
+        return child
 
     def follow_policy(self, policy: Callable[[], Policy]) -> None:
         """Report `policy()`'s version at each scrape, so it can never lag behind a reload."""

@@ -1,0 +1,163 @@
+"""Metrics per decision and the decision log, through the real `outrigger serve` over HTTPS.
+
+Reviews of every outcome are sent; then `/metrics` is parsed with prometheus-client's own
+parser and every count checked, and the JSON log lines are parsed and their fields checked
+(a 1 MiB annotation value must not be echoed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import admission_review
+from tests.test_https import Server, _stop, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server, process = start_server(tmp_path_factory.mktemp("observe"), "--log-format", "json")
+    try:
+        yield server
+    finally:
+        _stop(process)
+
+
+def pod(annotations: dict[str, str], name: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "generateName": name,
+            "annotations": annotations,
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "web-7d",
+                    "uid": "u",
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+    }
+
+
+BIG = "/" + "a" * (1 << 20)
+INJECT = "outrigger.dev/inject"
+
+
+def body(annotations: dict[str, str] | None, uid: str, **review: Any) -> bytes:
+    sent = None if annotations is None else pod(annotations, f"{uid}-")
+    return orjson.dumps(admission_review(sent, uid=uid, **review))
+
+
+BOTH = {INJECT: "log-watcher,ambassador", "outrigger.dev/ambassador-upstream": "x.example.com:80"}
+REVIEWS: list[tuple[bytes, tuple[str, str]]] = [
+    (body({INJECT: "log-watcher"}, "u-1"), ("injected", "injected")),
+    (body(BOTH, "u-2"), ("injected", "injected")),
+    (body({}, "u-3"), ("unchanged", "not-requested")),
+    (body({INJECT: "false"}, "u-4"), ("unchanged", "opted-out")),
+    (
+        body({INJECT: "log-watcher"}, "u-5", namespace="kube-system"),
+        ("unchanged", "namespace-excluded"),
+    ),
+    (
+        body({INJECT: "log-watcher", "outrigger.dev/status": "{}"}, "u-6"),
+        ("injected", "reinjected"),
+    ),
+    (body({INJECT: "bogus"}, "u-7"), ("denied", "invalid-annotation")),
+    (
+        body({INJECT: "log-watcher", "outrigger.dev/log-path": BIG}, "u-8"),
+        ("denied", "invalid-annotation"),
+    ),
+    (body(None, "u-9", operation="DELETE"), ("unchanged", "not-a-pod-creation")),
+    (b"{not json", ("bad_request", "malformed")),
+]
+
+
+def samples(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with httpx.Client(verify=server.trusting_ca(), timeout=5) as client:
+        text = client.get(f"{server.url}/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_every_decision_is_counted_timed_and_logged(server: Server) -> None:
+    before = samples(server)
+    with httpx.Client(verify=server.trusting_ca(), timeout=10) as client:
+        for sent, _ in REVIEWS:
+            headers = {"content-type": "application/json"}
+            client.post(f"{server.url}/mutate", content=sent, headers=headers)
+    after = samples(server)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    expected: dict[tuple[str, str], int] = {}
+    for _, outcome_reason in REVIEWS:
+        expected[outcome_reason] = expected.get(outcome_reason, 0) + 1
+    for (outcome, reason), count in expected.items():
+        assert (
+            delta("outrigger_admission_reviews_total", outcome=outcome, reason=reason) == count
+        ), (outcome, reason)
+    assert delta("outrigger_sidecars_injected_total", sidecar="log-watcher") == 3
+    assert delta("outrigger_sidecars_injected_total", sidecar="ambassador") == 1
+    assert delta("outrigger_admission_review_duration_seconds_count") == len(REVIEWS)
+    assert delta("outrigger_admission_review_duration_seconds_bucket", le="0.1") == len(REVIEWS)
+    assert (
+        "outrigger_admission_reviews_total",
+        frozenset({("outcome", "error"), ("reason", "internal")}),
+    ) in after
+    assert ("outrigger_policy_info", frozenset({("version", _policy_version(after))})) in after
+
+    lines = _decision_lines(server, expect=7)
+    by_uid = {line["uid"]: line for line in lines if line.get("uid")}
+    injected = by_uid["u-2"]
+    assert injected["outcome"] == "injected" and injected["reason"] == "injected"
+    assert injected["sidecars"] == ["log-watcher", "ambassador"]
+    assert (injected["namespace"], injected["pod"], injected["owner"]) == (
+        "default",
+        "u-2-",
+        "ReplicaSet/web-7d",
+    )
+    assert injected["policy"] == _policy_version(after) and injected["duration_ms"] > 0
+    assert injected["level"] == "INFO" and injected["logger"] == "outrigger.decisions"
+    assert by_uid["u-6"]["reason"] == "reinjected"
+    assert by_uid["u-7"]["outcome"] == "denied" and "bogus" in by_uid["u-7"]["detail"]
+    assert "u-3" not in by_uid and "u-4" not in by_uid and "u-9" not in by_uid  # plain skips
+    big = by_uid["u-8"]
+    assert big["outcome"] == "denied" and len(json.dumps(big)) < 3000  # not the 1 MiB value
+    assert any(line["outcome"] == "bad_request" for line in lines)
+    assert "a" * 200 not in server.log.read_text()
+
+
+def _policy_version(after: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> str:
+    (version,) = [
+        dict(labels)["version"] for name, labels in after if name == "outrigger_policy_info"
+    ]
+    return version
+
+
+def _decision_lines(server: Server, expect: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = []
+        for raw in server.log.read_text().splitlines():
+            if raw.startswith("{"):
+                line = json.loads(raw)
+                if line.get("logger") == "outrigger.decisions":
+                    lines.append(line)
+        if len(lines) >= expect or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)

@@ -1,0 +1,49 @@
+"""The decision log: one line per review that is not a plain skip (an injection, a denial, a
+refused request, an error), with what a platform team asks first: which pod, whose, what was
+decided and why, which sidecars, under which policy version, and how long it took.
+
+Values are bounded: a denial's message is cut at 1 KiB (it echoes at most a prefix of a bad
+value), and no annotation value is written. With `--log-format json` each line is one JSON
+object, the fields below at its top level.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from webhook.admission.review import AdmissionRequest, Verdict
+
+log = logging.getLogger("outrigger.decisions")
+# Outcomes logged at info; an unchanged pod (opted out, not requested, excluded, already
+# injected, not a pod creation) is a plain skip: counted in /metrics only.
+_LOGGED = {"injected": logging.INFO, "denied": logging.INFO, "bad_request": logging.WARNING}
+
+
+def log_decision(
+    request: AdmissionRequest | None, verdict: Verdict, policy_version: str, seconds: float
+) -> None:
+    level = logging.ERROR if verdict.outcome == "error" else _LOGGED.get(verdict.outcome)
+    if level is None or not log.isEnabledFor(level):
+        return
+    fields = {
+        "uid": request.uid if request else "",
+        "namespace": request.namespace if request else "",
+        "pod": request.name if request else "",
+        "owner": request.owner if request else "",
+        "outcome": verdict.outcome,
+        "reason": verdict.reason,
+        "sidecars": list(verdict.sidecars),
+        "policy": policy_version,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    if verdict.message:
+        fields["detail"] = verdict.message
+    where = f"{fields['namespace']}/{fields['pod']}" if request else "request"
+    sidecars = ",".join(verdict.sidecars) or "-"
+    text = (
+        f"{verdict.outcome} {where} owner={fields['owner'] or '-'} reason={verdict.reason} "
+        f"sidecars={sidecars} policy={policy_version} {fields['duration_ms']}ms"
+    )
+    if verdict.message:
+        text += f": {verdict.message}"
+    log.log(level, text, extra=fields)
