@@ -341,3 +341,32 @@ def test_what_a_status_claims_is_taken_out_only_for_the_policys_templates(policy
     result = inject(sent, DEFAULT, policy).pod
     kept = [c for c in result["spec"]["containers"] if c["name"] == "proxy"]
     assert [c["image"] for c in kept] == [foreign["image"]]  # an app container, kept
+
+
+def test_what_in_tree_admission_plugins_add_on_reinvocation_is_not_a_mismatch(
+    policy: Policy,
+) -> None:
+    """The API server reruns its own mutating plugins after the webhooks: LimitRanger adds a
+    namespace's default resources, ServiceAccount its token mount, to our containers too."""
+    once = inject(pod({ann.INJECT: "log-watcher"}), DEFAULT, policy).pod
+    again = copy.deepcopy(once)
+    (watcher,) = again["spec"]["initContainers"]
+    watcher["resources"]["limits"]["ephemeral-storage"] = "1Gi"
+    watcher["volumeMounts"].append(
+        {
+            "name": "kube-api-access-x7k2p",
+            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+            "readOnly": True,
+        }
+    )
+    result = inject(again, DEFAULT, policy)
+    assert result.reason == ALREADY_INJECTED and result.pod is again
+
+
+def test_any_other_extra_mount_in_an_injected_container_is_a_mismatch(policy: Policy) -> None:
+    once = inject(pod({ann.INJECT: "log-watcher"}), DEFAULT, policy).pod
+    again = copy.deepcopy(once)
+    again["spec"]["initContainers"][0]["volumeMounts"].append(
+        {"name": "host", "mountPath": "/host"}
+    )
+    assert inject(again, DEFAULT, policy).reason == REINJECTED

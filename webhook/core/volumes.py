@@ -48,8 +48,11 @@ def normalised(path: str) -> str:
     return posixpath.normpath(re.sub("/+", "/", path)) if path else path
 
 
-# Fields the API server fills in when they are unset (in containers, probes, ports, volumes):
-# an injected pod that comes back (reinvocation) carries them. Nothing else may be added.
+# What the API server adds to an injected pod that comes back (reinvocation), besides what
+# the webhook wrote: fields it defaults when unset (in containers, probes, ports, volumes),
+# resources that a namespace's LimitRange defaults, and the service-account token mount that
+# the ServiceAccount admission plugin appends to every container (`kube-api-access-<hash>`)
+# when it runs again after the webhooks. Nothing else may differ.
 API_DEFAULTS = frozenset(
     {
         "terminationMessagePath",
@@ -65,22 +68,29 @@ API_DEFAULTS = frozenset(
         "apiVersion",  # a downwardAPI item's fieldRef
     }
 )
+_DEFAULTED_MAPS = frozenset({"requests", "limits"})  # LimitRanger's defaults
+_TOKEN_MOUNT = "kube-api-access-"
 
 
-def contains(actual: Any, expected: Any) -> bool:
-    """Whether `actual` is `expected` but for fields the API server defaults: every key of
-    `expected` with a value it holds in turn, no other key but those of API_DEFAULTS, lists of
-    the same length item by item."""
+def contains(actual: Any, expected: Any, key: str = "") -> bool:
+    """Whether `actual` is `expected` but for what the API server adds (API_DEFAULTS, a
+    LimitRange's resources, the service-account token mount): every key of `expected` with
+    a value it holds in turn, lists item by item."""
     if isinstance(expected, dict):
         return (
             isinstance(actual, dict)
-            and all(key in actual and contains(actual[key], v) for key, v in expected.items())
-            and all(key in expected or key in API_DEFAULTS for key in actual)
+            and all(k in actual and contains(actual[k], v, k) for k, v in expected.items())
+            and all(k in expected or k in API_DEFAULTS or key in _DEFAULTED_MAPS for k in actual)
         )
     if isinstance(expected, list):
-        return (
-            isinstance(actual, list)
-            and len(actual) == len(expected)
-            and all(contains(a, e) for a, e in zip(actual, expected, strict=True))
-        )
+        if not isinstance(actual, list) or len(actual) < len(expected):
+            return False
+        extra = actual[len(expected) :]
+        if extra and not (key == "volumeMounts" and all(_token_mount(m) for m in extra)):
+            return False
+        return all(contains(a, e) for a, e in zip(actual, expected, strict=False))
     return bool(actual == expected) and type(actual) is type(expected)
+
+
+def _token_mount(mount: Any) -> bool:
+    return isinstance(mount, dict) and str(mount.get("name", "")).startswith(_TOKEN_MOUNT)
