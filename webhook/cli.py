@@ -140,6 +140,43 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the object as YAML, contact nothing"
     )
     register.set_defaults(run=_register)
+
+    audit = commands.add_parser(
+        "audit",
+        help="list running pods that miss their sidecars, or carry stale or mismatched ones",
+        description="Classify running pods with the webhook's own injector: missing (should "
+        "have a sidecar, has none), stale (injected under another policy version), "
+        "mismatched (the status claims what the pod does not hold); grouped by workload, "
+        "each with the command that fixes it. Exit status 1 when anything is found.",
+    )
+    where = audit.add_mutually_exclusive_group()
+    where.add_argument("-n", "--namespace", help="one namespace")
+    where.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="every namespace (the default)"
+    )
+    source = audit.add_mutually_exclusive_group()
+    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    source.add_argument(
+        "--from-cluster",
+        metavar="NAMESPACE/NAME",
+        help="the policy the cluster runs, from the chart's ConfigMap "
+        "(e.g. outrigger-system/outrigger-policy)",
+    )
+    audit.add_argument(
+        "--webhook",
+        default="outrigger",
+        help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
+        "(default: outrigger; every namespace if it does not exist)",
+    )
+    audit.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    audit.add_argument(
+        "--chunk-size", type=int, default=500, help="items per list request (default: 500)"
+    )
+    audit.add_argument(
+        "--kubeconfig", type=Path, metavar="PATH", help="default: $KUBECONFIG or ~/.kube/config"
+    )
+    audit.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    audit.set_defaults(run=_audit)
     return parser
 
 
@@ -306,6 +343,29 @@ def _register(args: argparse.Namespace) -> int:
         f"{args.failure_policy}, timeout {args.timeout_seconds}s, {args.injection_mode}"
     )
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from webhook.cluster import audit  # the kubernetes client is only needed here
+
+    if args.chunk_size < 1:
+        print("outrigger: --chunk-size must be at least 1", file=sys.stderr)
+        return 2
+    if args.from_cluster is not None and "/" not in args.from_cluster:
+        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy) if args.policy else None
+    scope = audit.Scope(args.namespace, args.webhook, args.chunk_size)
+    try:
+        policy, groups = audit.run_audit(
+            args.kubeconfig, args.context, scope, policy, args.from_cluster
+        )
+    except audit.AuditError as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
+    render = audit.render_json if args.output == "json" else audit.render_table
+    sys.stdout.write(render(policy, groups))
+    return 1 if groups else 0
 
 
 class _Dumper(yaml.SafeDumper):
