@@ -20,9 +20,9 @@ import yaml
 
 from webhook.cluster.registration import (
     RegistrationError,
-    _api_error,
-    _client_configuration,
-    _one_line,
+    api_error,
+    client_configuration,
+    one_line,
 )
 from webhook.core.audit import (
     Finding,
@@ -60,7 +60,7 @@ def run_audit(
     from kubernetes.client.exceptions import ApiException
 
     try:
-        configuration = _client_configuration(kubeconfig, context)
+        configuration = client_configuration(kubeconfig, context)
     except RegistrationError as error:
         raise AuditError(str(error)) from None
     configuration.retries = 1  # a read-only report: fail fast on an unreachable server
@@ -70,9 +70,9 @@ def run_audit(
             policy = _cluster_policy(client.CoreV1Api(api), from_cluster)
         return policy, _findings(api, scope, policy)
     except ApiException as error:
-        raise AuditError(f"the API server refused: {_api_error(error)}") from None
+        raise AuditError(f"the API server refused: {api_error(error)}") from None
     except (OSError, urllib3.exceptions.HTTPError) as error:  # unreachable, TLS
-        raise AuditError(f"cannot reach the API server: {_one_line(error)}") from None
+        raise AuditError(f"cannot reach the API server: {one_line(error)}") from None
     finally:
         api.close()
 

@@ -195,7 +195,7 @@ def apply_configuration(
 
     name = body["metadata"]["name"]
     try:
-        with client.ApiClient(_client_configuration(kubeconfig, context)) as api_client:
+        with client.ApiClient(client_configuration(kubeconfig, context)) as api_client:
             api = client.AdmissionregistrationV1Api(api_client)
             for attempt in range(attempts):
                 if attempt:
@@ -210,11 +210,11 @@ def apply_configuration(
                 "attempts (someone else keeps changing it)"
             )
     except ApiException as error:
-        raise RegistrationError(f"API server: {_api_error(error)}") from None
+        raise RegistrationError(f"API server: {api_error(error)}") from None
     except HTTPError as error:
-        raise RegistrationError(f"cannot reach the API server: {_one_line(error)}") from None
+        raise RegistrationError(f"cannot reach the API server: {one_line(error)}") from None
     except OSError as error:
-        raise RegistrationError(f"cannot reach the API server: {_one_line(error)}") from None
+        raise RegistrationError(f"cannot reach the API server: {one_line(error)}") from None
 
 
 def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int) -> Outcome:
@@ -260,7 +260,7 @@ def _resource_version(obj: Any) -> str | None:
     return str(version) if version is not None else None
 
 
-def _client_configuration(kubeconfig: Path | None, context: str | None) -> Any:
+def client_configuration(kubeconfig: Path | None, context: str | None) -> Any:
     """In-cluster credentials in a pod (unless a kubeconfig or context is named), else the
     kubeconfig (`--kubeconfig`, $KUBECONFIG or ~/.kube/config)."""
     from kubernetes import client, config
@@ -284,16 +284,16 @@ def _client_configuration(kubeconfig: Path | None, context: str | None) -> Any:
             )
     except ConfigException as error:
         raise RegistrationError(
-            f"cannot load the cluster configuration: {_one_line(error)}"
+            f"cannot load the cluster configuration: {one_line(error)}"
         ) from None
     except (OSError, ValueError) as error:  # unreadable file, malformed YAML or base64
         raise RegistrationError(
-            f"cannot load the cluster configuration: {_one_line(error)}"
+            f"cannot load the cluster configuration: {one_line(error)}"
         ) from None
     return configuration
 
 
-def _api_error(error: Any) -> str:
+def api_error(error: Any) -> str:
     """`403 Forbidden: <the Status message>` from an ApiException."""
     message = ""
     try:
@@ -303,8 +303,8 @@ def _api_error(error: Any) -> str:
     except (TypeError, ValueError):
         message = str(error.body or "")[:200]
     prefix = f"{error.status} {error.reason}".strip()
-    return _one_line(f"{prefix}: {message}" if message else prefix)
+    return one_line(f"{prefix}: {message}" if message else prefix)
 
 
-def _one_line(value: object) -> str:
+def one_line(value: object) -> str:
     return " ".join(str(value).split()) or type(value).__name__
