@@ -609,3 +609,22 @@ def test_a_rolling_update_drains_before_the_server_stops(
         assert "lifecycle" not in main
     else:
         assert main["lifecycle"] == {"preStop": {"sleep": {"seconds": delay or 5}}}
+
+
+def test_openshift_leaves_ids_to_the_platform(render: Callable[..., Docs], tmp_path: Path) -> None:
+    docs = render("--set", "openshift.enabled=true")
+    pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert "runAsUser" not in pod["securityContext"] and "fsGroup" not in pod["securityContext"]
+    main = container(docs)
+    assert "runAsUser" not in main["securityContext"]
+    assert main["securityContext"]["runAsNonRoot"] is True
+    text = policy_of(docs)
+    assert text.strip() == (CHART / "files" / "openshift-policy.yaml").read_text().strip()
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    load_policy(path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    # With openshift.policy=false, the `policy` value (here the default) is served instead.
+    own = policy_of(render("--set", "openshift.enabled=true", "--set", "openshift.policy=false"))
+    assert "runAsUser: 65534" in own

@@ -7,7 +7,8 @@ a second pass changes nothing; every ambassador's bootstrap passes the real `env
 with the container's exact arguments. Regenerate after an intended change with
 `OUTRIGGER_REGENERATE=1 make test` and review the diff; a golden without a request fails.
 Requests named `classic-*` run under the default policy in classic placement
-(`nativeSidecars: false`), the others under the default policy itself.
+(`nativeSidecars: false`), `platform-*` under the README's platform policy, the others under
+the default policy itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.envoy_schema import validate_bootstrap
 from tests.pod_security import container_violations
 from tests.real_envoy import IS_ROOT, ambassadors, validate_pod
 from webhook.admission.review import review
-from webhook.core.policy import Policy, default_policy, parse_policy
+from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
 
 REGENERATE = os.environ.get("OUTRIGGER_REGENERATE") == "1"
 REQUESTS = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
@@ -54,6 +55,7 @@ def outcome(request: dict[str, Any], policy: Policy) -> dict[str, Any]:
     return result
 
 
+PLATFORM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
 CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False})
 
 
@@ -61,6 +63,8 @@ CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidec
 def test_golden(request_file: Path, policy: Policy) -> None:
     if request_file.name.startswith("classic-"):
         policy = CLASSIC
+    elif request_file.name.startswith("platform-"):
+        policy = PLATFORM
     request = yaml.safe_load(request_file.read_text())
     result = outcome(request, policy)
     golden = request_file.with_name(request_file.stem + ".injected.yaml")

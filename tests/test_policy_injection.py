@@ -15,7 +15,7 @@ from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
 from webhook.admission.review import review
 from webhook.core.injector import RequestContext, inject
 from webhook.core.patch import diff
-from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
+from webhook.core.policy import Policy, PolicyError, default_policy, load_policy, parse_policy
 
 TEAM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
 UPSTREAM = {"outrigger.dev/ambassador-upstream": "payments.example.com:443"}
@@ -345,3 +345,31 @@ def test_injected_containers_pass_the_restricted_profile(
         assert container_violations(as_pod(result), name) == [], name
     for volume in result["spec"].get("volumes", ()):
         assert volume_violations(as_pod(result), volume["name"]) == []
+
+
+def test_a_required_sidecar_with_ports_is_denied_in_a_hostnetwork_pod() -> None:
+    document = TEAM.model_dump(mode="json", exclude_none=True)
+    document["rules"].append(
+        {"name": "edge-egress", "namespaces": ["edge"], "require": ["ambassador"]}
+    )
+    strict = parse_policy(document)
+    sent = pod(UPSTREAM, hostNetwork=True)
+    response = answer(strict, sent, "edge")
+    assert not response["allowed"]
+    assert "ambassador cannot be injected into a hostNetwork pod" in response["status"]["message"]
+
+
+def test_a_rule_default_skipped_in_a_hostnetwork_pod_is_explained() -> None:
+    result = inject(pod(UPSTREAM, hostNetwork=True), RequestContext("payments"), TEAM)
+    assert (
+        result.reason == "host-network-skipped" and result.pod["spec"].get("initContainers") is None
+    )
+    assert any("not injected into this hostNetwork pod" in line for line in result.explanation)
+
+
+@pytest.mark.parametrize("name", ["Mirror", "a_b", "-x", "x" * 254])
+def test_image_pull_secret_names_are_validated(name: str) -> None:
+    document = TEAM.model_dump(mode="json", exclude_none=True)
+    document["sidecars"][0]["imagePullSecrets"] = [name]
+    with pytest.raises(PolicyError, match="imagePullSecrets"):
+        parse_policy(document)

@@ -39,6 +39,10 @@ class Volume(TypedDict, total=False):
     name: str
 
 
+class LocalObjectReference(TypedDict, total=False):
+    name: str
+
+
 class PodSpec(TypedDict, total=False):
     containers: list[Container] | None
     initContainers: list[Container] | None
@@ -46,6 +50,7 @@ class PodSpec(TypedDict, total=False):
     volumes: list[Volume] | None
     hostNetwork: bool | None
     restartPolicy: str | None
+    imagePullSecrets: list[LocalObjectReference] | None
     terminationGracePeriodSeconds: int | None
 
 

@@ -19,6 +19,7 @@ from webhook.core import annotations as ann
 from webhook.core.policy import Policy
 from webhook.core.selection import (
     ALREADY_INJECTED,
+    HOST_NETWORK_SKIPPED,
     INJECTED,
     NAMESPACE_EXCLUDED,
     RULE_EXCLUDED,
@@ -105,16 +106,23 @@ def _inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     if decision.reason != INJECTED:
         return Injection(pod, decision.reason, warnings=warnings, explanation=decision.explanation)
     spec = _mapping(pod.get("spec"), "spec")
+    names = decision.sidecars
+    if spec.get("hostNetwork") is True:
+        sidecars, names, skipped = _without_host_network_defaults(sidecars, decision)
+        warnings = (*warnings, *skipped)
+        if not sidecars:
+            explanation = (*decision.explanation, *skipped)
+            return Injection(pod, HOST_NETWORK_SKIPPED, warnings=warnings, explanation=explanation)
     _check_fits(spec, sidecars)
     warnings = (*warnings, *_grace_warnings(spec, sidecars))
-    status = orjson.dumps({"injected": decision.sidecars, "policy": policy.version}).decode()
+    status = orjson.dumps({"injected": names, "policy": policy.version}).decode()
     added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
     injected_pod = {
         **pod,
         "metadata": {**metadata, "annotations": {**annotations, **added, ann.STATUS: status}},
         "spec": _injected_spec(spec, sidecars),
     }
-    return Injection(injected_pod, INJECTED, decision.sidecars, warnings, decision.explanation)
+    return Injection(injected_pod, INJECTED, names, warnings, decision.explanation)
 
 
 @cache_small(1024, lambda _namespace, labels, ours, _policy: _size(labels) + _size(ours))
@@ -216,7 +224,23 @@ def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...
     volumes = [volume for sidecar in sidecars for volume in sidecar.volumes]
     if volumes:
         injected["volumes"] = [*(spec.get("volumes") or ()), *volumes]
+    pull_secrets = _added_pull_secrets(spec, sidecars)
+    if pull_secrets:
+        injected["imagePullSecrets"] = [*(spec.get("imagePullSecrets") or ()), *pull_secrets]
     return injected
+
+
+def _added_pull_secrets(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
+) -> list[dict[str, str]]:
+    """The templates' imagePullSecrets the pod does not name yet, each once, in order."""
+    present = {
+        s.get("name")
+        for s in _list(spec.get("imagePullSecrets"), "spec.imagePullSecrets")
+        if isinstance(s, dict)
+    }
+    names = dict.fromkeys(n for s in sidecars for n in s.image_pull_secrets if n not in present)
+    return [{"name": name} for name in names]
 
 
 def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> None:
@@ -250,6 +274,24 @@ def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) 
     problems += _run_to_completion_problems(spec, sidecars)
     if problems:
         raise InjectionDenied("; ".join(problems), "conflict")
+
+
+def _without_host_network_defaults(
+    sidecars: tuple[RenderedSidecar, ...], decision: Decision
+) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...], tuple[str, ...]]:
+    """A sidecar with ports that only a rule's default asks for is skipped in a hostNetwork pod
+    (a DaemonSet's, say), as Istio does: its ports would be taken on the node. One the pod asks
+    for, or a rule requires, stays, and is denied with the reason."""
+    kept, skipped = [], []
+    for sidecar in sidecars:
+        if sidecar.ports and sidecar.name in decision.defaults_only:
+            skipped.append(
+                f"{sidecar.name} (a rule's default) is not injected into this hostNetwork pod: "
+                "its ports would be taken on the node"
+            )
+        else:
+            kept.append(sidecar)
+    return tuple(kept), tuple(s.name for s in kept), tuple(skipped)
 
 
 def _run_to_completion_problems(

@@ -36,6 +36,7 @@ OWN_NAMESPACE_ENV = "POD_NAMESPACE"
 CLASSIC_PRE_STOP_MAX = 300
 
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _IMAGE_NAME = re.compile(r"^[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -101,6 +102,9 @@ class SidecarTemplate(_Model):
     # ${parameter} of type integer; 0 or None: no preStop. Native sidecars get none: the
     # kubelet stops them after the app by itself, and a sleep would only delay a Job's end.
     classicPreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
+    # Secrets (of the pod's namespace) that pull this template's image from a private
+    # registry: merged into the pod's spec.imagePullSecrets, each name once.
+    imagePullSecrets: tuple[Annotated[str, Field(pattern=_SECRET_NAME, max_length=253)], ...] = ()
 
     @field_validator("parameters")
     @classmethod

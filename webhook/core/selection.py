@@ -28,6 +28,8 @@ NOT_REQUESTED = "not-requested"
 OPTED_OUT = "opted-out"
 NAMESPACE_EXCLUDED = "namespace-excluded"
 RULE_EXCLUDED = "rule-excluded"
+# Only rule defaults asked, for sidecars that cannot run in a hostNetwork pod: none injected.
+HOST_NETWORK_SKIPPED = "host-network-skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,8 @@ class Decision:
     reason: str
     explanation: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    # Those that only a rule's default asks for: skipped where they cannot run (hostNetwork).
+    defaults_only: tuple[str, ...] = ()
 
 
 def decide(
@@ -63,7 +67,8 @@ def decide(
     explanation = tuple(f"{name}: {why[name]}" for name in sidecars)
     warnings = _opt_out_warnings(choice, sidecars)
     if sidecars:
-        return Decision(sidecars, INJECTED, explanation, warnings)
+        defaults_only = tuple(n for n in sidecars if why[n].startswith("default of rule"))
+        return Decision(sidecars, INJECTED, explanation, warnings, defaults_only)
     if choice.opt_out:
         return Decision((), OPTED_OUT, (f'{ann.INJECT} is "false"',))
     return Decision((), NOT_REQUESTED, ("no annotation or rule asks for a sidecar",))

@@ -61,6 +61,7 @@ class RenderedSidecar:
     annotations: tuple[str, ...]
     # Annotations it adds to the pod (the ambassador's SDS files, projected from them).
     pod_annotations: tuple[tuple[str, str], ...] = ()
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 def render(
@@ -106,6 +107,7 @@ def render(
         ports=tuple(p for p in ports if isinstance(p, int)),
         annotations=tuple(p.annotation for p in template.parameters.values()),
         pod_annotations=tuple(pod_annotations),
+        image_pull_secrets=template.imagePullSecrets,
     )
 
 

@@ -71,7 +71,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The policy ConfigMap's policy.yaml: a YAML string as given, or a map rendered as YAML. */}}
 {{- define "outrigger.policy" -}}
-{{- if kindIs "string" .Values.policy }}
+{{- if and .Values.openshift.enabled .Values.openshift.policy }}
+{{- .Files.Get "files/openshift-policy.yaml" }}
+{{- else if kindIs "string" .Values.policy }}
 {{- .Values.policy }}
 {{- else }}
 {{- toYaml .Values.policy }}
