@@ -139,7 +139,7 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
 def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
     """The whole envelope: HTTP status and response body for one request body."""
     request = parse(body)
-    return request if isinstance(request, tuple) else respond(request, policy)
+    return request if isinstance(request, tuple) else respond_with_verdict(request, policy)[0]
 
 
 def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
@@ -151,10 +151,6 @@ def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
     except Exception:
         log.exception("cannot decode an AdmissionReview")
         return 400, b'{"error":"cannot decode the AdmissionReview"}'
-
-
-def respond(request: AdmissionRequest, policy: Policy) -> tuple[int, bytes]:
-    return 200, orjson.dumps(answer(request, policy)[0])
 
 
 def respond_with_verdict(

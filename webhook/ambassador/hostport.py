@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from webhook.limits import cache_small
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+# A lowercase DNS name (RFC 1123 subdomain), as a pattern for validators elsewhere too.
+DNS_NAME = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$"
+_DNS_NAME = re.compile(DNS_NAME)
 
 ACCEPTED = (
     "host:port with a DNS name or IP address (IPv6 in brackets, without a %zone) and a port "

@@ -29,13 +29,12 @@ from pydantic import (
 )
 
 from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
-from webhook.ambassador.hostport import Upstream, parse_hostport
+from webhook.ambassador.hostport import DNS_NAME, Upstream, parse_hostport
 from webhook.limits import cache_small, echo
 
 _DURATION = re.compile(r"([0-9]{1,20})(\.[0-9]{1,20})?(ms|s|m|h)")
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _SECRET = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-_DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SAN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 # Envoy's own limits on what Outrigger emits, mirrored so that nothing admitted makes Envoy
@@ -152,7 +151,7 @@ class TLS(_Model):
 
     caSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)]
     # A DNS name (TLS sends no IP address as a server name); default: the upstream's name.
-    sni: Annotated[str, Field(pattern=_DNS_NAME, max_length=SNI_MAX_BYTES)] | None = None
+    sni: Annotated[str, Field(pattern=DNS_NAME, max_length=SNI_MAX_BYTES)] | None = None
     # DNS names the certificate must carry, `*.` wildcards allowed; default: the SNI name.
     subjectAltNames: Annotated[
         tuple[Annotated[str, Field(pattern=_SAN, max_length=253)], ...],

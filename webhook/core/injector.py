@@ -74,11 +74,13 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     left as it is; otherwise the fresh injection replaces the old one, so that a forged status
     exempts nothing and a pod injected under an older policy gets the current one.
     """
-    annotations = _annotations(_mapping(pod.get("metadata"), "metadata"))
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    annotations = _annotations(metadata)
     if ann.STATUS not in annotations:
-        return _inject(pod, context, policy)
+        return _inject(pod, metadata, annotations, context, policy)
     base = without_injection(pod, ann.claimed(annotations[ann.STATUS]), policy)
-    fresh = _inject(base, context, policy)
+    base_metadata = base["metadata"]
+    fresh = _inject(base, base_metadata, base_metadata["annotations"], context, policy)
     if fresh.reason in _LEFT_ALONE:  # excluded: not ours to touch, stale or not
         return Injection(pod, fresh.reason, explanation=fresh.explanation)
     if contains(pod, fresh.pod):
@@ -89,17 +91,23 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
     return Injection(fresh.pod, REINJECTED, fresh.injected, fresh.warnings, explanation)
 
 
-def _inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
-    metadata = _mapping(pod.get("metadata"), "metadata")
-    annotations = _annotations(metadata)
+def _inject(
+    pod: Pod,
+    metadata: dict[str, Any],
+    annotations: dict[str, str],
+    context: RequestContext,
+    policy: Policy,
+) -> Injection:
+    """`inject` for a pod without a status (`metadata` and its checked `annotations` given)."""
     labels = _mapping(metadata.get("labels"), "metadata.labels")
     if not all(isinstance(value, str) for value in labels.values()):
         raise InjectionDenied("metadata.labels values must be strings (quote them in YAML)")
     try:
-        decision = _decide(context.namespace, tuple(labels.items()), ann.ours(annotations), policy)
+        ours = ann.ours(annotations)
+        decision = _decide(context.namespace, tuple(labels.items()), ours, policy)
         if decision.reason in _LEFT_ALONE:
             return Injection(pod, decision.reason, explanation=decision.explanation)
-        sidecars, warnings = _sidecars(policy, ann.ours(annotations), decision.sidecars)
+        sidecars, warnings = _sidecars(policy, ours, decision.sidecars)
     except ann.InvalidAnnotations as error:
         raise InjectionDenied(str(error), "invalid-annotation") from None
     warnings = (*decision.warnings, *warnings)
@@ -179,20 +187,16 @@ def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod
     and the status itself. Only names of the current policy's templates are taken out."""
     templates = [policy.templates[name] for name in claimed if name in policy.templates]
     names = {template.name for template in templates}
-    volumes = {str(v.get("name")) for t in templates for v in t.volumes}
-    volumes |= {f"{t.name}-sds" for t in templates if t.envoy is not None}
-    secret_prefixes = tuple(f"{t.name}-tls-" for t in templates if t.envoy is not None)
-    annotation_prefixes = tuple(f"{name}.sds.outrigger.dev/" for name in names)
+    prefixes = tuple(template.sds_annotation_prefix for template in templates)
 
     def added_volume(name: object) -> bool:
-        text = str(name)
-        return text in volumes or (bool(secret_prefixes) and text.startswith(secret_prefixes))
+        return any(template.adds_volume(str(name)) for template in templates)
 
     metadata = _mapping(pod.get("metadata"), "metadata")
     annotations = {
         key: value
         for key, value in _annotations(metadata).items()
-        if key != ann.STATUS and not (annotation_prefixes and key.startswith(annotation_prefixes))
+        if key != ann.STATUS and not (prefixes and key.startswith(prefixes))
     }
     spec = dict(_mapping(pod.get("spec"), "spec"))
     for field in ("containers", "initContainers"):
@@ -215,8 +219,8 @@ def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...
     containers: list[dict[str, Any]] = spec["containers"]
     if mounts:
         containers = [with_mounts(container, mounts) for container in containers]
-    native = [s.container for s in sidecars if "restartPolicy" in s.container]
-    classic = [s.container for s in sidecars if "restartPolicy" not in s.container]
+    native = [s.container for s in sidecars if s.native]
+    classic = [s.container for s in sidecars if not s.native]
     injected = {**spec, "containers": [*containers, *classic]}
     if native:
         # First, so that the app's own init containers can already use them.
@@ -302,7 +306,7 @@ def _run_to_completion_problems(
     chosen classic placement for a cluster without native sidecars (there, an init container
     that never exits would hold the pod in Init for ever)."""
     restart_policy = spec.get("restartPolicy", "Always")
-    classic = [s.name for s in sidecars if "restartPolicy" not in s.container]
+    classic = [s.name for s in sidecars if not s.native]
     if restart_policy == "Always" or not classic:
         return []
     names, them = ", ".join(classic), "them" if len(classic) > 1 else "it"

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from webhook.ambassador.hostport import DNS_NAME
 from webhook.core.parameters import Parameter, valid_default
 
 API_VERSION = "outrigger.dev/v1alpha1"
@@ -36,7 +37,6 @@ OWN_NAMESPACE_ENV = "POD_NAMESPACE"
 CLASSIC_PRE_STOP_MAX = 300
 
 _NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_SECRET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _IMAGE_NAME = re.compile(r"^[a-z0-9]+([._-]+[a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -104,7 +104,7 @@ class SidecarTemplate(_Model):
     classicPreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
     # Secrets (of the pod's namespace) that pull this template's image from a private
     # registry: merged into the pod's spec.imagePullSecrets, each name once.
-    imagePullSecrets: tuple[Annotated[str, Field(pattern=_SECRET_NAME, max_length=253)], ...] = ()
+    imagePullSecrets: tuple[Annotated[str, Field(pattern=DNS_NAME, max_length=253)], ...] = ()
 
     @field_validator("parameters")
     @classmethod
@@ -195,6 +195,26 @@ class SidecarTemplate(_Model):
     def _type(self, name: str) -> str | None:
         parameter = self.parameters.get(name)
         return None if parameter is None else parameter.type
+
+    # The names of what a template adds to a pod beyond its own volumes: rendering gives them,
+    # a re-injection takes them out again, and the policy keeps them distinct across templates.
+    def secret_volume_name(self, index: int | str) -> str:
+        return f"{self.name}-tls-{index}"  # one per Secret the ambassador mounts
+
+    @property
+    def sds_volume_name(self) -> str:
+        return f"{self.name}-sds"
+
+    @property
+    def sds_annotation_prefix(self) -> str:
+        return f"{self.name}.sds.outrigger.dev/"
+
+    def adds_volume(self, name: str) -> bool:
+        """Whether `name` is one of the volumes this template adds to a pod."""
+        if any(volume.get("name") == name for volume in self.volumes):
+            return True
+        envoy = self.envoy is not None
+        return envoy and (name == self.sds_volume_name or name.startswith(f"{self.name}-tls-"))
 
     @property
     def reference_names(self) -> frozenset[str]:
@@ -311,7 +331,7 @@ class Policy(_Model):
         for template in self.sidecars:
             added = [str(volume.get("name")) for volume in template.volumes]
             if template.envoy is not None:
-                added += [f"{template.name}-tls-*", f"{template.name}-sds"]  # Secrets, SDS
+                added += [template.secret_volume_name("*"), template.sds_volume_name]
             for name in added:
                 if name in owners:
                     raise ValueError(

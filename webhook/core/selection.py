@@ -57,17 +57,20 @@ def decide(
     for rule in rules:
         for name in rule.require:
             why.setdefault(name, f"required by rule {rule.name!r}")
+    defaults: set[str] = set()
     if choice.defaults:
         for rule in rules:
             for name in rule.inject:
-                why.setdefault(name, f"default of rule {rule.name!r}")
+                if name not in why:
+                    why[name] = f"default of rule {rule.name!r}"
+                    defaults.add(name)
     for name in choice.names:
         why.setdefault(name, f"asked for by {ann.INJECT}")
     sidecars = tuple(sorted(why, key=policy.order.__getitem__))
     explanation = tuple(f"{name}: {why[name]}" for name in sidecars)
     warnings = _opt_out_warnings(choice, sidecars)
     if sidecars:
-        defaults_only = tuple(n for n in sidecars if why[n].startswith("default of rule"))
+        defaults_only = tuple(name for name in sidecars if name in defaults)
         return Decision(sidecars, INJECTED, explanation, warnings, defaults_only)
     if choice.opt_out:
         return Decision((), OPTED_OUT, (f'{ann.INJECT} is "false"',))

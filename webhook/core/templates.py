@@ -63,6 +63,11 @@ class RenderedSidecar:
     pod_annotations: tuple[tuple[str, str], ...] = ()
     image_pull_secrets: tuple[str, ...] = ()
 
+    @property
+    def native(self) -> bool:
+        """A native sidecar: an init container that keeps running (restartPolicy: Always)."""
+        return "restartPolicy" in self.container
+
 
 def render(
     template: SidecarTemplate, values: Values, defaults: ContainerDefaults, *, native: bool
@@ -90,11 +95,11 @@ def render(
     if template.envoy is not None:
         ports += [template.envoy.adminPort, template.envoy.healthPort]
         _add_concurrency(container)
-        pairs = _secret_volumes(template.name, references[_SECRETS])
+        pairs = _secret_volumes(template, references[_SECRETS])
         sds = references[_SDS]
         if sds:
-            pairs.append(_sds_volume(template.name, sds))
-            pod_annotations = [(_sds_annotation(template.name, f), f.text) for f in sds]
+            pairs.append(_sds_volume(template, sds))
+            pod_annotations = [(template.sds_annotation_prefix + f.name, f.text) for f in sds]
         volumes += [volume for volume, _ in pairs]
         mounts = [*container.get("volumeMounts", ()), *(mount for _, mount in pairs)]
         if mounts:
@@ -134,22 +139,22 @@ def envoy_concurrency(cpu_limit: object) -> int:
     return max(1, math.ceil(cores))
 
 
-def _sds_volume(sidecar: str, files: tuple[SdsFile, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _sds_volume(
+    template: SidecarTemplate, files: tuple[SdsFile, ...]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The SDS files, projected read-only from the pod's annotations (downward API)."""
-    name = f"{sidecar}-sds"
+    name = template.sds_volume_name
     items = [
         {
             "path": f"{f.name}.json",
-            "fieldRef": {"fieldPath": f"metadata.annotations['{_sds_annotation(sidecar, f)}']"},
+            "fieldRef": {
+                "fieldPath": f"metadata.annotations['{template.sds_annotation_prefix}{f.name}']"
+            },
         }
         for f in files
     ]
     volume = {"name": name, "downwardAPI": {"items": items}}
     return volume, {"name": name, "mountPath": SDS_ROOT, "readOnly": True}
-
-
-def _sds_annotation(sidecar: str, file: SdsFile) -> str:
-    return f"{sidecar}.sds.outrigger.dev/{file.name}"
 
 
 def _startup_probe(port: int) -> dict[str, Any]:
@@ -168,12 +173,12 @@ def _startup_probe(port: int) -> dict[str, Any]:
 
 
 def _secret_volumes(
-    sidecar: str, secrets: list[str]
+    template: SidecarTemplate, secrets: list[str]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """A read-only Secret volume per Secret, mounted at SECRETS_ROOT/<name> in the sidecar."""
     pairs = []
     for index, secret in enumerate(secrets):
-        name = f"{sidecar}-tls-{index}"
+        name = template.secret_volume_name(index)
         volume = {"name": name, "secret": {"secretName": secret}}
         mount = {"name": name, "mountPath": f"{SECRETS_ROOT}/{secret}", "readOnly": True}
         pairs.append((volume, mount))
