@@ -172,8 +172,7 @@ def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], V
     try:
         result = mutation(request.pod_json, request.namespace, policy)
     except InjectionDenied as error:
-        message = str(error)
-        log.debug("denied %s/%s: %s", request.namespace, request.name, message[:LOGGED_CHARACTERS])
+        message = str(error)  # logged by the decision log (webhook.serving.decisions)
         verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
         return denied(request, message, 400), verdict
     except Exception:
