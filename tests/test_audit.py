@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, outrigger_executable
-from tests.test_register import write_kubeconfig
+from tests.fake_kube import https_server, send_json, write_kubeconfig
 from webhook.core.audit import MISMATCHED, MISSING, STALE, classify, group, workload_of
 from webhook.core.injector import RequestContext, inject
 from webhook.core.policy import default_policy
@@ -310,12 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": page})
 
     def _send(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -323,24 +316,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[FakeApi, Path]]:
-    paths = write_certificates(tmp_path / "api-certs", ["localhost"], ["127.0.0.1"])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(paths.cert, paths.key)
     server = FakeApi(("127.0.0.1", 0), _Handler)
     server.requests = []
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    kubeconfig = write_kubeconfig(
-        tmp_path, f"https://127.0.0.1:{server.server_address[1]}", paths.ca_cert
-    )
-    try:
-        yield server, kubeconfig
-    finally:
-        server.shutdown()
-        server.server_close()
+    with https_server(tmp_path, server) as (url, ca_file):
+        yield server, write_kubeconfig(tmp_path, url, ca_file)
 
 
 def audit(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:

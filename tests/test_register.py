@@ -20,9 +20,7 @@ import base64
 import json
 import os
 import socket
-import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,10 +31,10 @@ import pytest
 import yaml
 
 from tests.conftest import outrigger_executable, validate_strict
+from tests.fake_kube import TOKEN, https_server, send_json, write_kubeconfig
 from webhook.cluster.registration import webhook_configuration
 from webhook.serving.certs import write_certificates
 
-TOKEN = "test-bearer-token-0123456789"
 NAMESPACE = "outrigger-system"
 COLLECTION = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
 OBJECT = f"{COLLECTION}/outrigger"
@@ -131,12 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
             code, answer = 500, status(500, "InternalError", "test script exhausted")
         if answer == ECHO:
             answer = stored(body, str(41 + len(api.requests)))  # "43" after two requests
-        data = json.dumps(answer).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, answer)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
 
@@ -151,45 +144,10 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture
 def api_server(tmp_path: Path) -> Iterator[FakeApiServer]:
-    paths = write_certificates(tmp_path / "server-certs", ["localhost"], ["127.0.0.1"])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(paths.cert, paths.key)
     server = _Server(("127.0.0.1", 0), _Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.api = FakeApiServer(f"https://127.0.0.1:{server.server_address[1]}", paths.ca_cert)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    try:
+    with https_server(tmp_path, server) as (url, ca_file):
+        server.api = FakeApiServer(url, ca_file)
         yield server.api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def write_kubeconfig(directory: Path, url: str, ca_file: Path) -> Path:
-    kubeconfig = directory / "kubeconfig"
-    ca_data = base64.b64encode(ca_file.read_bytes()).decode()
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "fake",
-                        "cluster": {"server": url, "certificate-authority-data": ca_data},
-                    }
-                ],
-                "users": [{"name": "deployer", "user": {"token": TOKEN}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "deployer"}}],
-                "current-context": "fake",
-            }
-        ),
-        encoding="utf-8",
-    )
-    return kubeconfig
 
 
 @pytest.fixture

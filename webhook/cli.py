@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -15,6 +18,10 @@ from webhook.core.injector import Injection, InjectionDenied
 from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
 from webhook.core.workloads import inject_workload
 from webhook.serving.certs import ca_bundle, write_certificates
+
+if TYPE_CHECKING:
+    from webhook.serving.metrics import Metrics
+    from webhook.serving.server import CertificateSource
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="json: one JSON object per line, the decision fields at its top level",
     )
+    _self_tls_arguments(serve)
     serve.set_defaults(run=_serve)
 
     inject = commands.add_parser("inject", help="inject into manifests, print the result")
@@ -129,13 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         help="opt-in: namespaces labelled outrigger.dev/injection=enabled; opt-out: all but "
         "those labelled outrigger.dev/injection=disabled (default: opt-in)",
     )
-    register.add_argument(
-        "--kubeconfig",
-        type=Path,
-        metavar="PATH",
-        help="default: in-cluster credentials in a pod, else $KUBECONFIG or ~/.kube/config",
-    )
-    register.add_argument("--context", metavar="NAME", help="kubeconfig context")
+    _cluster_arguments(register)
     register.add_argument(
         "--dry-run", action="store_true", help="print the object as YAML, contact nothing"
     )
@@ -180,6 +182,95 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
+    tls = serve.add_argument_group(
+        "self-managed TLS (--tls-source self)",
+        "The webhook keeps its CA and serving certificate in a Secret of its namespace, "
+        "renews them, and publishes the CA in its MutatingWebhookConfiguration; --cert-dir "
+        "must be writable. Durations take the units s, m, h and d (2160h, 30d, 90s).",
+    )
+    tls.add_argument(
+        "--tls-source",
+        choices=["files", "self"],
+        default="files",
+        help="files: tls.crt and tls.key in --cert-dir, from a mounted Secret (default); "
+        "self: managed by the webhook through the Kubernetes API",
+    )
+    tls.add_argument(
+        "--self-tls-namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        metavar="NAMESPACE",
+        help="namespace of the Secret and of the Service (default: $POD_NAMESPACE)",
+    )
+    tls.add_argument("--self-tls-secret", default="outrigger-tls", metavar="NAME")
+    tls.add_argument(
+        "--self-tls-webhook",
+        default="outrigger",
+        metavar="NAME",
+        help="MutatingWebhookConfiguration whose caBundle is kept (default: outrigger)",
+    )
+    tls.add_argument(
+        "--self-tls-service",
+        default="outrigger",
+        metavar="NAME",
+        help="Service the API server calls: the certificate is for NAME, NAME.NAMESPACE and "
+        "NAME.NAMESPACE.svc (default: outrigger)",
+    )
+    durations = (
+        ("--self-tls-cert-validity", "2160h", "lifetime of a serving certificate"),
+        ("--self-tls-renew-before", "720h", "renew a serving certificate expiring within this"),
+        ("--self-tls-ca-validity", "87600h", "lifetime of a CA"),
+        ("--self-tls-ca-overlap", "10m", "how long a new CA is published before it signs"),
+    )
+    for flag, default, meaning in durations:
+        tls.add_argument(
+            flag, type=parse_duration, default=default, help=f"{meaning} (default: {default})"
+        )
+    tls.add_argument(
+        "--self-tls-sync-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the Secret and the caBundle are checked (default: 60)",
+    )
+    tls.add_argument(
+        "--self-tls-startup-seconds",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long the first sync is retried before the start fails (default: 120)",
+    )
+    _cluster_arguments(tls)
+
+
+def _cluster_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How a command that talks to the API server finds it."""
+    group.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="default: in-cluster credentials in a pod, else $KUBECONFIG or ~/.kube/config",
+    )
+    group.add_argument("--context", metavar="NAME", help="kubeconfig context")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """`2160h`, `1h30m`, `90s`, `30d`: one or more numbers, each with a unit (s, m, h, d)."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected numbers with units s, m, h or d, e.g. 2160h"
+        )
+    seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    if not 0 < seconds <= 100 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive, at most 100 years")
+    return datetime.timedelta(seconds=seconds)
+
+
 def _policy(path: Path | None) -> Policy:
     return load_policy(path) if path else default_policy()
 
@@ -202,12 +293,21 @@ def _configure_logging(level: str, log_format: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from webhook.serving.metrics import Metrics
     from webhook.serving.server import serve  # uvicorn is only needed here
 
     if not 0 < args.policy_poll_seconds < float("inf"):
         print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
         return 2
     _configure_logging(args.log_level, args.log_format)
+    metrics = Metrics()
+    source = None
+    if args.tls_source == "self":
+        try:
+            source = _self_managed_tls(args, metrics)
+        except ValueError as error:
+            print(f"outrigger: {error}", file=sys.stderr)
+            return 2
     # serve() loads a --policy file before anything else: a bad one fails the start with the
     # PolicyError, which main() reports with exit status 2.
     serve(
@@ -217,8 +317,56 @@ def _serve(args: argparse.Namespace) -> int:
         args.policy,
         args.log_level,
         poll_seconds=args.policy_poll_seconds,
+        certificate_source=source,
+        metrics=metrics,
     )
     return 0
+
+
+def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> CertificateSource:
+    """The `--tls-source self` certificate source; ValueError for an unusable option."""
+    from webhook.cluster import registration, selftls  # the kubernetes client is only needed here
+    from webhook.serving.authority import Settings
+    from webhook.serving.server import CertificateSource
+
+    namespace, service = args.self_tls_namespace, args.self_tls_service
+    if not namespace:
+        raise ValueError("--tls-source self needs --self-tls-namespace (or $POD_NAMESPACE)")
+    for seconds, flag in (
+        (args.self_tls_sync_seconds, "--self-tls-sync-seconds"),
+        (args.self_tls_startup_seconds, "--self-tls-startup-seconds"),
+    ):
+        if not 0 < seconds < float("inf"):
+            raise ValueError(f"{flag} must be a positive number")
+    settings = Settings(
+        dns_names=(service, f"{service}.{namespace}", f"{service}.{namespace}.svc"),
+        cert_validity=args.self_tls_cert_validity,
+        renew_before=args.self_tls_renew_before,
+        ca_validity=args.self_tls_ca_validity,
+        ca_overlap=args.self_tls_ca_overlap,
+    )
+    try:
+        configuration = registration.client_configuration(args.kubeconfig, args.context)
+    except registration.RegistrationError as error:
+        raise ValueError(str(error)) from None
+    target = selftls.Target(namespace, args.self_tls_secret, args.self_tls_webhook)
+    manager = selftls.SelfManagedTLS(
+        target,
+        settings,
+        args.cert_dir,
+        configuration,
+        interval=args.self_tls_sync_seconds,
+        metrics=metrics,
+    )
+    timeout = args.self_tls_startup_seconds
+
+    def prepare() -> None:
+        try:
+            manager.start(timeout)
+        except selftls.SelfTLSError as error:
+            raise SystemExit(f"outrigger: {error}") from None
+
+    return CertificateSource(prepare, manager.watching)
 
 
 def _inject(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Development certificates: a throwaway CA and a serving certificate the API server can trust.
 
-In a cluster the serving pair comes from a Secret (cert-manager or the Helm chart); these helpers
-exist so `outrigger certs` and `outrigger serve` work on a laptop or in kind without extra tools.
+In a cluster the serving pair comes from a Secret (cert-manager, the Helm chart, or the webhook's
+own authority, `webhook.serving.authority`); these helpers make the certificates for all of
+them but cert-manager, and let `outrigger certs` and `outrigger serve` work on a laptop or in
+kind without extra tools.
 """
 
 from __future__ import annotations
@@ -59,21 +61,21 @@ def write_certificates(
     Only the CA certificate is written, never its key: a development CA that cannot sign again
     cannot be misused to mint certificates for other names, even if `ca.crt` ends up trusted.
     """
-    dns, ips = _validated_sans(dns_names, ip_addresses)
+    dns, ips = validated_sans(dns_names, ip_addresses)
     if days < 1:
         raise ValueError(f"certificate validity must be at least one day, got {days}")
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - CLOCK_SKEW, now + datetime.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _ca_certificate(ca_key, not_before, not_after)
+    ca_cert = ca_certificate(ca_key, not_before, not_after)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _serving_certificate(key, ca_cert, ca_key, dns, ips, not_before, not_after)
+    cert = serving_certificate(key, ca_cert, ca_key, dns, ips, not_before, not_after)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = CertificatePaths.in_dir(out_dir)
-    _write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_file(paths.key, _private_key_pem(key), 0o600)
-    _write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(paths.key, private_key_pem(key), 0o600)
+    write_file(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return paths
 
 
@@ -105,7 +107,7 @@ def certificate_not_after(cert_file: Path) -> datetime.datetime:
     return cert.not_valid_after_utc
 
 
-def _validated_sans(
+def validated_sans(
     dns_names: Sequence[str], ip_addresses: Sequence[str]
 ) -> tuple[list[str], list[IPAddress]]:
     """Reject unusable SANs up front, naming the culprit, rather than deep inside cryptography."""
@@ -126,11 +128,14 @@ def _validated_sans(
     return list(dns_names), ips
 
 
-def _ca_certificate(
-    key: ec.EllipticCurvePrivateKey, not_before: datetime.datetime, not_after: datetime.datetime
+def ca_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    common_name: str = CA_COMMON_NAME,
 ) -> x509.Certificate:
     """A self-signed CA limited to signing end-entity certificates (path length 0)."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     usage = _key_usage(digital_signature=False, key_cert_sign=True, crl_sign=True)
     return (
         _builder(name, name, key.public_key(), not_before, not_after)
@@ -141,7 +146,7 @@ def _ca_certificate(
     )
 
 
-def _serving_certificate(
+def serving_certificate(
     key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
@@ -205,7 +210,7 @@ def _key_usage(*, digital_signature: bool, key_cert_sign: bool, crl_sign: bool) 
     )
 
 
-def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     """Unencrypted PKCS#8, which uvicorn, Go and kubectl's TLS Secrets all read."""
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -214,7 +219,7 @@ def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
     """Write via a temporary file and rename, so readers never see a partial file.
 
     mkstemp creates the file as 0o600, so a private key is never readable by others, not even

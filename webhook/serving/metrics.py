@@ -20,6 +20,9 @@ from prometheus_client.metrics_core import InfoMetricFamily, Metric
 from webhook.core.policy import Policy
 
 ReloadResult = Literal["success", "failure"]
+# A self-managed TLS sync: nothing changed, this replica wrote a new bundle, it took another
+# replica's, the CA could not be published (no webhook configuration), or it failed.
+SelfTLSResult = Literal["kept", "issued", "adopted", "unpublished", "error"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
 DURATION_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -54,6 +57,13 @@ class Metrics:
         self._certificate_expiry = Gauge(
             "outrigger_serving_certificate_expiry_timestamp_seconds",
             "When the serving certificate expires (Unix time); alert well before it.",
+            registry=self.registry,
+        )
+        self._self_tls = Counter(
+            "outrigger_self_tls_syncs",
+            "Self-managed TLS syncs (tls-source self), by result: kept, issued (this replica "
+            "wrote a new bundle), adopted (another replica's), unpublished, error.",
+            ["result"],
             registry=self.registry,
         )
         self._reviews = Counter(
@@ -110,6 +120,9 @@ class Metrics:
 
     def count_reload(self, result: ReloadResult) -> None:
         self._reloads.labels(result=result).inc()
+
+    def count_self_tls(self, result: SelfTLSResult) -> None:
+        self._self_tls.labels(result=result).inc()
 
     def set_certificate_expiry(self, not_after: datetime.datetime) -> None:
         self._certificate_expiry.set(not_after.timestamp())

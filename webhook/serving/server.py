@@ -8,6 +8,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -26,6 +27,16 @@ log = logging.getLogger("outrigger.server")
 SHUTDOWN_SECONDS = 10
 
 
+@dataclass(frozen=True)
+class CertificateSource:
+    """What puts the serving pair into the certificate directory before the server starts
+    (`prepare`, which raises SystemExit with a message when it cannot) and keeps it current
+    while it serves (`keeping`): `webhook.cluster.selftls` for `--tls-source self`."""
+
+    prepare: Callable[[], None]
+    keeping: Background
+
+
 def serve(
     host: str,
     port: int,
@@ -33,6 +44,9 @@ def serve(
     policy_path: Path | None,
     log_level: str = "info",
     poll_seconds: float = 5.0,
+    *,
+    certificate_source: CertificateSource | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
@@ -40,12 +54,16 @@ def serve(
     before anything is generated or served, and then reloaded whenever the file's content
     changes (polled every `poll_seconds`). Without it the embedded default policy serves, fixed.
 
-    The serving certificate and key are polled at the same interval, policy or not, and a new
-    valid pair is swapped in without a restart (`ServingCertificate`). A pair that cannot be
-    served at startup ends the process with a message (exit status 1).
+    A `certificate_source` writes the pair into `cert_dir` first (so nothing is generated)
+    and keeps it current beside the server. The serving certificate and key are polled at the
+    same interval as the policy, and a new valid pair is swapped in without a restart
+    (`ServingCertificate`). A pair that cannot be served at startup ends the process with a
+    message (exit status 1).
     """
-    metrics = Metrics()
+    metrics = Metrics() if metrics is None else metrics
     policy, policy_watch = _policy_source(policy_path, poll_seconds, metrics)
+    if certificate_source is not None:
+        certificate_source.prepare()
     paths = _serving_certificates(cert_dir)
     try:
         certificate = ServingCertificate(
@@ -53,7 +71,8 @@ def serve(
         )
     except CertificateError as error:
         raise SystemExit(f"outrigger: {error}") from None
-    background = _together(policy_watch, certificate.watching)
+    keeping = certificate_source.keeping if certificate_source else None
+    background = _together(policy_watch, certificate.watching, keeping)
     config = _uvicorn_config(
         create_app(policy, metrics=metrics, background=background),
         host,

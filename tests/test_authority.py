@@ -1,0 +1,231 @@
+"""The self-managed authority's decisions (pure): is a stored bundle valid for these names, is it
+due, what the next bundle holds; and the helpers that publish and write it."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from webhook.cluster.selftls import ca_bundle_patch, write_atomically
+from webhook.serving.authority import (
+    Action,
+    Bundle,
+    BundleError,
+    Settings,
+    ca_pems,
+    carry_out,
+    plan,
+)
+
+NAMES = ("outrigger", "outrigger.system", "outrigger.system.svc")
+DAY = datetime.timedelta(days=1)
+SETTINGS = Settings(NAMES)  # 90 d certificates renewed 30 d early, 10 y CAs, 10 min overlap
+T0 = datetime.datetime.now(datetime.UTC).replace(microsecond=0)  # X.509 keeps seconds
+
+
+def fresh(now: datetime.datetime = T0, settings: Settings = SETTINGS) -> Bundle:
+    return carry_out(Action.NEW_ALL, None, settings, now)
+
+
+def sans(bundle: Bundle) -> list[str]:
+    extension = bundle.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return list(extension.value.get_values_for_type(x509.DNSName))
+
+
+def test_nothing_stored_means_a_new_ca_and_certificate() -> None:
+    decision = plan(None, SETTINGS, T0)
+    assert decision.action is Action.NEW_ALL
+    bundle = fresh()
+    assert sans(bundle) == list(NAMES)
+    assert len(bundle.cas) == 1
+    bundle.cert.verify_directly_issued_by(bundle.newest_ca)
+    assert bundle.cert.not_valid_after_utc - T0 == SETTINGS.cert_validity
+    assert bundle.newest_ca.not_valid_after_utc - T0 == SETTINGS.ca_validity
+    assert plan(bundle, SETTINGS, T0) == plan(bundle, SETTINGS, T0 + 59 * DAY)
+    assert plan(bundle, SETTINGS, T0).action is Action.KEEP
+
+
+def test_the_secret_data_round_trips() -> None:
+    bundle = fresh()
+    again = Bundle.from_data(bundle.data())
+    assert again.data() == bundle.data()
+    assert plan(again, SETTINGS, T0).action is Action.KEEP
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda d: d.pop("ca.key"), "missing ca.key"),
+        (lambda d: d.update({"tls.crt": b"not a certificate"}), "does not parse as PEM"),
+        (lambda d: d.update({"tls.key": b"garbage"}), "tls.key does not parse"),
+        (lambda d: d.update({"tls.key": d["ca.key"]}), "tls.key does not belong to tls.crt"),
+        (lambda d: d.update({"ca.key": d["tls.key"]}), "ca.key does not belong to the first CA"),
+    ],
+)
+def test_spoiled_data_is_named_without_showing_a_key(spoil: object, message: str) -> None:
+    data = fresh().data()
+    secret = data["tls.key"].decode()
+    spoil(data)  # type: ignore[operator]
+    with pytest.raises(BundleError, match=message) as caught:
+        Bundle.from_data(data)
+    assert secret not in str(caught.value)
+
+
+def test_a_certificate_lacking_a_name_is_reissued_by_the_same_ca() -> None:
+    bundle = fresh()
+    wider = Settings((*NAMES, "outrigger.system.svc.cluster.local"))
+    decision = plan(bundle, wider, T0)
+    assert decision.action is Action.NEW_CERT
+    assert "outrigger.system.svc.cluster.local" in decision.reason
+    renewed = carry_out(decision.action, bundle, wider, T0)
+    assert renewed.cas == bundle.cas
+    assert "outrigger.system.svc.cluster.local" in sans(renewed)
+    assert plan(renewed, wider, T0).action is Action.KEEP
+
+
+def test_a_certificate_is_renewed_within_its_window_not_before() -> None:
+    bundle = fresh()
+    assert plan(bundle, SETTINGS, T0 + 59 * DAY).action is Action.KEEP
+    due = plan(bundle, SETTINGS, T0 + 61 * DAY)
+    assert due.action is Action.NEW_CERT
+    assert "expires" in due.reason
+    renewed = carry_out(due.action, bundle, SETTINGS, T0 + 61 * DAY)
+    assert renewed.cas == bundle.cas  # the API server's caBundle need not change
+    assert renewed.cert.serial_number != bundle.cert.serial_number
+    assert plan(renewed, SETTINGS, T0 + 61 * DAY).action is Action.KEEP
+
+
+def test_an_expired_certificate_is_replaced() -> None:
+    bundle = fresh()
+    decision = plan(bundle, SETTINGS, T0 + 91 * DAY)
+    assert decision.action is Action.NEW_CERT
+    assert "expired" in decision.reason
+
+
+def test_a_certificate_from_a_foreign_ca_is_replaced() -> None:
+    ours, theirs = fresh(), fresh()
+    mixed = Bundle(ours.cas, ours.ca_key, theirs.cert, theirs.key)
+    decision = plan(mixed, SETTINGS, T0)
+    assert decision.action is Action.NEW_CERT
+    assert "not signed by a CA of the bundle" in decision.reason
+
+
+def test_a_ca_is_rotated_in_two_steps() -> None:
+    """New CA published beside the old one first; the certificate moves to it only once it
+    has been published for the overlap; the old CA is dropped once it has expired."""
+    ca_due = T0 + SETTINGS.ca_validity - SETTINGS.ca_renew_before + DAY
+    bundle = carry_out(Action.NEW_CERT, fresh(), SETTINGS, ca_due - 2 * DAY)  # renewed so far
+    first = plan(bundle, SETTINGS, ca_due)
+    assert first.action is Action.NEW_CA
+    published = carry_out(first.action, bundle, SETTINGS, ca_due)
+    assert published.cas[1:] == bundle.cas  # old CA still trusted
+    assert published.cert == bundle.cert  # still served
+    assert published.newest_ca.subject != bundle.newest_ca.subject
+    # Within the overlap nothing is signed with the new CA, even if the certificate is due.
+    within = plan(published, SETTINGS, ca_due + datetime.timedelta(minutes=5))
+    assert within.action is Action.KEEP
+    assert "waiting until the new CA has been published" in within.reason
+    after = ca_due + datetime.timedelta(minutes=11)
+    moved = plan(published, SETTINGS, after)
+    assert moved.action is Action.NEW_CERT
+    rotated = carry_out(moved.action, published, SETTINGS, after)
+    rotated.cert.verify_directly_issued_by(published.newest_ca)
+    assert rotated.cas == published.cas
+    assert plan(rotated, SETTINGS, after).action is Action.KEEP
+    # Once the old CA has expired, the next renewal drops it.
+    late = T0 + SETTINGS.ca_validity + DAY
+    renewed = carry_out(Action.NEW_CERT, rotated, SETTINGS, late)
+    assert renewed.cas == (published.newest_ca,)
+
+
+def test_certificates_never_outlive_their_ca() -> None:
+    short = Settings(NAMES, datetime.timedelta(days=90), datetime.timedelta(days=30),
+                     datetime.timedelta(days=240))  # fmt: skip
+    bundle = fresh(settings=short)
+    for day in range(0, 240, 7):
+        now = T0 + day * DAY
+        decision = plan(bundle, short, now)
+        bundle = carry_out(decision.action, bundle, short, now)
+        issuer = bundle.issuer_of_cert()
+        assert issuer is not None
+        assert bundle.cert.not_valid_after_utc <= issuer.not_valid_after_utc
+        assert bundle.cert.not_valid_after_utc > now + short.renew_before - 7 * DAY
+
+
+def test_an_expired_or_non_ca_is_replaced_whole() -> None:
+    bundle = fresh()
+    assert plan(bundle, SETTINGS, T0 + SETTINGS.ca_validity + DAY).action is Action.NEW_ALL
+    not_a_ca = Bundle((bundle.cert,), bundle.key, bundle.cert, bundle.key)
+    decision = plan(not_a_ca, SETTINGS, T0)
+    assert decision.action is Action.NEW_ALL
+    assert "not a CA" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"renew_before": datetime.timedelta(days=90)}, "renewal window"),
+        ({"ca_overlap": datetime.timedelta(days=31)}, "CA overlap"),
+        ({"ca_validity": datetime.timedelta(days=200)}, "at least twice"),
+        ({"dns_names": ("Not_A_Name",)}, "invalid DNS name"),
+    ],
+)
+def test_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
+    arguments: dict[str, object] = {"dns_names": NAMES, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Settings(**arguments)  # type: ignore[arg-type]
+
+
+def test_ca_bundle_patch_tests_each_name_and_skips_what_is_set() -> None:
+    bundle = base64.b64encode(fresh().data()["ca.crt"]).decode()
+    configuration = {
+        "webhooks": [
+            {"name": "inject.outrigger.dev", "clientConfig": {"service": {"name": "x"}}},
+            {"name": "other.outrigger.dev", "clientConfig": {"caBundle": bundle}},
+            {"name": "third.outrigger.dev", "clientConfig": {"caBundle": "b2xk"}},
+        ]
+    }
+    assert ca_bundle_patch(configuration, bundle) == [
+        {"op": "test", "path": "/webhooks/0/name", "value": "inject.outrigger.dev"},
+        {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": bundle},
+        {"op": "test", "path": "/webhooks/2/name", "value": "third.outrigger.dev"},
+        {"op": "add", "path": "/webhooks/2/clientConfig/caBundle", "value": bundle},
+    ]
+    assert ca_bundle_patch({"webhooks": configuration["webhooks"][1:2]}, bundle) == []
+
+
+def test_ca_pems_splits_a_bundle() -> None:
+    one, two = fresh(), fresh()
+    joined = one.data()["ca.crt"] + two.data()["ca.crt"]
+    assert len(ca_pems(joined)) == 2
+    assert ca_pems(b"garbage") == ()
+
+
+def test_write_atomically_swaps_one_symlink(tmp_path: Path) -> None:
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    (directory / "tls.crt").write_bytes(b"a regular file from before")
+    write_atomically(directory, {"tls.crt": b"one", "tls.key": b"key one"})
+    first = os.readlink(directory / "..data")
+    assert (directory / "tls.crt").read_bytes() == b"one"
+    assert os.readlink(directory / "tls.crt") == "..data/tls.crt"
+    write_atomically(directory, {"tls.crt": b"two", "tls.key": b"key two"})
+    assert (directory / "tls.crt").read_bytes() == b"two"
+    assert (directory / "tls.key").read_bytes() == b"key two"
+    assert not (directory / first).exists()  # the old version is gone
+    versions = [p for p in directory.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(versions) == 1
+    mode = os.stat(directory / "tls.key").st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_key_pem_is_unencrypted_pkcs8() -> None:
+    key_pem = fresh().data()["tls.key"]
+    assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    serialization.load_pem_private_key(key_pem, password=None)

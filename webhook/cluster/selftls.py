@@ -1,0 +1,388 @@
+"""`outrigger serve --tls-source self`: the webhook keeps its own CA and serving certificate in
+a Secret of its namespace and publishes the CA in its own MutatingWebhookConfiguration, as
+Vault's injector and Kyverno do. Nothing in the chart's rendered output changes between
+renders, so GitOps tools stay in sync.
+
+Each replica syncs at start and then every `interval` seconds:
+
+1. It reads the Secret and asks `webhook.serving.authority.plan` what to do. A bundle that must
+   change is written: created when absent, updated with the resourceVersion just read
+   otherwise. The API server accepts one write per resourceVersion, so when replicas race
+   (several starting at once, or renewing at once) one wins; the others get 409
+   (AlreadyExists, Conflict), read again and adopt the winner's bundle: they all serve one CA.
+   A Secret deleted or spoiled under a running replica is written back from its memory.
+2. It publishes the Secret's CAs as the `caBundle` of every webhook of the configuration, with
+   a JSON patch that first tests each webhook's name at its index.
+3. It writes `ca.crt`, `tls.crt` and `tls.key` into the certificate directory the way the
+   kubelet updates a Secret volume (a new directory, then one symlink swapped), so that the
+   server's `ServingCertificate` reloads a consistent pair without dropping a connection.
+
+The RBAC this needs: get and update on that Secret (by name), create on Secrets (the API
+cannot limit a create by name), get and patch on that MutatingWebhookConfiguration (by name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from webhook.cluster.registration import api_error, one_line
+from webhook.serving.authority import Action, Bundle, BundleError, Settings, carry_out, plan
+from webhook.serving.background import running
+from webhook.serving.certs import CA_CERT, SERVING_CERT, SERVING_KEY
+from webhook.serving.metrics import Metrics, SelfTLSResult
+
+log = logging.getLogger("outrigger.selftls")
+
+REQUEST_TIMEOUT = (5.0, 10.0)  # connect, read (seconds) of each API call
+CONFLICT_ATTEMPTS = 5
+FIELD_MANAGER = "outrigger"
+REASON_ANNOTATION = "outrigger.dev/tls-reason"
+_JSON = {"Content-Type": "application/json"}
+_JSON_PATCH = {"Content-Type": "application/json-patch+json"}
+_SERVED_FILES = (CA_CERT, SERVING_KEY, SERVING_CERT)
+
+
+class SelfTLSError(Exception):
+    """A sync that could not be done; the message is one line."""
+
+
+class _Lost(Exception):
+    """Another replica wrote the Secret first (409)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the bundle is kept and whose caBundle it goes to."""
+
+    namespace: str
+    secret: str
+    webhook: str  # the MutatingWebhookConfiguration's name
+
+
+@dataclass(frozen=True)
+class _Stored:
+    bundle: Bundle | None  # None: absent or unusable
+    resource_version: str | None  # None: absent
+    secret_type: str
+    problem: str
+
+
+def now_utc() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class SelfManagedTLS:
+    """Keeps the Secret, the caBundle and the served files in step; see the module doc."""
+
+    def __init__(
+        self,
+        target: Target,
+        settings: Settings,
+        cert_dir: Path,
+        configuration: Any,
+        *,
+        interval: float = 60.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime.datetime] = now_utc,
+    ) -> None:
+        from kubernetes import client
+
+        if not 0 < interval < float("inf"):
+            raise ValueError(f"sync interval must be a positive number of seconds, not {interval}")
+        self.target, self.settings, self.cert_dir = target, settings, cert_dir
+        self.interval = interval
+        self.metrics = Metrics() if metrics is None else metrics
+        self._clock = clock
+        api_client = client.ApiClient(configuration)
+        # Bodies are plain dicts and answers raw JSON (as in `outrigger audit`), not models.
+        self._core: Any = client.CoreV1Api(api_client)
+        self._admission: Any = client.AdmissionregistrationV1Api(api_client)
+        self._bundle: Bundle | None = None  # the one last settled: what this replica serves
+
+    # The sync ---------------------------------------------------------------------------------
+
+    def sync(self) -> Bundle:
+        """One round: settle the Secret, publish its CAs, write the served files."""
+        try:
+            bundle, result = self._settle()
+        except SelfTLSError:
+            self.metrics.count_self_tls("error")
+            raise
+        self._bundle = bundle
+        try:
+            published = self._publish(bundle)
+        except SelfTLSError:
+            self.metrics.count_self_tls("error")
+            raise
+        finally:  # what the Secret holds is served, published or not: it is retried
+            self._write_files(bundle)
+        self.metrics.count_self_tls(result if published else "unpublished")
+        return bundle
+
+    def start(self, timeout: float) -> None:
+        """Sync until the first success, retrying for up to `timeout` seconds (the API server
+        may still be out of reach while the pod starts); raises the last `SelfTLSError`."""
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self.sync()
+                return
+            except SelfTLSError as error:
+                if time.monotonic() + delay > deadline:
+                    raise SelfTLSError(f"{error} (gave up after {timeout:g}s)") from None
+                log.warning("%s; retrying in %gs", error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def run(self) -> None:
+        """Sync every `interval` seconds until cancelled; a failure never stops it."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.to_thread(self.sync)
+            except SelfTLSError as error:
+                log.error("%s; the certificate in use stays, retrying in %gs", error, self.interval)
+            except Exception:
+                log.exception("self-managed TLS sync failed; retrying in %gs", self.interval)
+
+    def watching(self) -> AbstractAsyncContextManager[None]:
+        """Sync in the background for the duration of the `async with` (the app's lifespan)."""
+        return running(self.run(), f"outrigger self-managed TLS {self.target.secret}")
+
+    # The Secret -------------------------------------------------------------------------------
+
+    def _settle(self) -> tuple[Bundle, SelfTLSResult]:
+        """The bundle in force after this round, and what happened (kept, issued, adopted)."""
+        for _ in range(CONFLICT_ATTEMPTS):
+            stored = self._read_secret()
+            # A Secret deleted or spoiled under a running replica: what it serves is restored.
+            candidate = stored.bundle if stored.bundle is not None else self._bundle
+            decision = plan(candidate, self.settings, self._clock())
+            if decision.action is Action.KEEP and candidate is stored.bundle:
+                assert stored.bundle is not None
+                adopted = self._bundle is not None and stored.bundle.data() != self._bundle.data()
+                if adopted:
+                    log.info("serving certificate from Secret %s: %s", self._where, decision.reason)
+                return stored.bundle, "adopted" if adopted else "kept"
+            reason = decision.reason if decision.action is not Action.KEEP else "restored"
+            if stored.problem:
+                reason = f"{reason} (stored: {stored.problem})"
+            bundle = carry_out(decision.action, candidate, self.settings, self._clock())
+            try:
+                self._write_secret(bundle, stored, reason)
+            except _Lost:
+                log.info("another replica wrote Secret %s first; reading it", self._where)
+                continue
+            log.info("wrote Secret %s (%s): %s", self._where, decision.action.value, reason)
+            return bundle, "issued"
+        raise SelfTLSError(
+            f"Secret {self._where}: still conflicting after {CONFLICT_ATTEMPTS} attempts"
+        )
+
+    def _read_secret(self) -> _Stored:
+        found = self._call(
+            f"read Secret {self._where}",
+            lambda: self._core.read_namespaced_secret(
+                self.target.secret,
+                self.target.namespace,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+            absent_ok=True,
+        )
+        if found is None:
+            return _Stored(None, None, "kubernetes.io/tls", "")
+        metadata = found.get("metadata") or {}
+        version = str(metadata.get("resourceVersion") or "") or None
+        secret_type = str(found.get("type") or "Opaque")
+        try:
+            bundle = Bundle.from_data(_decoded(found.get("data") or {}))
+        except BundleError as error:
+            log.warning("Secret %s holds no usable bundle: %s", self._where, error)
+            return _Stored(None, version, secret_type, str(error))
+        return _Stored(bundle, version, secret_type, "")
+
+    def _write_secret(self, bundle: Bundle, stored: _Stored, reason: str) -> None:
+        metadata: dict[str, Any] = {
+            "name": self.target.secret,
+            "namespace": self.target.namespace,
+            "labels": {
+                "app.kubernetes.io/name": "outrigger",
+                "app.kubernetes.io/component": "webhook-tls",
+                "app.kubernetes.io/managed-by": "outrigger",
+            },
+            "annotations": {REASON_ANNOTATION: reason[:256]},
+        }
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata,
+            "type": stored.secret_type,  # immutable: kept as found
+            "data": {k: base64.b64encode(v).decode("ascii") for k, v in bundle.data().items()},
+        }
+        options = {
+            "field_manager": FIELD_MANAGER,
+            "_request_timeout": REQUEST_TIMEOUT,
+            "_headers": _JSON,
+        }
+        if stored.resource_version is None:
+            what = "create"
+            call = partial(self._core.create_namespaced_secret, self.target.namespace, body)
+        else:
+            what = "update"
+            metadata["resourceVersion"] = stored.resource_version  # the write is conditional
+            replace = self._core.replace_namespaced_secret
+            call = partial(replace, self.target.secret, self.target.namespace, body)
+        self._call(f"{what} Secret {self._where}", partial(call, **options), lost_on_conflict=True)
+
+    # The caBundle -----------------------------------------------------------------------------
+
+    def _publish(self, bundle: Bundle) -> bool:
+        """Set every webhook's caBundle to the bundle's CAs; False when the configuration is
+        missing (the API server cannot call this webhook until it exists)."""
+        name = self.target.webhook
+        configuration = self._call(
+            f"read mutatingwebhookconfiguration {name}",
+            lambda: self._admission.read_mutating_webhook_configuration(
+                name, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+            absent_ok=True,
+        )
+        if configuration is None:
+            log.warning("mutatingwebhookconfiguration %s does not exist; not published", name)
+            return False
+        ops = ca_bundle_patch(configuration, base64.b64encode(bundle.data()[CA_CERT]).decode())
+        if not ops:
+            return True
+        self._call(
+            f"patch the caBundle of mutatingwebhookconfiguration {name}",
+            lambda: self._admission.patch_mutating_webhook_configuration(
+                name,
+                ops,
+                field_manager=FIELD_MANAGER,
+                _request_timeout=REQUEST_TIMEOUT,
+                _headers=_JSON_PATCH,
+            ),
+        )
+        log.info("published the CA bundle in mutatingwebhookconfiguration %s", name)
+        return True
+
+    # The served files -------------------------------------------------------------------------
+
+    def _write_files(self, bundle: Bundle) -> None:
+        data = bundle.data()
+        wanted = {name: data[name] for name in _SERVED_FILES}
+        if all(_content(self.cert_dir / name) == value for name, value in wanted.items()):
+            return
+        write_atomically(self.cert_dir, wanted)
+
+    # Calls ------------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self.target.namespace}/{self.target.secret}"
+
+    def _call(
+        self,
+        what: str,
+        call: Callable[[], Any],
+        *,
+        absent_ok: bool = False,
+        lost_on_conflict: bool = False,
+    ) -> Any:
+        """The decoded JSON answer of `call`; None for a 404 when `absent_ok`; raises `_Lost`
+        for a 409 when `lost_on_conflict`, else `SelfTLSError` with a one-line message."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            response = call()
+        except ApiException as error:
+            if error.status == 404 and absent_ok:
+                return None
+            if error.status == 409 and lost_on_conflict:
+                raise _Lost from None
+            raise SelfTLSError(f"cannot {what}: {api_error(error)}") from None
+        except (HTTPError, OSError) as error:
+            unreachable = f"API server unreachable: {one_line(error)}"
+            raise SelfTLSError(f"cannot {what}: {unreachable}") from None
+        raw = getattr(response, "data", None)
+        if not isinstance(raw, bytes):
+            return response
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise SelfTLSError(f"cannot {what}: the API server's answer is not JSON") from None
+
+
+def ca_bundle_patch(configuration: Mapping[str, Any], ca_bundle: str) -> list[dict[str, Any]]:
+    """JSON patch operations setting each webhook's caBundle to `ca_bundle` (none when all
+    have it). Each `add` is preceded by a `test` of the webhook's name at that index."""
+    ops: list[dict[str, Any]] = []
+    for index, webhook in enumerate(configuration.get("webhooks") or []):
+        client_config = webhook.get("clientConfig") or {}
+        if client_config.get("caBundle") == ca_bundle:
+            continue
+        ops.append({"op": "test", "path": f"/webhooks/{index}/name", "value": webhook["name"]})
+        path = f"/webhooks/{index}/clientConfig/caBundle"
+        ops.append({"op": "add", "path": path, "value": ca_bundle})
+    return ops
+
+
+def write_atomically(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Replace `files` in `directory` at once, as the kubelet updates a Secret volume: the
+    content goes into a new hidden directory, a `..data` symlink is swapped to it, and each
+    name is a symlink through `..data`. Readers see the old set or the new one, never a mix."""
+    directory.mkdir(parents=True, exist_ok=True)
+    version = directory / f"..{time.time_ns()}"
+    version.mkdir(mode=0o700)
+    for name, content in files.items():
+        descriptor = os.open(version / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+    data, swap = directory / "..data", directory / "..data_tmp"
+    previous = os.readlink(data) if data.is_symlink() else None
+    swap.unlink(missing_ok=True)
+    swap.symlink_to(version.name)
+    os.replace(swap, data)
+    for name in files:
+        link = directory / name
+        if not (link.is_symlink() and os.readlink(link) == f"..data/{name}"):
+            staged = directory / f".{name}.link"
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(f"..data/{name}")
+            os.replace(staged, link)
+    if previous and previous != version.name:
+        shutil.rmtree(directory / previous, ignore_errors=True)
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _decoded(data: Mapping[str, Any]) -> dict[str, bytes]:
+    decoded: dict[str, bytes] = {}
+    for name, value in data.items():
+        try:
+            decoded[str(name)] = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError):
+            raise BundleError(f"{name} is not base64") from None
+    return decoded
