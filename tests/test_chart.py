@@ -42,6 +42,7 @@ SERVICE_DNS = [
     f"outrigger.{NAMESPACE}.svc.cluster.local",
 ]
 CERT_MANAGER_KINDS = {"Issuer", "Certificate"}
+CLUSTER_SCOPED = {"MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding"}
 WEBHOOK_NAME = "inject.outrigger.dev"
 
 Docs = list[dict[str, Any]]
@@ -149,8 +150,10 @@ SECRET_MODE = [
     "--set", "tls.existingSecret=my-webhook-tls",
     "--set-string", f"tls.caBundle={CA_BUNDLE}",
 ]  # fmt: skip
+HELM_MODE = ["--set", "tls.mode=helm"]
 TLS_MODES: dict[str, list[str]] = {
-    "helm": [],
+    "self": [],
+    "helm": HELM_MODE,
     "cert-manager": ["--set", "tls.mode=cert-manager"],
     "secret": SECRET_MODE,
 }
@@ -162,6 +165,10 @@ COMBINATIONS: dict[str, list[str]] = {
     "custom-policy": [
         "--set-file",
         "policy=tests/fixtures/policies/good-platform-team.yaml",
+    ],
+    "self-custom-lifetimes": [
+        "--set", "tls.self.certValidity=720h", "--set", "tls.self.renewBefore=240h",
+        "--set", "tls.self.syncSeconds=30",
     ],
     "cert-manager-opt-out-ignore": [
         "--set", "tls.mode=cert-manager",
@@ -222,7 +229,7 @@ def test_every_object_is_valid(render: Callable[..., Docs], case: str) -> None:
             check_cert_manager(doc)
         else:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-        if doc["kind"] != "MutatingWebhookConfiguration":  # cluster-scoped
+        if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
@@ -242,6 +249,8 @@ def test_every_object_is_valid(render: Callable[..., Docs], case: str) -> None:
          "/tls/existingSecret"),
         (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s",
           "--set", "tls.caBundle=not base64!"], "/tls/caBundle"),
+        (["--set", "tls.self.certValidity=90 days"], "/tls/self/certValidity"),
+        (["--set", "tls.self.syncSeconds=1"], "/tls/self/syncSeconds"),
         (["--set", "replicas=3"], "replicas"),  # a typo: additionalProperties false
     ],
 )  # fmt: skip
@@ -256,7 +265,8 @@ def test_schema_rejects_bad_values(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "tls.mode=bogus"], 'tls.mode must be helm, cert-manager or secret, not "bogus"'),
+        (["--set", "tls.mode=bogus"],
+         'tls.mode must be self, helm, cert-manager or secret, not "bogus"'),
         (["--set", "injection.mode=x"], 'injection.mode must be opt-in or opt-out, not "x"'),
         (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s"],
          "tls.caBundle is required when tls.mode=secret"),
@@ -364,7 +374,7 @@ def test_values_document_the_failure_policy_trade_off() -> None:
 
 
 def test_helm_mode_generates_a_ca_and_a_serving_certificate(render: Callable[..., Docs]) -> None:
-    docs = render()
+    docs = render(*HELM_MODE)
     hook = webhook(docs)
     config = only(docs, "MutatingWebhookConfiguration")
     assert "cert-manager.io/inject-ca-from" not in config["metadata"].get("annotations", {})
@@ -435,6 +445,78 @@ def test_cert_manager_mode(render: Callable[..., Docs]) -> None:
     assert tls["secret"]["secretName"] == f"{FULLNAME}-tls"
 
 
+def _rbac_grants(docs: Docs) -> set[tuple[str, str]]:
+    """The (verb, API path) pairs the chart's Role and ClusterRole grant its ServiceAccount."""
+    grants: set[tuple[str, str]] = set()
+    for kind, binding_kind in (("Role", "RoleBinding"), ("ClusterRole", "ClusterRoleBinding")):
+        role, binding = only(docs, kind, FULLNAME), only(docs, binding_kind, FULLNAME)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": FULLNAME,
+        }  # fmt: skip
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+        ]
+        for rule in role["rules"]:
+            (group,) = rule["apiGroups"]
+            (resource,) = rule["resources"]
+            prefix = f"/apis/{group}/v1" if group else "/api/v1"
+            if kind == "Role":
+                prefix += f"/namespaces/{NAMESPACE}"
+            collection = f"{prefix}/{resource}"
+            names = rule.get("resourceNames")
+            for verb in rule["verbs"]:
+                if names is None:
+                    grants.add((verb, collection))
+                else:
+                    grants |= {(verb, f"{collection}/{name}") for name in names}
+    return grants
+
+
+def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
+    render: Callable[..., Docs],
+) -> None:
+    """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself;
+    the chart grants exactly the calls that tests/test_self_tls.py shows to be enough."""
+    from tests.test_self_tls import RBAC
+
+    docs = render()
+    assert "caBundle" not in webhook(docs)["clientConfig"]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not CERT_MANAGER_KINDS & set(kinds(docs))
+    assert _rbac_grants(docs) == RBAC
+    pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    assert only(docs, "ServiceAccount", FULLNAME)["automountServiceAccountToken"] is False
+
+
+def test_self_mode_arguments_are_the_servers_own(render: Callable[..., Docs]) -> None:
+    """The rendered argv parses with the real CLI, naming the chart's own objects."""
+    from webhook.cli import _parser
+
+    docs = render(*COMBINATIONS["self-custom-lifetimes"])
+    args = _parser().parse_args(container(docs)["args"])
+    assert args.tls_source == "self"
+    assert args.self_tls_namespace == NAMESPACE
+    assert args.self_tls_secret == f"{FULLNAME}-self-tls"
+    assert args.self_tls_webhook == only(docs, "MutatingWebhookConfiguration")["metadata"]["name"]
+    assert args.self_tls_service == only(docs, "Service")["metadata"]["name"]
+    assert args.self_tls_cert_validity == datetime.timedelta(hours=720)
+    assert args.self_tls_renew_before == datetime.timedelta(hours=240)
+    assert args.self_tls_ca_validity == datetime.timedelta(hours=87600)
+    assert args.self_tls_sync_seconds == 30
+    assert args.cert_dir == Path("/etc/outrigger/tls")
+
+
+def test_self_mode_renders_byte_identically(helm: Path) -> None:
+    """What Argo CD and Flux need: `helm template` twice gives the same bytes. (helm mode is
+    the counter-example: each render generates a new CA.)"""
+    outputs = [run_helm(helm, *template_args()) for _ in range(2)]
+    assert all(result.returncode == 0 for result in outputs), outputs[0].stderr
+    assert outputs[0].stdout == outputs[1].stdout
+    helm_mode = [run_helm(helm, *template_args(*HELM_MODE)).stdout for _ in range(2)]
+    assert helm_mode[0] != helm_mode[1]
+
+
 # --------------------------------------------------------------------------- workload
 
 
@@ -444,7 +526,7 @@ def test_deployment(render: Callable[..., Docs]) -> None:
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == FULLNAME
-    assert pod["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is True  # tls.mode=self calls the API
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
         "runAsUser": 10001,
@@ -494,13 +576,18 @@ def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mod
         v["name"]: v for v in only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
     }
     assert volumes["policy"]["configMap"] == {"name": f"{FULLNAME}-policy"}
-    assert "items" not in volumes["tls"]["secret"]
+    if mode == "self":
+        assert volumes["tls"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+        assert mounts["tls"]["readOnly"] is False
+    else:
+        assert "items" not in volumes["tls"]["secret"]
+        assert mounts["tls"]["readOnly"] is True
     annotations = only(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
     assert not [a for a in annotations if a.startswith("checksum/")]
 
 
 def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) -> None:
-    docs = render()
+    docs = render(*HELM_MODE)
     service = only(docs, "Service", FULLNAME)
     assert service["spec"]["ports"] == [
         {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}
@@ -513,6 +600,7 @@ def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) ->
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & set(kinds(docs))
     assert "HorizontalPodAutoscaler" not in kinds(docs)
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 def test_hpa(render: Callable[..., Docs]) -> None:
@@ -583,7 +671,7 @@ def test_outrigger_register_sends_what_the_chart_installs(
     """`outrigger register` and the chart must not drift apart (the caBundle aside)."""
     from webhook.cluster.registration import webhook_configuration
 
-    chart = webhook(render("--set", f"injection.mode={mode}"))
+    chart = webhook(render("--set", f"injection.mode={mode}", *HELM_MODE))
     service = chart["clientConfig"]["service"]
     registered = webhook_configuration(
         name="outrigger",

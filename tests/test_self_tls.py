@@ -36,7 +36,7 @@ from webhook.cluster.registration import webhook_configuration
 NAMESPACE = "outrigger-system"
 SERVICE_DNS = f"outrigger.{NAMESPACE}.svc"
 SECRETS = f"/api/v1/namespaces/{NAMESPACE}/secrets"
-SECRET = f"{SECRETS}/outrigger-tls"
+SECRET = f"{SECRETS}/outrigger-self-tls"  # the CLI's default, as the chart names it
 WEBHOOK = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/outrigger"
 # What the chart's Role and ClusterRole grant, and nothing more.
 RBAC = {
@@ -344,7 +344,7 @@ def test_an_unreachable_api_server_fails_the_start_with_a_message(
     kube.url = f"https://127.0.0.1:{_free_port()}"  # nothing listens there
     replica = start(tmp_path, kube, "a", "--self-tls-startup-seconds", "2")
     line = _failed_start(replica)
-    assert line.startswith("outrigger: cannot read Secret outrigger-system/outrigger-tls")
+    assert line.startswith("outrigger: cannot read Secret outrigger-system/outrigger-self-tls")
     assert "API server unreachable" in line and "gave up after 2s" in line
 
 
@@ -352,7 +352,7 @@ def test_a_role_without_create_fails_the_start_naming_it(tmp_path: Path, kube: F
     kube.allow = RBAC - {("create", SECRETS)}
     replica = start(tmp_path, kube, "a", "--self-tls-startup-seconds", "1")
     line = _failed_start(replica)
-    assert "cannot create Secret outrigger-system/outrigger-tls: 403 Forbidden" in line
+    assert "cannot create Secret outrigger-system/outrigger-self-tls: 403 Forbidden" in line
 
 
 def test_self_mode_options_are_checked(tmp_path: Path, kube: FakeKube) -> None:

@@ -202,7 +202,7 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="NAMESPACE",
         help="namespace of the Secret and of the Service (default: $POD_NAMESPACE)",
     )
-    tls.add_argument("--self-tls-secret", default="outrigger-tls", metavar="NAME")
+    tls.add_argument("--self-tls-secret", default="outrigger-self-tls", metavar="NAME")
     tls.add_argument(
         "--self-tls-webhook",
         default="outrigger",

@@ -55,9 +55,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson }}
 {{- end }}
 
-{{/* The Secret the serving pair is read from (tls.crt, tls.key), per tls.mode. */}}
+{{/* The Secret the serving pair is read from (tls.crt, tls.key), per tls.mode; in self mode
+the one the webhook keeps itself (a name of its own: never a Secret Helm manages). */}}
 {{- define "outrigger.tlsSecretName" -}}
-{{- if eq .Values.tls.mode "secret" }}
+{{- if eq .Values.tls.mode "self" }}
+{{- printf "%s-self-tls" (include "outrigger.fullname" .) }}
+{{- else if eq .Values.tls.mode "secret" }}
 {{- required "tls.existingSecret is required when tls.mode=secret: the Secret holding tls.crt and tls.key" .Values.tls.existingSecret }}
 {{- else }}
 {{- printf "%s-tls" (include "outrigger.fullname" .) }}
