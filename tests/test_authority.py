@@ -211,6 +211,7 @@ def test_write_atomically_swaps_one_symlink(tmp_path: Path) -> None:
     directory = tmp_path / "tls"
     directory.mkdir()
     (directory / "tls.crt").write_bytes(b"a regular file from before")
+    (directory / "..1").mkdir()  # what a crash between two writes leaves
     write_atomically(directory, {"tls.crt": b"one", "tls.key": b"key one"})
     first = os.readlink(directory / "..data")
     assert (directory / "tls.crt").read_bytes() == b"one"
@@ -219,6 +220,7 @@ def test_write_atomically_swaps_one_symlink(tmp_path: Path) -> None:
     assert (directory / "tls.crt").read_bytes() == b"two"
     assert (directory / "tls.key").read_bytes() == b"key two"
     assert not (directory / first).exists()  # the old version is gone
+    assert not (directory / "..1").exists()
     versions = [p for p in directory.iterdir() if p.is_dir() and not p.is_symlink()]
     assert len(versions) == 1
     mode = os.stat(directory / "tls.key").st_mode & 0o777

@@ -552,7 +552,12 @@ def test_deployment(render: Callable[..., Docs]) -> None:
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     ]
     assert main["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    # The startup probe outlasts the server's own bound on its first certificate sync.
+    startup = main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 120
+    for probe, path in (
+        ("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")
+    ):  # fmt: skip
         assert main[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
     assert main["resources"]["requests"] and main["resources"]["limits"]
     security = main["securityContext"]

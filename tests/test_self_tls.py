@@ -320,14 +320,17 @@ def test_a_missing_webhook_configuration_is_published_once_it_exists(
     configuration = kube.get(WEBHOOK)
     assert configuration is not None
     kube.delete(WEBHOOK)
-    replica = start(tmp_path, kube, "a")
+    # Syncs every minute, but an unpublished round is retried within 5 s.
+    replica = start(tmp_path, kube, "a", "--self-tls-sync-seconds", "60")
     replicas.append(replica)
     deadline = time.monotonic() + STARTUP_SECONDS
     while "does not exist; not published" not in replica.output():
         assert time.monotonic() < deadline, replica.output()
         time.sleep(0.1)
-    kube.put(WEBHOOK, configuration)  # e.g. applied by Argo CD after the Deployment
+    kube.put(WEBHOOK, configuration)  # e.g. applied by Helm just after the Deployment
+    published_at = time.monotonic()
     wait_serving(replica, kube)
+    assert time.monotonic() - published_at < 15
     assert published_ca(kube) == stored_secret_data(kube)["ca.crt"]
 
 

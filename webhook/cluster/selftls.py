@@ -49,6 +49,7 @@ log = logging.getLogger("outrigger.selftls")
 
 REQUEST_TIMEOUT = (5.0, 10.0)  # connect, read (seconds) of each API call
 CONFLICT_ATTEMPTS = 5
+RETRY_SECONDS = 5.0  # the next sync after a failed or unpublished one, at the latest
 FIELD_MANAGER = "outrigger"
 REASON_ANNOTATION = "outrigger.dev/tls-reason"
 _JSON = {"Content-Type": "application/json"}
@@ -112,17 +113,20 @@ class SelfManagedTLS:
         self._core: Any = client.CoreV1Api(api_client)
         self._admission: Any = client.AdmissionregistrationV1Api(api_client)
         self._bundle: Bundle | None = None  # the one last settled: what this replica serves
+        self._published = False  # by the last round
 
     # The sync ---------------------------------------------------------------------------------
 
-    def sync(self) -> Bundle:
-        """One round: settle the Secret, publish its CAs, write the served files."""
+    def sync(self) -> bool:
+        """One round: settle the Secret, publish its CAs, write the served files. False when
+        the CAs could not be published (no webhook configuration yet)."""
         try:
             bundle, result = self._settle()
         except SelfTLSError:
             self.metrics.count_self_tls("error")
             raise
         self._bundle = bundle
+        self._published = False
         try:
             published = self._publish(bundle)
         except SelfTLSError:
@@ -130,8 +134,9 @@ class SelfManagedTLS:
             raise
         finally:  # what the Secret holds is served, published or not: it is retried
             self._write_files(bundle)
+        self._published = published
         self.metrics.count_self_tls(result if published else "unpublished")
-        return bundle
+        return published
 
     def start(self, timeout: float) -> None:
         """Sync until the first success, retrying for up to `timeout` seconds (the API server
@@ -150,15 +155,21 @@ class SelfManagedTLS:
                 delay = min(delay * 2, 10.0)
 
     async def run(self) -> None:
-        """Sync every `interval` seconds until cancelled; a failure never stops it."""
+        """Sync every `interval` seconds until cancelled; a failure never stops it. After a
+        failed or unpublished round the next comes sooner (at most RETRY_SECONDS later): at
+        install the webhook configuration may be created just after the pods start."""
+        retry = min(self.interval, RETRY_SECONDS)
+        delay = self.interval if self._published else retry  # after the start's round
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(delay)
+            delay = retry
             try:
-                await asyncio.to_thread(self.sync)
+                if await asyncio.to_thread(self.sync):
+                    delay = self.interval
             except SelfTLSError as error:
-                log.error("%s; the certificate in use stays, retrying in %gs", error, self.interval)
+                log.error("%s; the certificate in use stays, retrying in %gs", error, delay)
             except Exception:
-                log.exception("self-managed TLS sync failed; retrying in %gs", self.interval)
+                log.exception("self-managed TLS sync failed; retrying in %gs", delay)
 
     def watching(self) -> AbstractAsyncContextManager[None]:
         """Sync in the background for the duration of the `async with` (the app's lifespan)."""
@@ -356,7 +367,6 @@ def write_atomically(directory: Path, files: Mapping[str, bytes]) -> None:
         with os.fdopen(descriptor, "wb") as file:
             file.write(content)
     data, swap = directory / "..data", directory / "..data_tmp"
-    previous = os.readlink(data) if data.is_symlink() else None
     swap.unlink(missing_ok=True)
     swap.symlink_to(version.name)
     os.replace(swap, data)
@@ -367,8 +377,9 @@ def write_atomically(directory: Path, files: Mapping[str, bytes]) -> None:
             staged.unlink(missing_ok=True)
             staged.symlink_to(f"..data/{name}")
             os.replace(staged, link)
-    if previous and previous != version.name:
-        shutil.rmtree(directory / previous, ignore_errors=True)
+    for entry in directory.iterdir():  # older versions, and any a crash left half-written
+        if entry.name.startswith("..") and entry != version and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _content(path: Path) -> bytes | None:
