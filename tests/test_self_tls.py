@@ -345,7 +345,7 @@ def test_an_unreachable_api_server_fails_the_start_with_a_message(
     tmp_path: Path, kube: FakeKube
 ) -> None:
     kube.url = f"https://127.0.0.1:{_free_port()}"  # nothing listens there
-    replica = start(tmp_path, kube, "a", "--self-tls-startup-seconds", "2")
+    replica = start(tmp_path, kube, "a", "--api-startup-seconds", "2")
     line = _failed_start(replica)
     assert line.startswith("outrigger: cannot read Secret outrigger-system/outrigger-self-tls")
     assert "API server unreachable" in line and "gave up after 2s" in line
@@ -353,7 +353,7 @@ def test_an_unreachable_api_server_fails_the_start_with_a_message(
 
 def test_a_role_without_create_fails_the_start_naming_it(tmp_path: Path, kube: FakeKube) -> None:
     kube.allow = RBAC - {("create", SECRETS)}
-    replica = start(tmp_path, kube, "a", "--self-tls-startup-seconds", "1")
+    replica = start(tmp_path, kube, "a", "--api-startup-seconds", "1")
     line = _failed_start(replica)
     assert "cannot create Secret outrigger-system/outrigger-self-tls: 403 Forbidden" in line
 

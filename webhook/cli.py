@@ -21,7 +21,7 @@ from webhook.serving.certs import ca_bundle, write_certificates
 
 if TYPE_CHECKING:
     from webhook.serving.metrics import Metrics
-    from webhook.serving.server import CertificateSource
+    from webhook.serving.server import CertificateSource, PolicySource
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,10 +46,17 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("certs"),
         help="holds tls.crt and tls.key; generated for localhost if missing",
     )
-    serve.add_argument(
+    policy_from = serve.add_mutually_exclusive_group()
+    policy_from.add_argument(
         "--policy",
         type=Path,
         help="policy file, reloaded when its content changes (default: the embedded policy)",
+    )
+    policy_from.add_argument(
+        "--policy-configmap",
+        metavar="NAMESPACE/NAME",
+        help="the policy from this ConfigMap, watched through the Kubernetes API: a change "
+        "applies within a second on every replica",
     )
     serve.add_argument(
         "--policy-poll-seconds",
@@ -106,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         "register",
         help="create or update the MutatingWebhookConfiguration in the cluster",
         description="Create the MutatingWebhookConfiguration, or replace it keeping its "
-        "resourceVersion (for installs without Helm and CA rotation).",
+        "resourceVersion (for installs without Helm and CA rotation); --delete removes it. A "
+        "configuration that Helm, Argo CD, Flux or another server-side apply manager manages "
+        "is left alone (the message says what to run instead) unless --force is given.",
     )
     register.add_argument("--name", default="outrigger", help="object name (default: outrigger)")
     register.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
@@ -140,6 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_arguments(register)
     register.add_argument(
         "--dry-run", action="store_true", help="print the object as YAML, contact nothing"
+    )
+    register.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete the configuration instead (preconditioned on what was read)",
+    )
+    register.add_argument(
+        "--force",
+        action="store_true",
+        help="replace or delete a configuration that another tool manages (its next sync may "
+        "undo it, fail, or leave the object behind)",
     )
     register.set_defaults(run=_register)
 
@@ -233,14 +253,22 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often the Secret and the caBundle are checked (default: 60)",
     )
-    tls.add_argument(
-        "--self-tls-startup-seconds",
+    api = serve.add_argument_group("Kubernetes API (--tls-source self, --policy-configmap)")
+    api.add_argument(
+        "--policy-configmap-key",
+        default="policy.yaml",
+        metavar="KEY",
+        help="the ConfigMap's key holding the policy (default: policy.yaml)",
+    )
+    api.add_argument(
+        "--api-startup-seconds",
         type=float,
         default=120.0,
         metavar="SECONDS",
-        help="how long the first sync is retried before the start fails (default: 120)",
+        help="how long the first calls (the certificate's sync, the policy's list) are retried "
+        "before the start fails (default: 120)",
     )
-    _cluster_arguments(tls)
+    _cluster_arguments(api)
 
 
 def _cluster_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -302,12 +330,13 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, args.log_format)
     metrics = Metrics()
     source = None
-    if args.tls_source == "self":
-        try:
+    try:
+        if args.tls_source == "self":
             source = _self_managed_tls(args, metrics)
-        except ValueError as error:
-            print(f"outrigger: {error}", file=sys.stderr)
-            return 2
+        policy_source = _watched_policy(args, metrics) if args.policy_configmap else None
+    except ValueError as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
     # serve() loads a --policy file before anything else: a bad one fails the start with the
     # PolicyError, which main() reports with exit status 2.
     serve(
@@ -318,9 +347,35 @@ def _serve(args: argparse.Namespace) -> int:
         args.log_level,
         poll_seconds=args.policy_poll_seconds,
         certificate_source=source,
+        policy_source=policy_source,
         metrics=metrics,
     )
     return 0
+
+
+def _watched_policy(args: argparse.Namespace, metrics: Metrics) -> PolicySource:
+    """The `--policy-configmap` policy, listed now: a bad first version raises PolicyError
+    (exit status 2); an API server still out of reach after the startup bound ends the start."""
+    from webhook.cluster import policywatch, registration
+    from webhook.serving.server import PolicySource
+
+    namespace, _, name = args.policy_configmap.partition("/")
+    if not namespace or not name or "/" in name:
+        raise ValueError("--policy-configmap takes NAMESPACE/NAME")
+    if not 0 < args.api_startup_seconds < float("inf"):
+        raise ValueError("--api-startup-seconds must be a positive number")
+    try:
+        configuration = registration.client_configuration(args.kubeconfig, args.context)
+    except registration.RegistrationError as error:
+        raise ValueError(str(error)) from None
+    watch = policywatch.PolicyWatch(
+        namespace, name, configuration, key=args.policy_configmap_key, metrics=metrics
+    )
+    try:
+        slot = watch.start(args.api_startup_seconds)
+    except policywatch.PolicyWatchError as error:
+        raise SystemExit(f"outrigger: {error}") from None
+    return PolicySource(slot.current, watch.watching, watch.origin)
 
 
 def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> CertificateSource:
@@ -334,7 +389,7 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
         raise ValueError("--tls-source self needs --self-tls-namespace (or $POD_NAMESPACE)")
     for seconds, flag in (
         (args.self_tls_sync_seconds, "--self-tls-sync-seconds"),
-        (args.self_tls_startup_seconds, "--self-tls-startup-seconds"),
+        (args.api_startup_seconds, "--api-startup-seconds"),
     ):
         if not 0 < seconds < float("inf"):
             raise ValueError(f"{flag} must be a positive number")
@@ -358,7 +413,7 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
         interval=args.self_tls_sync_seconds,
         metrics=metrics,
     )
-    timeout = args.self_tls_startup_seconds
+    timeout = args.api_startup_seconds
 
     def prepare() -> None:
         try:
@@ -456,6 +511,8 @@ def _certs(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from webhook.cluster import registration  # the kubernetes client is only needed here
 
+    if args.delete:
+        return _unregister(args, registration)
     try:
         ca = registration.load_ca_bundle(
             None if args.ca_bundle is not None else args.ca_file, args.ca_bundle
@@ -473,7 +530,7 @@ def _register(args: argparse.Namespace) -> int:
             yaml.dump(body, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
             return 0
         outcome = registration.apply_configuration(
-            body, kubeconfig=args.kubeconfig, context=args.context
+            body, kubeconfig=args.kubeconfig, context=args.context, force=args.force
         )
     except (ValueError, registration.RegistrationError) as error:
         print(f"outrigger: {error}", file=sys.stderr)
@@ -490,6 +547,22 @@ def _register(args: argparse.Namespace) -> int:
         f"{registration.SERVICE_PORT}{registration.WEBHOOK_PATH}, failurePolicy "
         f"{args.failure_policy}, timeout {args.timeout_seconds}s, {args.injection_mode}"
     )
+    return 0
+
+
+def _unregister(args: argparse.Namespace, registration: Any) -> int:
+    try:
+        deletion = registration.delete_configuration(
+            args.name, kubeconfig=args.kubeconfig, context=args.context, force=args.force
+        )
+    except registration.RegistrationError as error:
+        print(f"outrigger: {error}", file=sys.stderr)
+        return 2
+    if deletion.deleted:
+        print(f"mutatingwebhookconfiguration/{args.name} deleted (was resourceVersion "
+              f"{deletion.resource_version})")  # fmt: skip
+    else:
+        print(f"mutatingwebhookconfiguration/{args.name} does not exist: nothing to delete")
     return 0
 
 

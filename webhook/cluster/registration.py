@@ -2,8 +2,15 @@
 
 `webhook_configuration` builds the object (the same content as the Helm chart's template) as a
 plain dict; `apply_configuration` creates it, or replaces it keeping `metadata.resourceVersion`
-so a concurrent writer is detected (409 Conflict) instead of overwritten. `outrigger register`
-uses both, for clusters installed without Helm and to roll a new CA bundle out.
+so a concurrent writer is detected (409 Conflict) instead of overwritten; `delete_configuration`
+removes it. `outrigger register` uses them, for clusters installed without Helm and to roll a
+new CA bundle out.
+
+A configuration that another tool manages (a Helm release, Argo CD, Flux, a server-side apply
+manager) is neither replaced nor deleted unless forced (`foreign_manager` says who and what to
+run instead): a replaced Helm object fails the release's next upgrade ("conflict occurred
+while applying object") and is left behind by its uninstall ("not owned by this release"),
+where a `failurePolicy: Fail` orphan blocks every pod of the selected namespaces.
 """
 
 from __future__ import annotations
@@ -52,6 +59,70 @@ InjectionMode = Literal["opt-in", "opt-out"]
 
 class RegistrationError(Exception):
     """A registration that cannot be done; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Manager:
+    """Who else manages a configuration, and what to run instead of `outrigger register`."""
+
+    who: str
+    instead: str
+
+
+def foreign_manager(obj: dict[str, Any], helm_values: str = "") -> Manager | None:
+    """The tool other than `outrigger register` that manages `obj` (a configuration as JSON),
+    or None. `helm_values` are the `--set` options equivalent to the register options."""
+    metadata = obj.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    release = annotations.get("meta.helm.sh/release-name")
+    if labels.get("app.kubernetes.io/managed-by") == "Helm" or release:
+        name = release or "RELEASE"
+        namespace = annotations.get("meta.helm.sh/release-namespace") or "NAMESPACE"
+        return Manager(
+            f"Helm release {namespace}/{name}",
+            f"helm upgrade {name} CHART -n {namespace} --reuse-values{helm_values}",
+        )
+    for label, kind in (
+        ("helm.toolkit.fluxcd.io/name", "HelmRelease"),
+        ("kustomize.toolkit.fluxcd.io/name", "Kustomization"),
+    ):
+        if label in labels:
+            namespace = labels.get(label.replace("/name", "/namespace"), "")
+            return Manager(
+                f"Flux {kind} {namespace}/{labels[label]}",
+                "change it where Flux reads it from (Flux would undo this change)",
+            )
+    if annotations.get("argocd.argoproj.io/tracking-id"):
+        tracking = annotations["argocd.argoproj.io/tracking-id"].split(":", 1)[0]
+        return Manager(
+            f"Argo CD application {tracking}",
+            "change it in the application's source (Argo CD would undo this change)",
+        )
+    appliers = sorted(
+        {
+            str(entry.get("manager"))
+            for entry in metadata.get("managedFields") or []
+            if entry.get("operation") == "Apply" and entry.get("manager") != FIELD_MANAGER
+        }
+    )
+    if appliers:
+        return Manager(
+            f"server-side apply ({', '.join(appliers)})",
+            "apply the change with that tool",
+        )
+    return None
+
+
+def helm_values_of(body: dict[str, Any]) -> str:
+    """The chart's `--set` options that give the chart's webhook what `body` holds."""
+    webhook = body["webhooks"][0]
+    operator = webhook["namespaceSelector"]["matchExpressions"][0]["operator"]
+    mode = "opt-in" if operator == "In" else "opt-out"
+    return (
+        f" --set failurePolicy={webhook['failurePolicy']}"
+        f" --set timeoutSeconds={webhook['timeoutSeconds']} --set injection.mode={mode}"
+    )
 
 
 def webhook_configuration(
@@ -182,11 +253,13 @@ def apply_configuration(
     kubeconfig: Path | None = None,
     context: str | None = None,
     attempts: int = CONFLICT_ATTEMPTS,
+    force: bool = False,
 ) -> Outcome:
     """Create the MutatingWebhookConfiguration `body`, or replace the existing one.
 
     Read, then create (404) or replace with the resourceVersion just read; a 409 Conflict (a
     concurrent change, or a create that lost a race) starts over, `attempts` times at most.
+    An existing configuration that another tool manages is only replaced with `force`.
     Any failure is raised as RegistrationError with a one-line message.
     """
     from kubernetes import client
@@ -201,7 +274,7 @@ def apply_configuration(
                 if attempt:
                     time.sleep(0.2 * attempt)  # let the concurrent writer finish
                 try:
-                    return _upsert(api, name, body, conflicts=attempt)
+                    return _upsert(api, name, body, conflicts=attempt, force=force)
                 except ApiException as error:
                     if error.status != 409:
                         raise
@@ -217,7 +290,7 @@ def apply_configuration(
         raise RegistrationError(f"cannot reach the API server: {one_line(error)}") from None
 
 
-def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int) -> Outcome:
+def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int, force: bool) -> Outcome:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -229,6 +302,7 @@ def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int) -> Out
             body, field_manager=FIELD_MANAGER, _request_timeout=REQUEST_TIMEOUT, _headers=_JSON
         )
         return Outcome("created", _resource_version(created), conflicts=conflicts)
+    _refuse_foreign(api, existing, name, helm_values_of(body), "replace", force)
     previous = _resource_version(existing)
     replacement = {**body, "metadata": _kept_metadata(existing, body["metadata"], previous)}
     replaced = api.replace_mutating_webhook_configuration(
@@ -239,6 +313,81 @@ def _upsert(api: Any, name: str, body: dict[str, Any], *, conflicts: int) -> Out
         _headers=_JSON,
     )
     return Outcome("replaced", _resource_version(replaced), previous, conflicts)
+
+
+def _refuse_foreign(
+    api: Any, existing: Any, name: str, helm_values: str, action: str, force: bool
+) -> None:
+    """RegistrationError when another tool manages `existing` and `force` is not given."""
+    manager = foreign_manager(api.api_client.sanitize_for_serialization(existing), helm_values)
+    if manager is None or force:
+        return
+    raise RegistrationError(
+        f"mutatingwebhookconfiguration {name} is managed by {manager.who}: {manager.instead}; "
+        f"--force would {action} it anyway"
+    )
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What `delete_configuration` did."""
+
+    deleted: bool
+    resource_version: str | None = None
+
+
+def delete_configuration(
+    name: str,
+    *,
+    kubeconfig: Path | None = None,
+    context: str | None = None,
+    force: bool = False,
+    attempts: int = CONFLICT_ATTEMPTS,
+) -> Deletion:
+    """Delete the configuration `name` (`outrigger register --delete`) if nothing else manages
+    it (or with `force`): read it, then delete with its uid and resourceVersion as
+    preconditions, so that an object changed or recreated in between is not deleted unseen."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    helm_uninstall = " (or helm uninstall RELEASE -n NAMESPACE)"
+    try:
+        with client.ApiClient(client_configuration(kubeconfig, context)) as api_client:
+            api: Any = client.AdmissionregistrationV1Api(api_client)
+            for _ in range(attempts):
+                try:
+                    existing = api.read_mutating_webhook_configuration(
+                        name, _request_timeout=REQUEST_TIMEOUT
+                    )
+                except ApiException as error:
+                    if error.status == 404:
+                        return Deletion(False)
+                    raise
+                _refuse_foreign(api, existing, name, helm_uninstall, "delete", force)
+                version = _resource_version(existing)
+                preconditions = {"uid": existing.metadata.uid, "resourceVersion": version}
+                try:
+                    api.delete_mutating_webhook_configuration(
+                        name,
+                        body={"preconditions": preconditions},
+                        _request_timeout=REQUEST_TIMEOUT,
+                        _headers=_JSON,
+                    )
+                except ApiException as error:
+                    if error.status == 404:
+                        return Deletion(False)
+                    if error.status != 409:  # 409: changed since read, look again
+                        raise
+                    continue
+                return Deletion(True, version)
+            raise RegistrationError(
+                f"mutatingwebhookconfiguration {name}: still changing after {attempts} attempts"
+            )
+    except ApiException as error:
+        raise RegistrationError(f"API server: {api_error(error)}") from None
+    except (HTTPError, OSError) as error:
+        raise RegistrationError(f"cannot reach the API server: {one_line(error)}") from None
 
 
 def _kept_metadata(existing: Any, ours: dict[str, Any], version: str | None) -> dict[str, Any]:

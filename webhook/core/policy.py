@@ -406,10 +406,19 @@ def parse_policy(document: object, source: str = "policy") -> Policy:
 
 def load_policy(path: Path) -> Policy:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
         raise PolicyError(f"cannot read policy {path}: {error}") from None
-    return parse_policy(document, str(path))
+    return load_policy_text(text, str(path))
+
+
+def load_policy_text(text: str, source: str) -> Policy:
+    """The policy in the YAML `text` (a file's or a ConfigMap's), named `source` in errors."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PolicyError(f"cannot read policy {source}: {error}") from None
+    return parse_policy(document, source)
 
 
 def default_policy() -> Policy:

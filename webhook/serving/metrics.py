@@ -23,6 +23,9 @@ ReloadResult = Literal["success", "failure"]
 # A self-managed TLS sync: nothing changed, this replica wrote a new bundle, it took another
 # replica's, the CA could not be published (no webhook configuration), or it failed.
 SelfTLSResult = Literal["kept", "issued", "adopted", "unpublished", "error"]
+# Why a policy ConfigMap watch was started again: its stream ended as the server meant it to
+# (renewed), its resourceVersion expired (relisted, a 410), or it failed (error).
+WatchRestart = Literal["renewed", "relisted", "error"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
 DURATION_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -64,6 +67,13 @@ class Metrics:
             "Self-managed TLS syncs (tls-source self), by result: kept, issued (this replica "
             "wrote a new bundle), adopted (another replica's), unpublished, error.",
             ["result"],
+            registry=self.registry,
+        )
+        self._policy_watch = Counter(
+            "outrigger_policy_watch_restarts",
+            "Policy ConfigMap watches started again, by reason: renewed (the stream ended), "
+            "relisted (410 Gone: listed again), error (backed off).",
+            ["reason"],
             registry=self.registry,
         )
         self._reviews = Counter(
@@ -120,6 +130,9 @@ class Metrics:
 
     def count_reload(self, result: ReloadResult) -> None:
         self._reloads.labels(result=result).inc()
+
+    def count_policy_watch(self, reason: WatchRestart) -> None:
+        self._policy_watch.labels(reason=reason).inc()
 
     def count_self_tls(self, result: SelfTLSResult) -> None:
         self._self_tls.labels(result=result).inc()

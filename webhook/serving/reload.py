@@ -1,4 +1,10 @@
-"""The policy from a file that may change under the running server, such as a ConfigMap mount.
+"""The policy that may change under the running server: `PolicySlot` holds the version in force
+and takes new ones that validate, from a file that may change (`PolicyFile`, a ConfigMap
+mount) or from the API (`webhook.cluster.policywatch`, a watch on the ConfigMap).
+
+A ConfigMap mount is slow to follow: the kubelet refreshes it on its sync period plus its
+cache's TTL (about a minute by default), so two replicas can serve different versions for
+tens of seconds. The watch applies a change within a second on every replica.
 
 kubelet updates a ConfigMap volume without ever writing the file in place: it writes a new
 timestamped directory `..2026_11_27_10_00_00.123`, points a `..data_tmp` symlink at it, renames
@@ -19,7 +25,7 @@ import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from webhook.core.policy import Policy, PolicyError, load_policy
+from webhook.core.policy import Policy, PolicyError, load_policy_text
 from webhook.serving.background import running
 from webhook.serving.metrics import Metrics
 
@@ -36,13 +42,61 @@ _RECHECK: Fingerprint = (-1, -1, -1, -1)
 _RACY_NS = 2_000_000_000
 
 
+class PolicySlot:
+    """The policy in force, replaced by offered versions that validate.
+
+    Readers call `current()` without a lock: a swap is a single attribute assignment and a
+    `Policy` is immutable, so a request sees the old policy or the new one, whole. A bad new
+    version is rejected (logged once per content, counted) and the old policy keeps serving: a
+    typo in a ConfigMap must not take the admission of every pod in the cluster down with it.
+    """
+
+    def __init__(self, content: bytes, origin: str, metrics: Metrics | None = None) -> None:
+        """Load `content` now; raises `PolicyError`, so that a bad first version fails the start."""
+        self.metrics = Metrics() if metrics is None else metrics
+        self._policy = _parsed(content, origin)
+        self._digest = _digest(content)
+        self._rejected: str | None = None  # what was last rejected, so it is reported once
+
+    def current(self) -> Policy:
+        """The policy in force: the last good version offered."""
+        return self._policy
+
+    def offer(self, content: bytes, origin: str) -> bool:
+        """Swap in the policy in `content` if it is new and valid; True when it was."""
+        digest = _digest(content)
+        if digest == self._digest:  # unchanged, or back to the version in force
+            self._rejected = None
+            return False
+        if digest == self._rejected:
+            return False
+        try:
+            policy = _parsed(content, origin)
+        except PolicyError as error:
+            self.reject(digest, origin, str(error))
+            return False
+        previous = self._policy.version
+        self._policy, self._digest, self._rejected = policy, digest, None
+        self.metrics.count_reload("success")
+        log.info("policy %s in force, reloaded from %s (was %s)", policy.version, origin, previous)
+        return True
+
+    def reject(self, key: str, origin: str, reason: str) -> None:
+        """Report a version that cannot be used (once per `key`); the policy in force stays."""
+        if key == self._rejected:
+            return
+        self._rejected = key
+        self.metrics.count_reload("failure")
+        log.error(
+            "rejected a new version of %s; policy %s stays in force: %s",
+            origin,
+            self._policy.version,
+            reason,
+        )
+
+
 class PolicyFile:
     """The policy loaded from `path`, replaced when the file's content changes and validates.
-
-    Readers call `current()` without a lock: a reload swaps the new policy in with a single
-    attribute assignment and a `Policy` is immutable, so a request sees the old policy or the
-    new one, whole. A bad new version is rejected and the old policy keeps serving: a typo in a
-    ConfigMap must not take the admission of every pod in the cluster down with it.
 
     The poller is an asyncio task bound to the app's lifespan (`watching()`) rather than a daemon
     thread: it starts with the server and is cancelled and awaited at its graceful shutdown, so
@@ -59,18 +113,17 @@ class PolicyFile:
             raise ValueError(f"poll interval must be a positive number of seconds, not {interval}")
         self.path = path
         self.interval = interval
-        self.metrics = Metrics() if metrics is None else metrics
         try:
             self._fingerprint = _settled(_fingerprint(path))
-            self._digest = _digest(path)
+            content = path.read_bytes()
         except OSError as error:
             raise PolicyError(f"cannot read policy {path}: {error}") from None
-        self._policy = load_policy(path)
-        self._rejected: str | None = None  # what was last rejected, so it is reported once
+        self.slot = PolicySlot(content, str(path), metrics)
+        self.metrics = self.slot.metrics
 
     def current(self) -> Policy:
         """The policy in force: the last good version of the file."""
-        return self._policy
+        return self.slot.current()
 
     def check(self) -> bool:
         """Reload if the file's content changed; True when a new policy was swapped in.
@@ -83,22 +136,11 @@ class PolicyFile:
             return False
         self._fingerprint = _settled(fingerprint)
         try:
-            digest = _digest(self.path)
+            content = self.path.read_bytes()
         except OSError as error:
-            self._reject(f"unreadable: {error}", f"cannot read policy {self.path}: {error}")
+            self.slot.reject(f"unreadable: {error}", str(self.path), f"cannot read it: {error}")
             return False
-        if digest == self._digest:  # touched, or back to the version in force
-            self._rejected = None
-            return False
-        if digest == self._rejected:
-            return False
-        try:
-            policy = load_policy(self.path)
-        except PolicyError as error:
-            self._reject(digest, str(error))
-            return False
-        self._swap(policy, digest)
-        return True
+        return self.slot.offer(content, str(self.path))
 
     async def poll(self) -> None:
         """Check every `interval` seconds until cancelled; an unexpected error never stops it."""
@@ -112,28 +154,6 @@ class PolicyFile:
     def watching(self) -> AbstractAsyncContextManager[None]:
         """Poll in the background for the duration of the `async with` (the app's lifespan)."""
         return running(self.poll(), f"outrigger policy poll {self.path}")
-
-    def _swap(self, policy: Policy, digest: str) -> None:
-        previous = self._policy.version
-        self._policy = policy
-        self._digest = digest
-        self._rejected = None
-        self.metrics.count_reload("success")
-        log.info(
-            "policy %s in force, reloaded from %s (was %s)", policy.version, self.path, previous
-        )
-
-    def _reject(self, key: str, reason: str) -> None:
-        if key == self._rejected:
-            return
-        self._rejected = key
-        self.metrics.count_reload("failure")
-        log.error(
-            "rejected a new version of %s; policy %s stays in force: %s",
-            self.path,
-            self._policy.version,
-            reason,
-        )
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:
@@ -152,5 +172,13 @@ def _settled(fingerprint: Fingerprint | None) -> Fingerprint | None:
     return fingerprint
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _parsed(content: bytes, origin: str) -> Policy:
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PolicyError(f"cannot read policy {origin}: {error}") from None
+    return load_policy_text(text, origin)

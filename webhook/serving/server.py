@@ -37,6 +37,16 @@ class CertificateSource:
     keeping: Background
 
 
+@dataclass(frozen=True)
+class PolicySource:
+    """A policy kept current by something other than a file poll (`--policy-configmap`):
+    what is in force now, what keeps it so while the server runs, and where it comes from."""
+
+    current: Callable[[], Policy]
+    keeping: Background
+    origin: str
+
+
 def serve(
     host: str,
     port: int,
@@ -46,13 +56,15 @@ def serve(
     poll_seconds: float = 5.0,
     *,
     certificate_source: CertificateSource | None = None,
+    policy_source: PolicySource | None = None,
     metrics: Metrics | None = None,
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
     With `policy_path` the policy is loaded first, so that a bad file raises `PolicyError`
     before anything is generated or served, and then reloaded whenever the file's content
-    changes (polled every `poll_seconds`). Without it the embedded default policy serves, fixed.
+    changes (polled every `poll_seconds`). A `policy_source` (already loaded) replaces the file.
+    Without either the embedded default policy serves, fixed.
 
     A `certificate_source` writes the pair into `cert_dir` first (so nothing is generated)
     and keeps it current beside the server. The serving certificate and key are polled at the
@@ -61,7 +73,13 @@ def serve(
     message (exit status 1).
     """
     metrics = Metrics() if metrics is None else metrics
-    policy, policy_watch = _policy_source(policy_path, poll_seconds, metrics)
+    policy_watch: Background | None
+    if policy_source is not None:
+        policy, policy_watch = policy_source.current, policy_source.keeping
+        source = f"{policy_source.origin}, watched"
+    else:
+        policy, policy_watch = _policy_source(policy_path, poll_seconds, metrics)
+        source = f"{policy_path}, checked every {poll_seconds:g}s" if policy_path else "embedded"
     if certificate_source is not None:
         certificate_source.prepare()
     paths = _serving_certificates(cert_dir)
@@ -81,7 +99,6 @@ def serve(
         certificate,
         log_level,
     )
-    source = f"{policy_path}, checked every {poll_seconds:g}s" if policy_path else "embedded"
     log.info(
         "policy %s (%s) in force; serving https://%s:%d/mutate, certificate %s checked every %gs",
         policy().version,

@@ -1,0 +1,269 @@
+"""The policy from its ConfigMap through the API (`outrigger serve --policy-configmap NS/NAME`),
+as client-go's reflector follows an object: a list, then a watch from the list's
+resourceVersion, both on that one object (a `metadata.name` field selector).
+
+- ADDED, MODIFIED: the policy key's content is offered to the `PolicySlot`, which applies a
+  valid version at once and rejects a bad one (logged, counted), the old one serving on.
+- BOOKMARK (asked for with allowWatchBookmarks): only the resourceVersion moves on, so that a
+  watch renewed after a quiet hour does not start from a compacted version.
+- DELETED: the policy in force stays (logged); a ConfigMap created again is applied.
+- ERROR with 410 Gone (the resourceVersion is too old): list again, then watch.
+- The stream ends (the server's timeoutSeconds, a dropped connection): watch again from the
+  last resourceVersion; after a failure, back off up to 30 s.
+
+Every replica sees a change within the API server's watch latency (milliseconds), against
+about a minute for a ConfigMap volume. The RBAC this needs: get, list and watch on configmaps
+with resourceNames [NAME] (the API server authorizes a list or watch with a `metadata.name`
+field selector by that name).
+
+The watch runs in a daemon thread: it blocks on a streaming read, which a shutdown must not wait
+for, nor can interrupt (closing a response another thread reads from waits for that read), so
+a stopping server leaves it behind; the PolicySlot's swap is one attribute assignment, safe
+from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from webhook.cluster.registration import api_error, one_line
+from webhook.serving.metrics import Metrics
+from webhook.serving.reload import PolicySlot
+
+log = logging.getLogger("outrigger.policywatch")
+
+WATCH_SECONDS = 300  # asked of the API server per watch; it ends the stream then, we renew it
+CONNECT_TIMEOUT = 5.0
+MAX_BACKOFF = 30.0
+DEFAULT_KEY = "policy.yaml"
+
+
+class PolicyWatchError(Exception):
+    """A list or watch that failed; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one list answer or watch event means for the watch."""
+
+    resource_version: str | None  # where the next watch starts; None: list again
+    content: bytes | None = None  # a version of the policy to offer
+    problem: str = ""  # a version that cannot be offered (say it once)
+    note: str = ""  # worth a log line
+
+
+def from_list(answer: Mapping[str, Any], name: str, key: str) -> Step:
+    """The step for a ConfigMapList answer (the field selector leaves at most our object)."""
+    version = str((answer.get("metadata") or {}).get("resourceVersion") or "") or None
+    items = [i for i in answer.get("items") or [] if (i.get("metadata") or {}).get("name") == name]
+    if not items:
+        return Step(version, note=f"ConfigMap {name} does not exist")
+    return _object_step(items[0], version, key)
+
+
+def from_event(event: Mapping[str, Any], resource_version: str | None, key: str) -> Step:
+    """The step for one watch event, given the resourceVersion the watch is at."""
+    kind = event.get("type")
+    obj = event.get("object") or {}
+    version = str((obj.get("metadata") or {}).get("resourceVersion") or "") or resource_version
+    if kind in ("ADDED", "MODIFIED"):
+        return _object_step(obj, version, key)
+    if kind == "BOOKMARK":
+        return Step(version)
+    if kind == "DELETED":
+        return Step(version, note="the ConfigMap was deleted; the policy in force stays")
+    if kind == "ERROR":
+        code = obj.get("code")
+        message = one_line(obj.get("message") or obj.get("reason") or "no message")
+        if code == 410:  # Gone: too old a resourceVersion; a list gives a current one
+            return Step(None, note=f"the watch expired ({message}); listing again")
+        return Step(None, note=f"the watch failed: {code} {message}; listing again")
+    return Step(resource_version, note=f"ignored a watch event of type {kind!r}")
+
+
+def _object_step(obj: Mapping[str, Any], version: str | None, key: str) -> Step:
+    data = obj.get("data") or {}
+    if key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        return Step(version, problem=f"the ConfigMap has no key {key!r} (its keys: {keys})")
+    return Step(version, content=str(data[key]).encode("utf-8"))
+
+
+class PolicyWatch:
+    """The policy of one ConfigMap, kept current by a list and watch; see the module doc."""
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        configuration: Any,
+        *,
+        key: str = DEFAULT_KEY,
+        metrics: Metrics | None = None,
+        watch_seconds: int = WATCH_SECONDS,
+    ) -> None:
+        from kubernetes import client
+
+        self.namespace, self.name, self.key = namespace, name, key
+        self.metrics = Metrics() if metrics is None else metrics
+        self.watch_seconds = watch_seconds
+        self._core: Any = client.CoreV1Api(client.ApiClient(configuration))
+        self._slot: PolicySlot | None = None
+        self._version: str | None = None
+        self._stop = threading.Event()
+
+    @property
+    def origin(self) -> str:
+        return f"ConfigMap {self.namespace}/{self.name} ({self.key})"
+
+    def start(self, timeout: float) -> PolicySlot:
+        """The first version, listed (retried for up to `timeout` seconds while the API server
+        is out of reach or the ConfigMap missing); a bad one raises `PolicyError`."""
+        deadline, delay = time.monotonic() + timeout, 0.5
+        while True:
+            try:
+                step = self._list()
+                if step.content is not None:
+                    break
+                problem = step.problem or step.note
+            except PolicyWatchError as error:
+                problem = str(error)
+            if time.monotonic() + delay > deadline:
+                raise PolicyWatchError(f"{self.origin}: {problem} (gave up after {timeout:g}s)")
+            log.warning("%s: %s; retrying in %gs", self.origin, problem, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        self._slot = PolicySlot(step.content, self.origin, self.metrics)
+        self._version = step.resource_version
+        log.info("policy %s from %s, watched", self._slot.current().version, self.origin)
+        return self._slot
+
+    def watching(self) -> AbstractAsyncContextManager[None]:
+        """Watch in a daemon thread for the duration of the `async with` (the app's lifespan)."""
+
+        @asynccontextmanager
+        async def running() -> Any:
+            thread = threading.Thread(target=self.run, name="outrigger policy watch", daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                self.stop()
+
+        return running()
+
+    def stop(self) -> None:
+        """No more lists or watches; an open stream is abandoned where it is."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """List when needed, watch, repeat, until `stop()`; a failure never ends it."""
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                if self._version is None:
+                    self._apply(self._list())
+                self._watch()
+                backoff = 0.0
+            except PolicyWatchError as error:
+                if self._stop.is_set():
+                    return
+                backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF)
+                self.metrics.count_policy_watch("error")
+                log.error("%s: %s; retrying in %gs", self.origin, error, backoff)
+                self._stop.wait(backoff)
+            except Exception:
+                log.exception("%s: the watch failed; retrying in %gs", self.origin, MAX_BACKOFF)
+                self._stop.wait(MAX_BACKOFF)
+
+    # One list, one watch ----------------------------------------------------------------------
+
+    def _list(self) -> Step:
+        answer = self._call(
+            "list",
+            lambda: self._core.list_namespaced_config_map(
+                self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT, 30.0),
+            ),
+        )
+        try:
+            return from_list(json.loads(answer.data), self.name, self.key)
+        except (ValueError, AttributeError) as error:
+            raise PolicyWatchError(f"the list answer is not JSON: {one_line(error)}") from None
+
+    def _watch(self) -> None:
+        """One watch stream from the current resourceVersion, until it ends."""
+        response = self._call(
+            "watch",
+            lambda: self._core.list_namespaced_config_map(
+                self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                watch=True,
+                resource_version=self._version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.watch_seconds,
+                _preload_content=False,
+                # The server ends the stream after watch_seconds; a silent connection longer
+                # than that is dead.
+                _request_timeout=(CONNECT_TIMEOUT, self.watch_seconds + 30.0),
+            ),
+        )
+        try:
+            for line in _lines(response):
+                if self._stop.is_set():
+                    return
+                self._apply(from_event(json.loads(line), self._version, self.key))
+                if self._version is None:  # expired or failed: list again
+                    self.metrics.count_policy_watch("relisted")
+                    return
+            self.metrics.count_policy_watch("renewed")
+        except ValueError as error:
+            raise PolicyWatchError(f"a watch event is not JSON: {one_line(error)}") from None
+        except OSError as error:  # the connection dropped
+            raise PolicyWatchError(f"the watch stream broke: {one_line(error)}") from None
+        finally:
+            response.release_conn()
+
+    def _apply(self, step: Step) -> None:
+        self._version = step.resource_version
+        if step.note:
+            log.warning("%s: %s", self.origin, step.note)
+        if self._slot is None:
+            return
+        if step.content is not None:
+            self._slot.offer(step.content, self.origin)
+        elif step.problem:
+            self._slot.reject(f"problem: {step.problem}", self.origin, step.problem)
+
+    def _call(self, what: str, call: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return call()
+        except ApiException as error:
+            raise PolicyWatchError(f"cannot {what} the ConfigMap: {api_error(error)}") from None
+        except (HTTPError, OSError) as error:
+            unreachable = f"API server unreachable: {one_line(error)}"
+            raise PolicyWatchError(f"cannot {what} the ConfigMap: {unreachable}") from None
+
+
+def _lines(response: Any) -> Iterator[str]:
+    """The watch's events, one JSON document per line, as the chunks arrive."""
+    from kubernetes.watch import watch
+    from urllib3.exceptions import HTTPError
+
+    lines: Any = watch.iter_resp_lines  # untyped in the client
+    try:
+        yield from lines(response)
+    except HTTPError as error:  # a read timeout or a protocol error mid-stream
+        raise OSError(one_line(error)) from None
