@@ -266,7 +266,7 @@ def test_a_missing_configmap_fails_the_start_naming_it(tmp_path: Path, kube: Fak
     assert code == 1
     assert line.splitlines()[-1] == (
         "outrigger: ConfigMap outrigger-system/outrigger-policy (policy.yaml): ConfigMap "
-        "outrigger-policy does not exist (gave up after 1s)"
+        "outrigger-policy does not exist (gave up after 1s, --api-startup-seconds)"
     )
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -328,6 +329,12 @@ def _serve(args: argparse.Namespace) -> int:
         print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
         return 2
     _configure_logging(args.log_level, args.log_format)
+    if not 0 < args.api_startup_seconds < float("inf"):
+        print("outrigger: --api-startup-seconds must be a positive number", file=sys.stderr)
+        return 2
+    # One bound for all the first API calls (the policy's list, then the certificate's sync),
+    # which the chart's startupProbe outlasts.
+    args.api_deadline = time.monotonic() + args.api_startup_seconds
     metrics = Metrics()
     source = None
     try:
@@ -362,8 +369,6 @@ def _watched_policy(args: argparse.Namespace, metrics: Metrics) -> PolicySource:
     namespace, _, name = args.policy_configmap.partition("/")
     if not namespace or not name or "/" in name:
         raise ValueError("--policy-configmap takes NAMESPACE/NAME")
-    if not 0 < args.api_startup_seconds < float("inf"):
-        raise ValueError("--api-startup-seconds must be a positive number")
     try:
         configuration = registration.client_configuration(args.kubeconfig, args.context)
     except registration.RegistrationError as error:
@@ -372,10 +377,19 @@ def _watched_policy(args: argparse.Namespace, metrics: Metrics) -> PolicySource:
         namespace, name, configuration, key=args.policy_configmap_key, metrics=metrics
     )
     try:
-        slot = watch.start(args.api_startup_seconds)
+        slot = watch.start(_remaining(args.api_deadline))
     except policywatch.PolicyWatchError as error:
-        raise SystemExit(f"outrigger: {error}") from None
+        raise SystemExit(f"outrigger: {error} ({_gave_up(args)})") from None
     return PolicySource(slot.current, watch.watching, watch.origin)
+
+
+def _gave_up(args: argparse.Namespace) -> str:
+    return f"gave up after {args.api_startup_seconds:g}s, --api-startup-seconds"
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline` (at least one attempt's worth)."""
+    return max(deadline - time.monotonic(), 1.0)
 
 
 def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> CertificateSource:
@@ -387,12 +401,8 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
     namespace, service = args.self_tls_namespace, args.self_tls_service
     if not namespace:
         raise ValueError("--tls-source self needs --self-tls-namespace (or $POD_NAMESPACE)")
-    for seconds, flag in (
-        (args.self_tls_sync_seconds, "--self-tls-sync-seconds"),
-        (args.api_startup_seconds, "--api-startup-seconds"),
-    ):
-        if not 0 < seconds < float("inf"):
-            raise ValueError(f"{flag} must be a positive number")
+    if not 0 < args.self_tls_sync_seconds < float("inf"):
+        raise ValueError("--self-tls-sync-seconds must be a positive number")
     settings = Settings(
         dns_names=(service, f"{service}.{namespace}", f"{service}.{namespace}.svc"),
         cert_validity=args.self_tls_cert_validity,
@@ -413,13 +423,13 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
         interval=args.self_tls_sync_seconds,
         metrics=metrics,
     )
-    timeout = args.api_startup_seconds
+    deadline = args.api_deadline
 
     def prepare() -> None:
         try:
-            manager.start(timeout)
+            manager.start(_remaining(deadline))
         except selftls.SelfTLSError as error:
-            raise SystemExit(f"outrigger: {error}") from None
+            raise SystemExit(f"outrigger: {error} ({_gave_up(args)})") from None
 
     return CertificateSource(prepare, manager.watching)
 

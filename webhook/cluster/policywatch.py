@@ -136,7 +136,7 @@ class PolicyWatch:
             except PolicyWatchError as error:
                 problem = str(error)
             if time.monotonic() + delay > deadline:
-                raise PolicyWatchError(f"{self.origin}: {problem} (gave up after {timeout:g}s)")
+                raise PolicyWatchError(f"{self.origin}: {problem}")
             log.warning("%s: %s; retrying in %gs", self.origin, problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -149,7 +149,7 @@ class SelfManagedTLS:
                 return
             except SelfTLSError as error:
                 if time.monotonic() + delay > deadline:
-                    raise SelfTLSError(f"{error} (gave up after {timeout:g}s)") from None
+                    raise
                 log.warning("%s; retrying in %gs", error, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
