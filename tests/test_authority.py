@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from webhook.cluster.selftls import ca_bundle_patch, write_atomically
+from webhook.cluster.selftls import ca_bundle_patch, take_turn, write_atomically
 from webhook.serving.authority import (
     Action,
     Bundle,
@@ -231,3 +231,45 @@ def test_key_pem_is_unencrypted_pkcs8() -> None:
     key_pem = fresh().data()["tls.key"]
     assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")
     serialization.load_pem_private_key(key_pem, password=None)
+
+
+# Which replica writes ----------------------------------------------------------------------
+
+
+def test_the_first_replica_to_find_nothing_writes_a_new_bundle() -> None:
+    turn = take_turn(None, "", None, SETTINGS, T0)
+    assert turn.write and turn.action is Action.NEW_ALL
+    assert plan(turn.bundle, SETTINGS, T0).action is Action.KEEP
+
+
+def test_a_valid_stored_bundle_is_served_by_every_replica_whatever_it_served() -> None:
+    stored, mine = fresh(), fresh()
+    for serving in (None, stored, mine):
+        turn = take_turn(stored, "", serving, SETTINGS, T0)
+        assert not turn.write and turn.bundle is stored
+
+
+def test_racing_replicas_agree_on_the_winner() -> None:
+    """Both read the same due bundle and decide to write; the API server takes one write (a
+    conditional update); the loser reads the winner's and its next turn writes nothing."""
+    stored = fresh()
+    due = T0 + 61 * DAY
+    first = take_turn(stored, "", stored, SETTINGS, due)
+    second = take_turn(stored, "", stored, SETTINGS, due)
+    assert first.write and second.write
+    assert first.bundle.cert != second.bundle.cert  # each made its own: only one may land
+    again = take_turn(first.bundle, "", stored, SETTINGS, due)  # the loser re-reads
+    assert not again.write and again.bundle is first.bundle
+
+
+def test_a_bundle_deleted_or_spoiled_under_a_replica_is_written_back() -> None:
+    serving = fresh()
+    restored = take_turn(None, "", serving, SETTINGS, T0)
+    assert restored.write and restored.bundle is serving and restored.reason == "restored"
+    spoiled = take_turn(None, "missing ca.key", serving, SETTINGS, T0)
+    assert spoiled.bundle is serving
+    assert spoiled.reason == "restored (stored: missing ca.key)"
+    # Nothing to restore from: a new bundle, and the reason says what was wrong.
+    fresh_start = take_turn(None, "missing ca.key", None, SETTINGS, T0)
+    assert fresh_start.action is Action.NEW_ALL
+    assert fresh_start.reason.endswith("(stored: missing ca.key)")

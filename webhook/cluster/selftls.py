@@ -181,26 +181,20 @@ class SelfManagedTLS:
         """The bundle in force after this round, and what happened (kept, issued, adopted)."""
         for _ in range(CONFLICT_ATTEMPTS):
             stored = self._read_secret()
-            # A Secret deleted or spoiled under a running replica: what it serves is restored.
-            candidate = stored.bundle if stored.bundle is not None else self._bundle
-            decision = plan(candidate, self.settings, self._clock())
-            if decision.action is Action.KEEP and candidate is stored.bundle:
-                assert stored.bundle is not None
-                adopted = self._bundle is not None and stored.bundle.data() != self._bundle.data()
+            now = self._clock()
+            turn = take_turn(stored.bundle, stored.problem, self._bundle, self.settings, now)
+            if not turn.write:
+                adopted = self._bundle is not None and turn.bundle.data() != self._bundle.data()
                 if adopted:
-                    log.info("serving certificate from Secret %s: %s", self._where, decision.reason)
-                return stored.bundle, "adopted" if adopted else "kept"
-            reason = decision.reason if decision.action is not Action.KEEP else "restored"
-            if stored.problem:
-                reason = f"{reason} (stored: {stored.problem})"
-            bundle = carry_out(decision.action, candidate, self.settings, self._clock())
+                    log.info("serving certificate from Secret %s: %s", self._where, turn.reason)
+                return turn.bundle, "adopted" if adopted else "kept"
             try:
-                self._write_secret(bundle, stored, reason)
+                self._write_secret(turn.bundle, stored, turn.reason)
             except _Lost:
                 log.info("another replica wrote Secret %s first; reading it", self._where)
                 continue
-            log.info("wrote Secret %s (%s): %s", self._where, decision.action.value, reason)
-            return bundle, "issued"
+            log.info("wrote Secret %s (%s): %s", self._where, turn.action.value, turn.reason)
+            return turn.bundle, "issued"
         raise SelfTLSError(
             f"Secret {self._where}: still conflicting after {CONFLICT_ATTEMPTS} attempts"
         )
@@ -339,6 +333,38 @@ class SelfManagedTLS:
             return json.loads(raw)
         except ValueError:
             raise SelfTLSError(f"cannot {what}: the API server's answer is not JSON") from None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What a replica does with the Secret it read: serve the stored bundle, or write one."""
+
+    bundle: Bundle
+    write: bool  # False: the stored bundle serves as it is
+    action: Action
+    reason: str
+
+
+def take_turn(
+    stored: Bundle | None,
+    problem: str,
+    serving: Bundle | None,
+    settings: Settings,
+    now: datetime.datetime,
+) -> Turn:
+    """A replica's turn, from the bundle stored (None: absent, or unusable for `problem`) and the
+    one it serves (None at start). A stored bundle that needs nothing is served by everyone. A
+    write is conditional on what was read, so when several replicas decide to write, the API
+    server takes one; the others lose (409), read again, and their next turn serves the
+    winner's. A bundle gone from the Secret while a replica serves it is written back."""
+    candidate = stored if stored is not None else serving
+    decision = plan(candidate, settings, now)
+    if stored is not None and decision.action is Action.KEEP:
+        return Turn(stored, False, Action.KEEP, decision.reason)
+    reason = decision.reason if decision.action is not Action.KEEP else "restored"
+    if problem:
+        reason = f"{reason} (stored: {problem})"
+    return Turn(carry_out(decision.action, candidate, settings, now), True, decision.action, reason)
 
 
 def ca_bundle_patch(configuration: Mapping[str, Any], ca_bundle: str) -> list[dict[str, Any]]:
