@@ -85,6 +85,20 @@ def test_a_configmap_without_the_key_is_a_problem_naming_its_keys() -> None:
     assert step.problem == "the ConfigMap has no key 'policy.yaml' (its keys: other)"
 
 
+@pytest.mark.parametrize(
+    "obj",
+    [{"metadata": {"name": "outrigger-policy"}, "data": "policy.yaml"},
+     {"metadata": {"name": "outrigger-policy"}, "data": ["policy.yaml"]},
+     {"metadata": {"name": "outrigger-policy"}}],
+    ids=["data-a-string", "data-a-list", "no-data"],
+)  # fmt: skip
+def test_malformed_objects_are_problems_not_crashes(obj: dict[str, Any]) -> None:
+    step = from_event({"type": "MODIFIED", "object": obj}, "1", "policy.yaml")
+    assert step.content is None and "has no key 'policy.yaml'" in step.problem
+    listed = from_list({"items": [obj, "junk", 3]}, "outrigger-policy", "policy.yaml")
+    assert listed.content is None and listed.problem
+
+
 # End to end -------------------------------------------------------------------------------
 
 

@@ -314,6 +314,31 @@ def test_a_deleted_secret_is_written_back_unchanged(
     )
 
 
+@pytest.mark.parametrize(
+    "data",
+    [["not", "a", "map"], {"tls.crt": "bm90IGEgY2VydA==", "tls.key": "!!"}, {}],
+    ids=["data-a-list", "garbage", "empty"],
+)
+def test_a_spoiled_secret_at_start_is_replaced(
+    tmp_path: Path, kube: FakeKube, replicas: list[Replica], data: Any
+) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "outrigger-self-tls", "namespace": NAMESPACE},
+        "data": data,
+    }
+    kube.put(SECRET, secret)  # fmt: skip
+    replica = start(tmp_path, kube, "a")
+    replicas.append(replica)
+    wait_serving(replica, kube)
+    assert [r.code for r in kube.made("update", SECRET)] == [200]
+    assert set(stored_secret_data(kube)) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    reason = (kube.get(SECRET) or {})["metadata"]["annotations"]["outrigger.dev/tls-reason"]
+    assert "(stored: " in reason
+
+
 def test_a_missing_webhook_configuration_is_published_once_it_exists(
     tmp_path: Path, kube: FakeKube, replicas: list[Replica]
 ) -> None:

@@ -430,6 +430,9 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
             manager.start(_remaining(deadline))
         except selftls.SelfTLSError as error:
             raise SystemExit(f"outrigger: {error} ({_gave_up(args)})") from None
+        except Exception as error:  # a bug: its trace goes to the log, the exit says so
+            logging.getLogger("outrigger.selftls").exception("self-managed TLS failed")
+            raise SystemExit(f"outrigger: self-managed TLS failed: {error!r}") from None
 
     return CertificateSource(prepare, manager.watching)
 

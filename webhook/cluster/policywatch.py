@@ -62,7 +62,11 @@ class Step:
 def from_list(answer: Mapping[str, Any], name: str, key: str) -> Step:
     """The step for a ConfigMapList answer (the field selector leaves at most our object)."""
     version = str((answer.get("metadata") or {}).get("resourceVersion") or "") or None
-    items = [i for i in answer.get("items") or [] if (i.get("metadata") or {}).get("name") == name]
+    items = [
+        item
+        for item in answer.get("items") or []
+        if isinstance(item, dict) and (item.get("metadata") or {}).get("name") == name
+    ]
     if not items:
         return Step(version, note=f"ConfigMap {name} does not exist")
     return _object_step(items[0], version, key)
@@ -90,8 +94,8 @@ def from_event(event: Mapping[str, Any], resource_version: str | None, key: str)
 
 def _object_step(obj: Mapping[str, Any], version: str | None, key: str) -> Step:
     data = obj.get("data") or {}
-    if key not in data:
-        keys = ", ".join(sorted(data)) or "none"
+    if not isinstance(data, dict) or key not in data:
+        keys = ", ".join(sorted(data)) if isinstance(data, dict) and data else "none"
         return Step(version, problem=f"the ConfigMap has no key {key!r} (its keys: {keys})")
     return Step(version, content=str(data[key]).encode("utf-8"))
 
@@ -196,9 +200,12 @@ class PolicyWatch:
             ),
         )
         try:
-            return from_list(json.loads(answer.data), self.name, self.key)
+            listed = json.loads(answer.data)
         except (ValueError, AttributeError) as error:
             raise PolicyWatchError(f"the list answer is not JSON: {one_line(error)}") from None
+        if not isinstance(listed, dict) or not isinstance(listed.get("items") or [], list):
+            raise PolicyWatchError("the list answer is not a List")
+        return from_list(listed, self.name, self.key)
 
     def _watch(self) -> None:
         """One watch stream from the current resourceVersion, until it ends."""
@@ -221,7 +228,10 @@ class PolicyWatch:
             for line in _lines(response):
                 if self._stop.is_set():
                     return
-                self._apply(from_event(json.loads(line), self._version, self.key))
+                event = json.loads(line)
+                if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+                    raise PolicyWatchError(f"a watch event is not an object: {line[:80]!r}")
+                self._apply(from_event(event, self._version, self.key))
                 if self._version is None:  # expired or failed: list again
                     self.metrics.count_policy_watch("relisted")
                     return

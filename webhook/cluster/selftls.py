@@ -216,7 +216,10 @@ class SelfManagedTLS:
         version = str(metadata.get("resourceVersion") or "") or None
         secret_type = str(found.get("type") or "Opaque")
         try:
-            bundle = Bundle.from_data(_decoded(found.get("data") or {}))
+            data = found.get("data") or {}
+            if not isinstance(data, dict):
+                raise BundleError("its data is not a map")
+            bundle = Bundle.from_data(_decoded(data))
         except BundleError as error:
             log.warning("Secret %s holds no usable bundle: %s", self._where, error)
             return _Stored(None, version, secret_type, str(error))
@@ -330,9 +333,12 @@ class SelfManagedTLS:
         if not isinstance(raw, bytes):
             return response
         try:
-            return json.loads(raw)
+            answer = json.loads(raw)
         except ValueError:
             raise SelfTLSError(f"cannot {what}: the API server's answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise SelfTLSError(f"cannot {what}: the API server's answer is not an object")
+        return answer
 
 
 @dataclass(frozen=True)
@@ -372,6 +378,8 @@ def ca_bundle_patch(configuration: Mapping[str, Any], ca_bundle: str) -> list[di
     have it). Each `add` is preceded by a `test` of the webhook's name at that index."""
     ops: list[dict[str, Any]] = []
     for index, webhook in enumerate(configuration.get("webhooks") or []):
+        if not isinstance(webhook, dict) or not isinstance(webhook.get("name"), str):
+            continue  # not a webhook the API server would store: nothing to publish to
         client_config = webhook.get("clientConfig") or {}
         if client_config.get("caBundle") == ca_bundle:
             continue
