@@ -232,6 +232,16 @@ def test_a_410_gone_forces_a_relist_that_finds_the_change(
     assert "the watch expired" in server.log.read_text()
 
 
+def test_watches_that_end_at_once_are_not_renewed_in_a_hot_loop(
+    tmp_path: Path, kube: FakeKube, replicas: list[tuple[Server, Any]]
+) -> None:
+    kube.max_watch_seconds = 0  # a misbehaving server (or proxy) that ends every stream
+    server, process = serve_watching(tmp_path, kube, "a")
+    replicas.append((server, process))
+    time.sleep(3)
+    assert 2 <= len(kube.made("watch", POLICY)) <= 5  # about one a second, not thousands
+
+
 def test_a_deleted_configmap_keeps_the_policy_and_a_new_one_applies(
     tmp_path: Path, kube: FakeKube, replicas: list[tuple[Server, Any]]
 ) -> None:

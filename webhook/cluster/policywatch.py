@@ -42,6 +42,7 @@ log = logging.getLogger("outrigger.policywatch")
 WATCH_SECONDS = 300  # asked of the API server per watch; it ends the stream then, we renew it
 CONNECT_TIMEOUT = 5.0
 MAX_BACKOFF = 30.0
+MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is not renewed before this
 DEFAULT_KEY = "policy.yaml"
 
 
@@ -174,8 +175,11 @@ class PolicyWatch:
             try:
                 if self._version is None:
                     self._apply(self._list())
+                started = time.monotonic()
                 self._watch()
                 backoff = 0.0
+                if time.monotonic() - started < MIN_WATCH_SECONDS:  # ended at once: no hot loop
+                    self._stop.wait(MIN_WATCH_SECONDS)
             except PolicyWatchError as error:
                 if self._stop.is_set():
                     return
