@@ -254,6 +254,7 @@ def test_every_object_is_valid(render: Callable[..., Docs], case: str) -> None:
           "--set", "tls.caBundle=not base64!"], "/tls/caBundle"),
         (["--set", "tls.self.certValidity=90 days"], "/tls/self/certValidity"),
         (["--set", "tls.self.syncSeconds=1"], "/tls/self/syncSeconds"),
+        (["--set", "policyReload=poll"], "/policyReload"),
         (["--set", "replicas=3"], "replicas"),  # a typo: additionalProperties false
     ],
 )  # fmt: skip
@@ -271,6 +272,7 @@ def test_schema_rejects_bad_values(
         (["--set", "tls.mode=bogus"],
          'tls.mode must be self, helm, cert-manager or secret, not "bogus"'),
         (["--set", "injection.mode=x"], 'injection.mode must be opt-in or opt-out, not "x"'),
+        (["--set", "policyReload=poll"], 'policyReload must be watch or file, not "poll"'),
         (["--set", "tls.mode=secret", "--set", "tls.existingSecret=s"],
          "tls.caBundle is required when tls.mode=secret"),
         (["--set", "tls.mode=secret", "--set-string", f"tls.caBundle={CA_BUNDLE}"],
