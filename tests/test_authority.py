@@ -18,7 +18,6 @@ from webhook.serving.authority import (
     Bundle,
     BundleError,
     Settings,
-    ca_pems,
     carry_out,
     plan,
 )
@@ -198,13 +197,6 @@ def test_ca_bundle_patch_tests_each_name_and_skips_what_is_set() -> None:
         {"op": "add", "path": "/webhooks/2/clientConfig/caBundle", "value": bundle},
     ]
     assert ca_bundle_patch({"webhooks": configuration["webhooks"][1:2]}, bundle) == []
-
-
-def test_ca_pems_splits_a_bundle() -> None:
-    one, two = fresh(), fresh()
-    joined = one.data()["ca.crt"] + two.data()["ca.crt"]
-    assert len(ca_pems(joined)) == 2
-    assert ca_pems(b"garbage") == ()
 
 
 def test_write_atomically_swaps_one_symlink(tmp_path: Path) -> None:

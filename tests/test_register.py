@@ -32,6 +32,7 @@ import yaml
 
 from tests.conftest import outrigger_executable, validate_strict
 from tests.fake_kube import TOKEN, https_server, send_json, write_kubeconfig
+from tests.fake_kube import status as api_status
 from webhook.cluster.registration import webhook_configuration
 from webhook.serving.certs import write_certificates
 
@@ -61,21 +62,13 @@ class FakeApiServer:
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
-    """A meta/v1 Status, the body the API server sends with an error."""
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "details": {
-            "name": "outrigger",
-            "group": "admissionregistration.k8s.io",
-            "kind": "mutatingwebhookconfigurations",
-        },
-        "code": code,
+    """A meta/v1 Status about the configuration, as the API server sends with an error."""
+    details = {
+        "name": "outrigger",
+        "group": "admissionregistration.k8s.io",
+        "kind": "mutatingwebhookconfigurations",
     }
+    return {**api_status(code, reason, message), "details": details}
 
 
 NOT_FOUND = status(

@@ -363,16 +363,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _watched_policy(args: argparse.Namespace, metrics: Metrics) -> PolicySource:
     """The `--policy-configmap` policy, listed now: a bad first version raises PolicyError
     (exit status 2); an API server still out of reach after the startup bound ends the start."""
-    from webhook.cluster import policywatch, registration
+    from webhook.cluster import policywatch
     from webhook.serving.server import PolicySource
 
     namespace, _, name = args.policy_configmap.partition("/")
     if not namespace or not name or "/" in name:
         raise ValueError("--policy-configmap takes NAMESPACE/NAME")
-    try:
-        configuration = registration.client_configuration(args.kubeconfig, args.context)
-    except registration.RegistrationError as error:
-        raise ValueError(str(error)) from None
+    configuration = _api_configuration(args)
     watch = policywatch.PolicyWatch(
         namespace, name, configuration, key=args.policy_configmap_key, metrics=metrics
     )
@@ -387,6 +384,16 @@ def _gave_up(args: argparse.Namespace) -> str:
     return f"gave up after {args.api_startup_seconds:g}s, --api-startup-seconds"
 
 
+def _api_configuration(args: argparse.Namespace) -> Any:
+    """The client configuration `serve` calls the API with; ValueError when it cannot load."""
+    from webhook.cluster import registration
+
+    try:
+        return registration.client_configuration(args.kubeconfig, args.context)
+    except registration.RegistrationError as error:
+        raise ValueError(str(error)) from None
+
+
 def _remaining(deadline: float) -> float:
     """Seconds left until `deadline` (at least one attempt's worth)."""
     return max(deadline - time.monotonic(), 1.0)
@@ -394,7 +401,7 @@ def _remaining(deadline: float) -> float:
 
 def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> CertificateSource:
     """The `--tls-source self` certificate source; ValueError for an unusable option."""
-    from webhook.cluster import registration, selftls  # the kubernetes client is only needed here
+    from webhook.cluster import selftls  # the kubernetes client is only needed here
     from webhook.serving.authority import Settings
     from webhook.serving.server import CertificateSource
 
@@ -410,10 +417,7 @@ def _self_managed_tls(args: argparse.Namespace, metrics: Metrics) -> Certificate
         ca_validity=args.self_tls_ca_validity,
         ca_overlap=args.self_tls_ca_overlap,
     )
-    try:
-        configuration = registration.client_configuration(args.kubeconfig, args.context)
-    except registration.RegistrationError as error:
-        raise ValueError(str(error)) from None
+    configuration = _api_configuration(args)
     target = selftls.Target(namespace, args.self_tls_secret, args.self_tls_webhook)
     manager = selftls.SelfManagedTLS(
         target,

@@ -33,7 +33,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.cluster.registration import api_error, one_line
+from webhook.cluster.apicalls import failure, retry_until
+from webhook.cluster.registration import one_line
 from webhook.serving.metrics import Metrics
 from webhook.serving.reload import PolicySlot
 
@@ -131,24 +132,22 @@ class PolicyWatch:
     def start(self, timeout: float) -> PolicySlot:
         """The first version, listed (retried for up to `timeout` seconds while the API server
         is out of reach or the ConfigMap missing); a bad one raises `PolicyError`."""
-        deadline, delay = time.monotonic() + timeout, 0.5
-        while True:
-            try:
-                step = self._list()
-                if step.content is not None:
-                    break
-                problem = step.problem or step.note
-            except PolicyWatchError as error:
-                problem = str(error)
-            if time.monotonic() + delay > deadline:
-                raise PolicyWatchError(f"{self.origin}: {problem}")
-            log.warning("%s: %s; retrying in %gs", self.origin, problem, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        step = retry_until(timeout, self._first_version, PolicyWatchError, log)
+        assert step.content is not None
         self._slot = PolicySlot(step.content, self.origin, self.metrics)
         self._version = step.resource_version
         log.info("policy %s from %s, watched", self._slot.current().version, self.origin)
         return self._slot
+
+    def _first_version(self) -> Step:
+        """A list that holds the policy; PolicyWatchError, naming the ConfigMap, if not."""
+        try:
+            step = self._list()
+        except PolicyWatchError as error:
+            raise PolicyWatchError(f"{self.origin}: {error}") from None
+        if step.content is None:
+            raise PolicyWatchError(f"{self.origin}: {step.problem or step.note}")
+        return step
 
     def watching(self) -> AbstractAsyncContextManager[None]:
         """Watch in a daemon thread for the duration of the `async with` (the app's lifespan)."""
@@ -194,15 +193,7 @@ class PolicyWatch:
     # One list, one watch ----------------------------------------------------------------------
 
     def _list(self) -> Step:
-        answer = self._call(
-            "list",
-            lambda: self._core.list_namespaced_config_map(
-                self.namespace,
-                field_selector=f"metadata.name={self.name}",
-                _preload_content=False,
-                _request_timeout=(CONNECT_TIMEOUT, 30.0),
-            ),
-        )
+        answer = self._request("list", _request_timeout=(CONNECT_TIMEOUT, 30.0))
         try:
             listed = json.loads(answer.data)
         except (ValueError, AttributeError) as error:
@@ -213,20 +204,15 @@ class PolicyWatch:
 
     def _watch(self) -> None:
         """One watch stream from the current resourceVersion, until it ends."""
-        response = self._call(
+        response = self._request(
             "watch",
-            lambda: self._core.list_namespaced_config_map(
-                self.namespace,
-                field_selector=f"metadata.name={self.name}",
-                watch=True,
-                resource_version=self._version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self.watch_seconds,
-                _preload_content=False,
-                # The server ends the stream after watch_seconds; a silent connection longer
-                # than that is dead.
-                _request_timeout=(CONNECT_TIMEOUT, self.watch_seconds + 30.0),
-            ),
+            watch=True,
+            resource_version=self._version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_seconds,
+            # The server ends the stream after watch_seconds; a silent connection longer than
+            # that is dead.
+            _request_timeout=(CONNECT_TIMEOUT, self.watch_seconds + 30.0),
         )
         try:
             for line in _lines(response):
@@ -258,17 +244,20 @@ class PolicyWatch:
         elif step.problem:
             self._slot.reject(f"problem: {step.problem}", self.origin, step.problem)
 
-    def _call(self, what: str, call: Any) -> Any:
+    def _request(self, what: str, **options: Any) -> Any:
+        """The raw answer of a list (or, with `watch=True`, a watch) of our one ConfigMap."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         try:
-            return call()
-        except ApiException as error:
-            raise PolicyWatchError(f"cannot {what} the ConfigMap: {api_error(error)}") from None
-        except (HTTPError, OSError) as error:
-            unreachable = f"API server unreachable: {one_line(error)}"
-            raise PolicyWatchError(f"cannot {what} the ConfigMap: {unreachable}") from None
+            return self._core.list_namespaced_config_map(
+                self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                _preload_content=False,
+                **options,
+            )
+        except (ApiException, HTTPError, OSError) as error:
+            raise PolicyWatchError(failure(f"{what} the ConfigMap", error)) from None
 
 
 def _lines(response: Any) -> Iterator[str]:

@@ -39,7 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from webhook.cluster.registration import api_error, one_line
+from webhook.cluster.apicalls import failure, retry_until
 from webhook.serving.authority import Action, Bundle, BundleError, Settings, carry_out, plan
 from webhook.serving.background import running
 from webhook.serving.certs import CA_CERT, SERVING_CERT, SERVING_KEY
@@ -139,20 +139,9 @@ class SelfManagedTLS:
         return published
 
     def start(self, timeout: float) -> None:
-        """Sync until the first success, retrying for up to `timeout` seconds (the API server
-        may still be out of reach while the pod starts); raises the last `SelfTLSError`."""
-        deadline = time.monotonic() + timeout
-        delay = 0.5
-        while True:
-            try:
-                self.sync()
-                return
-            except SelfTLSError as error:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("%s; retrying in %gs", error, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        """Sync until the first success, retried for up to `timeout` seconds; raises the last
+        `SelfTLSError`."""
+        retry_until(timeout, self.sync, SelfTLSError, log)
 
     async def run(self) -> None:
         """Sync every `interval` seconds until cancelled; a failure never stops it. After a
@@ -325,10 +314,9 @@ class SelfManagedTLS:
                 return None
             if error.status == 409 and lost_on_conflict:
                 raise _Lost from None
-            raise SelfTLSError(f"cannot {what}: {api_error(error)}") from None
+            raise SelfTLSError(failure(what, error)) from None
         except (HTTPError, OSError) as error:
-            unreachable = f"API server unreachable: {one_line(error)}"
-            raise SelfTLSError(f"cannot {what}: {unreachable}") from None
+            raise SelfTLSError(failure(what, error)) from None
         raw = getattr(response, "data", None)
         if not isinstance(raw, bytes):
             return response

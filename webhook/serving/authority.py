@@ -160,7 +160,8 @@ def plan(bundle: Bundle | None, settings: Settings, now: datetime.datetime) -> P
     ca_problem = _ca_problem(ca, now)
     if ca_problem:
         return Plan(Action.NEW_ALL, f"the CA {ca_problem}")
-    cert_problem = _cert_problem(bundle, settings, now)
+    issuer = bundle.issuer_of_cert()
+    cert_problem = _cert_problem(bundle, issuer, settings, now)
     if ca.not_valid_after_utc - now <= settings.ca_renew_before:
         expiry = f"the CA expires {ca.not_valid_after_utc.isoformat()}"
         if cert_problem:
@@ -168,7 +169,7 @@ def plan(bundle: Bundle | None, settings: Settings, now: datetime.datetime) -> P
         return Plan(Action.NEW_CA, f"{expiry}: a new CA is published first")
     if cert_problem:
         return Plan(Action.NEW_CERT, f"the serving certificate {cert_problem}")
-    moving = bundle.issuer_of_cert() is not ca  # signed by an older CA of the bundle
+    moving = issuer is not ca  # signed by an older CA of the bundle
     due = bundle.cert.not_valid_after_utc - now <= settings.renew_before
     if moving and not _established(ca, settings, now):
         waiting = "renewal due" if due else "valid"
@@ -199,14 +200,6 @@ def carry_out(
     return _with_new_cert(trusted, bundle.ca_key, settings, now)
 
 
-def ca_pems(bundle_pem: bytes) -> tuple[bytes, ...]:
-    """Each certificate of a PEM bundle, re-encoded: what two bundles are compared by."""
-    try:
-        return tuple(ca.public_bytes(_PEM) for ca in x509.load_pem_x509_certificates(bundle_pem))
-    except ValueError:
-        return ()
-
-
 def _ca_problem(ca: x509.Certificate, now: datetime.datetime) -> str:
     try:
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -217,8 +210,10 @@ def _ca_problem(ca: x509.Certificate, now: datetime.datetime) -> str:
     return _validity_problem(ca, now)
 
 
-def _cert_problem(bundle: Bundle, settings: Settings, now: datetime.datetime) -> str:
-    if bundle.issuer_of_cert() is None:
+def _cert_problem(
+    bundle: Bundle, issuer: x509.Certificate | None, settings: Settings, now: datetime.datetime
+) -> str:
+    if issuer is None:
         return "is not signed by a CA of the bundle"
     problem = _validity_problem(bundle.cert, now)
     if problem:

@@ -126,7 +126,7 @@ def _policy_source(
         policy = default_policy()
         return (lambda: policy), None
     policy_file = PolicyFile(path, interval=poll_seconds, metrics=metrics)
-    return policy_file.current, policy_file.watching
+    return policy_file.slot.current, policy_file.watching  # read per review: no extra hop
 
 
 def _together(*backgrounds: Background | None) -> Background:
