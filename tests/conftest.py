@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.kube_env import ControlPlane, KubeUnavailable, control_plane_session, find_assets
 from webhook.core.policy import Policy, default_policy
 
 # Kubernetes version whose OpenAPI schema every mutated object is validated against.
@@ -87,3 +89,23 @@ def largest_admissible_config() -> str:
         for i in range(32)
     }
     return yaml.safe_dump({"upstreams": upstreams}, default_flow_style=True, width=1 << 20)
+
+
+# The real API server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[ControlPlane]:
+    """etcd and kube-apiserver, once per session (skipped, saying how, without the binaries)."""
+    try:
+        find_assets()
+    except KubeUnavailable as missing:
+        pytest.skip(str(missing))
+    yield from control_plane_session()
+
+
+@pytest.fixture(scope="session")
+def kube_controllers(kube: ControlPlane) -> ControlPlane:
+    """The same control plane with kube-controller-manager running (GC, Deployments, Jobs)."""
+    kube.start_controller_manager()
+    return kube

@@ -1,11 +1,9 @@
 """`outrigger audit`: the classification (pure, on pod lists) and the command end to end.
 
-No Kubernetes API server can run on these machines. The end-to-end tests therefore run the
-real `outrigger audit` (the installed entry point, in a subprocess, so that the official
-`kubernetes` client does the HTTP) against a local HTTPS server that answers the API's list
-and get requests with JSON as the Kubernetes API writes it, paging lists by `limit` and
-`continue` the way the API server does; what it verifies is the client's requests and the
-command's handling of the answers, not a real API server's behaviour.
+The end-to-end tests run the real `outrigger audit` (the installed entry point, in a
+subprocess) against a real kube-apiserver with its controller manager (`kube` tier): the
+pods are made by real Deployments, Jobs and the webhook itself, stored and defaulted by the
+API server, listed in real pages.
 """
 
 from __future__ import annotations
@@ -13,17 +11,18 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, outrigger_executable
-from tests.fake_kube import https_server, send_json, write_kubeconfig
+from tests.conftest import FIXTURES, ROOT, outrigger_executable
+from tests.fake_kube import write_kubeconfig
+from tests.kube_env import ControlPlane
+from tests.kube_webhook import LABEL, configuration, new_selector, registered, running_webhook
 from webhook.core.audit import MISMATCHED, MISSING, STALE, classify, group, workload_of
 from webhook.core.injector import RequestContext, inject
 from webhook.core.policy import default_policy
@@ -136,6 +135,41 @@ def test_a_tampered_injected_pod_is_mismatched() -> None:
     assert finding is not None and finding.kind == MISMATCHED
 
 
+TOKEN_MOUNT = {
+    "name": "kube-api-access-x7k2p",
+    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+    "readOnly": True,
+}
+
+
+def with_token_after_injection(pod: dict[str, Any], *, also: dict[str, Any] | None = None) -> Any:
+    """What the ServiceAccount plugin makes of a pod injected before it ran (`outrigger
+    inject`, then a create): the token volume last, a token mount last in every container,
+    sidecars included (a real API server's order, see test_kube_admission); `also` is one
+    more mount for the app, as a tampering would add."""
+    result = copy.deepcopy(pod)
+    spec = result["spec"]
+    spec["volumes"].append({"name": TOKEN_MOUNT["name"], "projected": {"sources": []}})
+    for container in [*spec.get("initContainers", ()), *spec["containers"]]:
+        container.setdefault("volumeMounts", []).append(dict(TOKEN_MOUNT))
+    if also:
+        spec["containers"][0]["volumeMounts"].append(also)
+    return result
+
+
+def test_a_token_volume_the_api_server_added_after_the_injection_is_fine() -> None:
+    both = {
+        "outrigger.dev/inject": "log-watcher,ambassador",
+        "outrigger.dev/ambassador-upstream": "x:80",
+    }
+    sent = inject(pod("a", both), RequestContext("shop"), POLICY).pod
+    assert classify(with_token_after_injection(sent), "shop", POLICY) is None
+    extra = {"name": "shared-logs", "mountPath": "/elsewhere"}
+    tampered = with_token_after_injection(sent, also=extra)
+    finding = classify(tampered, "shop", POLICY)
+    assert finding is not None and finding.kind == MISMATCHED
+
+
 def test_excluded_namespaces_are_not_audited() -> None:
     assert classify(pod("a", LOG, namespace="kube-system"), "kube-system", POLICY) is None
 
@@ -171,155 +205,119 @@ def test_findings_are_grouped_by_workload_with_the_fix() -> None:
     }
 
 
-# End to end, against a local HTTPS server that answers as the API does -----------------------
-
-SELECTOR = {
-    "matchExpressions": [
-        {"key": "outrigger.dev/injection", "operator": "In", "values": ["enabled"]},
-        {
-            "key": "kubernetes.io/metadata.name",
-            "operator": "NotIn",
-            "values": ["kube-system", "kube-public", "outrigger-system"],
-        },
-    ]
-}
+# End to end, against a real API server and controller manager -------------------------------
 
 
-def namespace(name: str, enabled: bool) -> dict[str, Any]:
-    labels = {"kubernetes.io/metadata.name": name}
-    if enabled:
-        labels["outrigger.dev/injection"] = "enabled"
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+def _wait_for_pods(kube: ControlPlane, namespace: str, selector: str, count: int) -> list[Any]:
+    """The pods a controller made, once there are `count` (bounded wait)."""
+    deadline = time.monotonic() + 60
+    path = f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"
+    while time.monotonic() < deadline:
+        items: list[Any] = kube.call("GET", path)["items"]
+        if len(items) >= count:
+            return items
+        time.sleep(0.2)
+    raise AssertionError(f"{count} pods {selector} in {namespace} not created within 60 s")
 
 
-def owned(kind: str, name: str, owner: tuple[str, str], namespace: str = "shop") -> dict[str, Any]:
+def _template(app: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
     return {
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "ownerReferences": [
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": owner[0],
-                    "name": owner[1],
-                    "uid": "u",
-                    "controller": True,
-                }
-            ],
-        }
+        "metadata": {"labels": {"app": app}, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.local/app:1.0"}], **spec},
     }
 
 
-CLUSTER: dict[str, list[dict[str, Any]]] = {
-    "/api/v1/namespaces": [
-        namespace("shop", True),
-        namespace("lab", False),
-        namespace("kube-system", False),
-    ],
-    "/api/v1/pods": [
-        pod("web-5d-a", LOG, owner=("ReplicaSet", "web-5d")),
-        pod("web-5d-b", LOG, owner=("ReplicaSet", "web-5d")),
-        injected("api-7c-a", owner=("ReplicaSet", "api-7c")),
-        stale("db-0", owner=("StatefulSet", "db")),
-        pod(
-            "report-29-x",
-            {
-                **LOG,
-                "outrigger.dev/status": json.dumps(
-                    {"injected": ["log-watcher"], "policy": POLICY.version}
-                ),
+def _deployment(kube: ControlPlane, namespace: str, name: str, replicas: int) -> None:
+    kube.call(
+        "POST",
+        f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": _template(name, LOG),
             },
-            owner=("Job", "report-29"),
-        ),
-        pod("debug", LOG),
-        pod("lab-1", LOG, namespace="lab"),
-        pod("coredns-1", LOG, namespace="kube-system"),
-    ],
-    "/apis/apps/v1/namespaces/shop/replicasets": [
-        owned("ReplicaSet", "web-5d", ("Deployment", "web")),
-        owned("ReplicaSet", "api-7c", ("Deployment", "api")),
-    ],
-    "/apis/batch/v1/namespaces/shop/jobs": [owned("Job", "report-29", ("CronJob", "report"))],
-}
-OBJECTS: dict[str, dict[str, Any]] = {
-    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/outrigger": {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "outrigger"},
-        "webhooks": [{"name": "inject.outrigger.dev", "namespaceSelector": SELECTOR}],
-    },
-    "/api/v1/namespaces/outrigger-system/configmaps/outrigger-policy": {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": "outrigger-policy", "namespace": "outrigger-system"},
-        "data": {
-            "policy.yaml": (
-                Path(__file__).parent.parent / "webhook" / "core" / "default-policy.yaml"
-            ).read_text()
         },
-    },
-}
+    )
 
 
-class FakeApi(ThreadingHTTPServer):
-    daemon_threads = True
-    requests: list[tuple[str, dict[str, list[str]]]]
+def _job_of_a_cronjob(kube: ControlPlane, namespace: str) -> None:
+    """CronJob `report` (suspended) and a Job it controls, as its schedule would make."""
+    template = _template("report", LOG, restartPolicy="Never")
+    cronjob = kube.call(
+        "POST",
+        f"/apis/batch/v1/namespaces/{namespace}/cronjobs",
+        {
+            "metadata": {"name": "report"},
+            "spec": {
+                "schedule": "0 0 1 1 *",
+                "suspend": True,
+                "jobTemplate": {"spec": {"template": template}},
+            },
+        },
+    )
+    owner = {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "name": "report",
+        "uid": cronjob["metadata"]["uid"],
+        "controller": True,
+    }
+    kube.call(
+        "POST",
+        f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        {
+            "metadata": {"name": "report-29", "ownerReferences": [owner]},
+            "spec": {"template": template},
+        },
+    )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeApi
+def _bare(kube: ControlPlane, namespace: str, pod: dict[str, Any]) -> None:
+    body = {**pod, "metadata": {**pod["metadata"], "namespace": namespace}}
+    body["spec"] = {k: v for k, v in body["spec"].items() if k != "nodeName"}
+    body.pop("status", None)
+    kube.call("POST", f"/api/v1/namespaces/{namespace}/pods", body)
 
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        params = parse_qs(query)
-        self.server.requests.append((path, params))
-        if path in OBJECTS:
-            return self._send(200, OBJECTS[path])
-        items = CLUSTER.get(path)
-        if items is None and path.startswith("/api/v1/namespaces/") and path.endswith("/pods"):
-            ns = path.split("/")[4]
-            items = [p for p in CLUSTER["/api/v1/pods"] if p["metadata"]["namespace"] == ns]
-        if items is None and path.startswith("/api/v1/namespaces/"):
-            name = path.split("/")[4]
-            found = [n for n in CLUSTER["/api/v1/namespaces"] if n["metadata"]["name"] == name]
-            if found and path.count("/") == 4:
-                return self._send(200, found[0])
-        if items is None:
-            items = [] if path.endswith(("/replicasets", "/jobs")) else None
-        if items is None:
-            return self._send(
-                404,
-                {
-                    "kind": "Status",
-                    "apiVersion": "v1",
-                    "status": "Failure",
-                    "reason": "NotFound",
-                    "code": 404,
-                    "message": f"{path} not found",
-                },
+
+@pytest.fixture(scope="module")
+def cluster(
+    kube_controllers: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ControlPlane, dict[str, str]]]:
+    """A namespace `shop` whose pods were made before the webhook selected it (missing,
+    stale, forged), then one Deployment made through the webhook (fine), and a namespace
+    `lab` the webhook does not select. Yields the names audit needs."""
+    kube = kube_controllers
+    shop, lab = kube.namespace("shop"), kube.namespace("lab")
+    _deployment(kube, shop, "web", 2)
+    _job_of_a_cronjob(kube, shop)
+    _bare(kube, shop, pod("debug", LOG))
+    _bare(kube, shop, stale("old"))
+    forged_status = json.dumps({"injected": ["log-watcher"], "policy": POLICY.version})
+    _bare(kube, shop, pod("forged", {**LOG, "outrigger.dev/status": forged_status}))
+    _bare(kube, lab, pod("lab-1", LOG))
+    _wait_for_pods(kube, shop, "app=web", 2)
+    _wait_for_pods(kube, shop, "app=report", 1)
+    selected = new_selector()
+    policy_map = {
+        "metadata": {"name": "outrigger-policy"},
+        "data": {"policy.yaml": (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()},
+    }
+    kube.call("POST", f"/api/v1/namespaces/{shop}/configmaps", policy_map)
+    with running_webhook(tmp_path_factory.mktemp("audit-webhook")) as webhook:
+        body = configuration(webhook.url, webhook.server.cert_dir / "ca.crt", selected)
+        with registered(kube, body) as name:
+            kube.call(
+                "PATCH",
+                f"/api/v1/namespaces/{shop}",
+                {"metadata": {"labels": {LABEL: selected}}},
+                content_type="application/merge-patch+json",
             )
-        # Paging as the API server does: `limit` items, and a `continue` token while more remain.
-        start = int(params.get("continue", ["0"])[0])
-        limit = int(params.get("limit", [str(len(items) or 1)])[0])
-        page = items[start : start + limit]
-        metadata: dict[str, Any] = {"resourceVersion": "4711"}
-        if start + limit < len(items):
-            metadata["continue"] = str(start + limit)
-        self._send(200, {"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": page})
-
-    def _send(self, code: int, body: dict[str, Any]) -> None:
-        send_json(self, code, body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[tuple[FakeApi, Path]]:
-    server = FakeApi(("127.0.0.1", 0), _Handler)
-    server.requests = []
-    with https_server(tmp_path, server) as (url, ca_file):
-        yield server, write_kubeconfig(tmp_path, url, ca_file)
+            _deployment(kube, shop, "api", 1)
+            (api_pod,) = _wait_for_pods(kube, shop, "app=api", 1)
+            assert [c["name"] for c in api_pod["spec"]["initContainers"]] == ["log-watcher"]
+            yield kube, {"shop": shop, "lab": lab, "webhook": name}
 
 
 def audit(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -330,59 +328,56 @@ def audit(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedP
     )  # fmt: skip
 
 
+@pytest.mark.kube
+@pytest.mark.parametrize("chunk_size", ["1", "500"])
 def test_audit_finds_every_class_grouped_by_workload(
-    api: tuple[FakeApi, Path], tmp_path: Path
+    cluster: tuple[ControlPlane, dict[str, str]], tmp_path: Path, chunk_size: str
 ) -> None:
-    server, kubeconfig = api
+    """Chunks of one pod make audit follow `continue` through every list of the real API."""
+    kube, names = cluster
+    shop = names["shop"]
     result = audit(
-        tmp_path,
-        kubeconfig,
-        "--chunk-size",
-        "2",
-        "-o",
-        "json",
-        "--from-cluster",
-        "outrigger-system/outrigger-policy",
-    )
+        tmp_path, kube.kubeconfig, "--webhook", names["webhook"], "--chunk-size", chunk_size,
+        "-o", "json", "--from-cluster", f"{shop}/outrigger-policy",
+    )  # fmt: skip
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     assert report["policy"] == POLICY.version
     found = {
-        (w["namespace"], w["kind"], w["name"]): sorted((p["name"], p["finding"]) for p in w["pods"])
+        (w["namespace"], w["kind"], w["name"]): sorted(p["finding"] for p in w["pods"])
         for w in report["workloads"]
     }
     assert found == {
-        ("shop", "Deployment", "web"): [("web-5d-a", "missing"), ("web-5d-b", "missing")],
-        ("shop", "StatefulSet", "db"): [("db-0", "stale")],
-        ("shop", "CronJob", "report"): [("report-29-x", "mismatched")],
-        ("shop", "Pod", "debug"): [("debug", "missing")],
-    }  # api-7c-a is as injected; lab is not selected; kube-system never is
+        (shop, "Deployment", "web"): ["missing", "missing"],
+        (shop, "CronJob", "report"): ["missing"],
+        (shop, "Pod", "debug"): ["missing"],
+        (shop, "Pod", "old"): ["stale"],
+        (shop, "Pod", "forged"): ["mismatched"],
+    }  # the api Deployment's pod is as injected; lab is not selected
     fixes = {w["name"]: w["fix"] for w in report["workloads"]}
-    assert fixes["web"] == "kubectl rollout restart deployment/web -n shop"
-    # Every list was paged: `limit` on each request, `continue` followed to the end.
-    pods = [params for path, params in server.requests if path == "/api/v1/pods"]
-    assert [p.get("limit") for p in pods] == [["2"]] * 4
-    assert [p.get("continue") for p in pods] == [None, ["2"], ["4"], ["6"]]
-    assert all(
-        "limit" in params
-        for path, params in server.requests
-        if path.endswith(("/pods", "/namespaces", "/replicasets", "/jobs"))
-    )
+    assert fixes["web"] == f"kubectl rollout restart deployment/web -n {shop}"
 
 
-def test_audit_prints_a_table_and_one_namespace(api: tuple[FakeApi, Path], tmp_path: Path) -> None:
-    _, kubeconfig = api
-    result = audit(tmp_path, kubeconfig, "-n", "shop")
+@pytest.mark.kube
+def test_audit_prints_a_table_and_one_namespace(
+    cluster: tuple[ControlPlane, dict[str, str]], tmp_path: Path
+) -> None:
+    kube, names = cluster
+    shop = names["shop"]
+    result = audit(tmp_path, kube.kubeconfig, "--webhook", names["webhook"], "-n", shop)
     assert result.returncode == 1, result.stderr
-    assert "shop  Deployment/web" in result.stdout
-    assert "  missing     web-5d-a  should have log-watcher" in result.stdout
-    assert "fix: kubectl rollout restart deployment/web -n shop" in result.stdout
-    assert "5 pod(s) in 4 workload(s)" in result.stdout
+    assert f"{shop}  Deployment/web" in result.stdout
+    assert "  missing     web-" in result.stdout and "should have log-watcher" in result.stdout
+    assert f"fix: kubectl rollout restart deployment/web -n {shop}" in result.stdout
+    assert "6 pod(s) in 5 workload(s)" in result.stdout
 
 
-def test_audit_of_a_clean_namespace_exits_0(api: tuple[FakeApi, Path], tmp_path: Path) -> None:
-    _, kubeconfig = api
-    result = audit(tmp_path, kubeconfig, "-n", "lab")  # not selected by the webhook
+@pytest.mark.kube
+def test_audit_of_a_namespace_the_webhook_does_not_select_exits_0(
+    cluster: tuple[ControlPlane, dict[str, str]], tmp_path: Path
+) -> None:
+    kube, names = cluster
+    result = audit(tmp_path, kube.kubeconfig, "--webhook", names["webhook"], "-n", names["lab"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nothing found" in result.stdout
 

@@ -123,6 +123,13 @@ def start_server(root: Path, *extra: str) -> tuple[Server, subprocess.Popen[byte
     return server, process
 
 
+def stop_server(server: Server, process: subprocess.Popen[bytes]) -> None:
+    """Stop a `start_server` process, which must have written no traceback."""
+    _stop(process)
+    output = server.log.read_text(errors="replace")
+    assert "Traceback" not in output, output
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server, process = start_server(tmp_path_factory.mktemp("https"))

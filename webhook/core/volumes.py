@@ -70,6 +70,11 @@ API_DEFAULTS = frozenset(
 )
 _DEFAULTED_MAPS = frozenset({"requests", "limits"})  # LimitRanger's defaults
 _TOKEN_MOUNT = "kube-api-access-"
+# Lists whose items are known by a key and whose order means nothing to Kubernetes. Where the
+# token volume and its mounts sit depends on whether the ServiceAccount plugin ran before the
+# injection (the webhook) or after it (`outrigger inject`, then a create): the order of the
+# others is what the webhook wrote, but the removal and re-adding of re-injection moves them.
+_KEYED_LISTS = {"volumes": "name", "volumeMounts": "mountPath"}
 
 
 def contains(actual: Any, expected: Any, key: str = "") -> bool:
@@ -80,11 +85,13 @@ def contains(actual: Any, expected: Any, key: str = "") -> bool:
         return (
             isinstance(actual, dict)
             and all(k in actual and contains(actual[k], v, k) for k, v in expected.items())
-            and all(k in expected or k in API_DEFAULTS or key in _DEFAULTED_MAPS for k in actual)
+            and all(k in expected or _added_by_api(k, v, key) for k, v in actual.items())
         )
     if isinstance(expected, list):
         if not isinstance(actual, list) or len(actual) < len(expected):
             return False
+        if key in _KEYED_LISTS:
+            return _contains_keyed(actual, expected, _KEYED_LISTS[key], key)
         extra = actual[len(expected) :]
         if extra and not (key == "volumeMounts" and all(_token_mount(m) for m in extra)):
             return False
@@ -92,5 +99,27 @@ def contains(actual: Any, expected: Any, key: str = "") -> bool:
     return bool(actual == expected) and type(actual) is type(expected)
 
 
+def _added_by_api(key: str, value: Any, parent: str) -> bool:
+    """Whether a field the webhook did not write is one the API server adds: a default, a
+    LimitRange's resource, or the token mounts of a container that had no mounts."""
+    if key in API_DEFAULTS or parent in _DEFAULTED_MAPS:
+        return True
+    if parent == "resources" and key in _DEFAULTED_MAPS:  # a LimitRange's limits or requests
+        return True
+    return key == "volumeMounts" and isinstance(value, list) and all(map(_token_mount, value))
+
+
 def _token_mount(mount: Any) -> bool:
     return isinstance(mount, dict) and str(mount.get("name", "")).startswith(_TOKEN_MOUNT)
+
+
+def _contains_keyed(actual: list[Any], expected: list[Any], field: str, key: str) -> bool:
+    """`contains` for a list known by `field`, in any order: each expected item is held by
+    the actual item of its key, and the only extra items are token mounts."""
+    by_key = {item.get(field): item for item in actual if isinstance(item, dict)}
+    if len(by_key) != len(actual):  # items that are not objects, or keys twice: not ours
+        return False
+    for item in expected:
+        if not isinstance(item, dict) or not contains(by_key.pop(item.get(field), None), item):
+            return False
+    return all(key == "volumeMounts" and _token_mount(extra) for extra in by_key.values())
