@@ -1,0 +1,361 @@
+"""The real Fluent Bit, run as the webhook injects the log-watcher, to count what it ships.
+
+The container comes from `inject` itself: its command and args verbatim (only the image's
+binary path, `/fluent-bit/bin/fluent-bit`, is replaced by the local binary), its volume
+mounts, its uid and gid, its read-only root. Each run is a private mount namespace
+(`unshare --mount`) where every mount path is a bind mount of a per-test directory standing
+for the pod's `emptyDir` (read-only where the mount says so), the root filesystem is
+remounted read-only, and Fluent Bit runs through `setpriv` as the container's uid and gid,
+without capabilities or privilege escalation. The test plays the app: it writes log files into
+the shared-logs directory directly.
+
+The binary is not part of the project: `OUTRIGGER_FLUENTBIT` names it, or
+`OUTRIGGER_KUBE_ASSETS` a folder holding `fluent-bit` (what `../shared/k8s/install.sh`
+prints). Without either, or without root (mount namespaces), the tests are skipped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from webhook.core.injector import RequestContext, inject
+from webhook.core.policy import Policy
+
+ENV_BINARY = "OUTRIGGER_FLUENTBIT"
+ENV_ASSETS = "OUTRIGGER_KUBE_ASSETS"
+HOW = (
+    f"the real Fluent Bit tests need its binary: set {ENV_BINARY}=/path/to/fluent-bit "
+    f"or {ENV_ASSETS}=$(../shared/k8s/install.sh)"
+)
+WATCHER = "log-watcher"
+IMAGE_BINARY = "/fluent-bit/bin/fluent-bit"
+GRACE = 5.0  # Fluent Bit's default shutdown grace (`Grace`), what a stop may take
+SLACK = 10.0  # on top of any wait, for a slow or loaded machine
+FLUSH = 1.0  # Fluent Bit's default `Flush`: records read are printed once a second
+TOOLS = ("unshare", "mount", "setpriv")
+
+
+# Finding it -------------------------------------------------------------------------------
+
+
+def configured_binary() -> Path | None:
+    """The binary the environment names, if it names one."""
+    if os.environ.get(ENV_BINARY):
+        return Path(os.environ[ENV_BINARY])
+    if os.environ.get(ENV_ASSETS):
+        return Path(os.environ[ENV_ASSETS]) / "fluent-bit"
+    return None
+
+
+def skip_reason() -> str | None:
+    """Why these tests cannot run here, in one line, or None."""
+    binary = configured_binary()
+    if binary is None:
+        return HOW
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        return f"{HOW} ({binary} is not an executable file)"
+    if os.geteuid() != 0:
+        return "the real Fluent Bit runs in a private mount namespace: root only (CI is root)"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"the real Fluent Bit tests need util-linux's {', '.join(missing)}"
+    return None
+
+
+SKIP_REASON = skip_reason()
+
+
+@functools.cache
+def binary() -> Path:
+    """The configured binary, or a copy that another uid can run: one under a 0700 directory
+    (such as ~/.cache) cannot be reached by uid 65534."""
+    found = configured_binary()
+    assert found is not None, HOW
+    if all(os.stat(p).st_mode & stat.S_IXOTH for p in [found, *found.parents]):
+        return found
+    directory = world_traversable_dir("outrigger-fluentbit-bin-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    copy = directory / "fluent-bit"
+    shutil.copy2(found, copy)
+    copy.chmod(0o755)
+    return copy
+
+
+def version() -> str:
+    """`fluent-bit --version`'s first line's version, e.g. 4.2.0."""
+    out = subprocess.run(
+        [binary(), "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    return out.split()[2].removeprefix("v")
+
+
+def world_traversable_dir(prefix: str) -> Path:
+    """A fresh directory in the system temp dir (1777), not under pytest's 0700 tmp_path."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o755)
+    return directory
+
+
+# The container the webhook injects ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mount:
+    volume: str
+    path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class WatcherSpec:
+    """What of the injected container decides how Fluent Bit runs."""
+
+    image: str
+    argv: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    uid: int
+    gid: int
+    read_only_root: bool
+    log_volume: str  # the volume the app containers mount too: where they write
+
+
+def injected_pod(policy: Policy) -> dict[str, Any]:
+    """A pod asking for the log-watcher, as the webhook returns it."""
+    pod = {
+        "metadata": {"generateName": "app-", "annotations": {"outrigger.dev/inject": WATCHER}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+    }
+    result: dict[str, Any] = inject(pod, RequestContext("default"), policy).pod
+    return result
+
+
+def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
+    """The log-watcher of an injected pod; every volume it mounts must be an emptyDir."""
+    spec = pod["spec"]
+    watcher = next(
+        c for c in [*spec.get("initContainers", ()), *spec["containers"]] if c["name"] == WATCHER
+    )
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = tuple(
+        Mount(m["name"], m["mountPath"], bool(m.get("readOnly"))) for m in watcher["volumeMounts"]
+    )
+    assert all("emptyDir" in volumes[m.volume] for m in mounts), mounts
+    app_volumes = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", ())}
+    security = watcher["securityContext"]
+    return WatcherSpec(
+        image=watcher["image"],
+        argv=(*watcher["command"], *watcher.get("args", ())),
+        mounts=mounts,
+        uid=security["runAsUser"],
+        gid=security.get("runAsGroup", security["runAsUser"]),
+        read_only_root=bool(security.get("readOnlyRootFilesystem")),
+        log_volume=next(m.volume for m in mounts if m.volume in app_volumes),
+    )
+
+
+def tail_properties(spec: WatcherSpec) -> dict[str, str]:
+    """The `-p` properties of the command line's `-i tail` input."""
+    args = spec.argv[1:]
+    assert len(args) % 2 == 0, args
+    plugin, properties = "", {}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        if flag in ("-i", "-o"):
+            plugin = f"{flag}{value}"
+        elif flag == "-p" and plugin == "-itail":
+            key, _, setting = value.partition("=")
+            properties[key] = setting
+    return properties
+
+
+def fluentbit_bytes(size: str) -> int:
+    """A size as Fluent Bit reads it: its units are decimal, 256k is 256,000 bytes."""
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", size.lower())
+    assert match, size
+    return int(match[1]) * 1000 ** " kmg".index(match[2] or " ")
+
+
+@contextmanager
+def mount_points(spec: WatcherSpec) -> Iterator[None]:
+    """The mount paths as empty host directories, which `mount --bind` needs; those this made
+    are removed afterwards (the binds themselves never leave the private namespace)."""
+    made: list[Path] = []
+    try:
+        for mount in spec.mounts:
+            missing = [p for p in [Path(mount.path), *Path(mount.path).parents] if not p.exists()]
+            for directory in reversed(missing):
+                directory.mkdir()
+                made.append(directory)
+        yield
+    finally:
+        for directory in reversed(made):
+            with suppress(OSError):  # still in use by another session's namespace
+                directory.rmdir()
+
+
+# Running it ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One Fluent Bit process: its stdout (the shipped records) and stderr in files."""
+
+    process: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete JSON line printed so far."""
+        text = self.stdout.read_bytes().decode()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line]
+
+    def logs(self) -> list[str]:
+        return [record["log"] for record in self.records()]
+
+    def wait_for(self, count: int, seconds: float = FLUSH + SLACK) -> list[str]:
+        """The shipped lines once there are at least `count`, polling, within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while len(shipped := self.logs()) < count:
+            if self.process.poll() is not None:
+                raise AssertionError(f"fluent-bit exited ({self.process.returncode}):\n{self.tail}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(shipped)}/{count} lines in {seconds} s:\n{self.tail}")
+            time.sleep(0.05)
+        return shipped
+
+    def stop(self, seconds: float = GRACE + SLACK) -> int:
+        """SIGTERM, as the kubelet stops a container; its exit code, killed past `seconds`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"fluent-bit still running {seconds} s after SIGTERM") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=SLACK)
+
+    @property
+    def tail(self) -> str:
+        return self.stderr.read_text(errors="replace")[-3000:]
+
+
+@dataclass
+class Pod:
+    """A pod's emptyDirs for the watcher, and the watcher runs that share them."""
+
+    spec: WatcherSpec
+    root: Path = field(default_factory=lambda: world_traversable_dir("outrigger-fluentbit-"))
+    runs: list[Run] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (self.root / "volumes").mkdir(mode=0o755)
+        for mount in self.spec.mounts:
+            self.volume(mount.volume).mkdir(mode=0o777)
+            self.volume(mount.volume).chmod(0o777)  # as the kubelet makes an emptyDir
+
+    def volume(self, name: str) -> Path:
+        return self.root / "volumes" / name
+
+    @property
+    def logs(self) -> Path:
+        """The shared log volume, where the app writes."""
+        return self.volume(self.spec.log_volume)
+
+    def start(self) -> Run:
+        """A new watcher process (a container start, or a restart with the same volumes)."""
+        index = len(self.runs)
+        stdout, stderr = self.root / f"stdout.{index}", self.root / f"stderr.{index}"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            process = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", self.script()],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd="/",
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                start_new_session=True,
+            )
+        self.runs.append(Run(process, stdout, stderr))
+        return self.runs[-1]
+
+    def script(self) -> str:
+        """Mounts as the container has them, then Fluent Bit as its user, nothing more."""
+        lines = ["set -e"]
+        for mount in self.spec.mounts:
+            source, target = shlex.quote(str(self.volume(mount.volume))), shlex.quote(mount.path)
+            lines.append(f"mount --bind {source} {target}")
+            if mount.read_only:
+                lines.append(f"mount -o remount,bind,ro {target}")
+        if self.spec.read_only_root:
+            lines.append("mount -o remount,bind,ro /")
+        lines.append(shlex.join(["exec", *self.as_user(), *self.argv()]))
+        return "\n".join(lines)
+
+    def as_user(self) -> list[str]:
+        uid, gid = str(self.spec.uid), str(self.spec.gid)
+        return [
+            *("setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"),
+            *("--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"),
+        ]
+
+    def argv(self) -> list[str]:
+        """The container's command and args; the image's binary path is the local binary."""
+        command, *args = self.spec.argv
+        assert command == IMAGE_BINARY, f"not the image's fluent-bit: {command}"
+        return [str(binary()), *args]
+
+    def close(self) -> None:
+        """Kill whatever still runs (a failed test), then remove the volumes."""
+        for run in self.runs:
+            run.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# The app's side -----------------------------------------------------------------------------
+
+
+def numbered(label: str, count: int) -> list[str]:
+    """Unique lines, with what JSON must escape (quotes, backslash, tab) and non-ASCII text."""
+    return [f'{label} {i:06d} "quoted" back\\slash\ttab ünïcødé ✓' for i in range(count)]
+
+
+def write(path: Path, lines: list[str]) -> None:
+    """Append whole lines, as an app logging to a file does."""
+    with path.open("a", encoding="utf-8") as file:
+        file.writelines(line + "\n" for line in lines)
+
+
+def assert_once(shipped: list[str], written: list[str]) -> None:
+    """Every written line shipped exactly once, intact: nothing lost, nothing twice."""
+    got, want = Counter(shipped), Counter(written)
+    lost, extra = want - got, got - want
+    assert not lost and not extra, (
+        f"{len(shipped)} shipped for {len(written)} written: "
+        f"{lost.total()} lost (e.g. {_some(lost)}), "
+        f"{extra.total()} extra or twice (e.g. {_some(extra)})"
+    )
+
+
+def _some(lines: Counter[str]) -> list[str]:
+    return [line[:60] for line in sorted(lines)[:3]]

@@ -1,0 +1,173 @@
+"""The injected log-watcher, run: the real Fluent Bit with the container's exact command line,
+mounts and user, and every line the app writes counted on its stdout.
+
+Each test writes uniquely numbered lines into the shared log volume, as the app does, and
+asserts the multiset shipped: every line once, none lost, none twice, content intact (quotes,
+backslashes, tabs and non-ASCII text go through JSON). Waits poll stdout with a deadline;
+nothing asserts how fast Fluent Bit is. See tests/real_fluentbit.py for how it runs, and
+skips without OUTRIGGER_FLUENTBIT or OUTRIGGER_KUBE_ASSETS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.real_fluentbit import (
+    GRACE,
+    SKIP_REASON,
+    SLACK,
+    Pod,
+    Run,
+    WatcherSpec,
+    assert_once,
+    fluentbit_bytes,
+    injected_pod,
+    mount_points,
+    numbered,
+    tail_properties,
+    version,
+    watcher_spec,
+    write,
+)
+from webhook.core.policy import default_policy
+
+if SKIP_REASON:  # one line for the module rather than one per test
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+pytestmark = pytest.mark.fluentbit
+
+
+@pytest.fixture(scope="module")
+def spec() -> Iterator[WatcherSpec]:
+    """The default policy's log-watcher, as `inject` writes it, its mount points present."""
+    watcher = watcher_spec(injected_pod(default_policy()))
+    with mount_points(watcher):
+        yield watcher
+
+
+@pytest.fixture
+def pod(spec: WatcherSpec) -> Iterator[Pod]:
+    """Fresh emptyDirs; whatever still runs at the end is killed, the volumes removed."""
+    volumes = Pod(spec)
+    yield volumes
+    volumes.close()
+
+
+def refresh_interval(spec: WatcherSpec) -> float:
+    """How long a new file may wait to be found (the next scan of the glob)."""
+    return float(tail_properties(spec)["refresh_interval"])
+
+
+def started(pod: Pod, log: Path) -> Run:
+    """A watcher that has found `log` (it shipped the line the file starts with)."""
+    write(log, ["started"])
+    run = pod.start()
+    assert run.wait_for(1) == ["started"]
+    return run
+
+
+def app_writes(log: Path, lines: list[str], batch: int = 100) -> None:
+    """An app logging steadily: whole lines in small batches, a few milliseconds apart."""
+    for start in range(0, len(lines), batch):
+        write(log, lines[start : start + batch])
+        time.sleep(0.005)
+
+
+def test_the_binary_is_the_release_the_template_pins(spec: WatcherSpec) -> None:
+    """Otherwise these tests vouch for another Fluent Bit than the one pods run."""
+    assert spec.image.rsplit(":", 1)[1] == version()
+
+
+def test_steady_writing_is_shipped_once(pod: Pod) -> None:
+    """The everyday case: an app appending to app.log while the watcher follows it."""
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    lines = numbered("steady", 3000)
+    app_writes(log, lines)
+    run.wait_for(1 + len(lines))
+    assert run.stop() == 0
+    assert_once(run.logs(), ["started", *lines])
+
+
+def test_rotation_by_rename_loses_nothing(pod: Pod) -> None:
+    """The README's rotation: app.log renamed out of `*.log` (app.log.1), the app still
+    writing to its open descriptor for a while (read for `rotate_wait`), then a new app.log
+    (found by the next scan)."""
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    before, after_rename, reopened = (numbered(k, 1000) for k in ("before", "old-fd", "new"))
+    with log.open("a", encoding="utf-8") as app:
+        app.writelines(line + "\n" for line in before)
+        app.flush()
+        log.rename(pod.logs / "app.log.1")
+        app.writelines(line + "\n" for line in after_rename)
+    app_writes(log, reopened)
+    written = ["started", *before, *after_rename, *reopened]
+    run.wait_for(len(written), refresh_interval(pod.spec) + SLACK)
+    assert run.stop() == 0
+    assert_once(run.logs(), written)
+
+
+def test_a_long_line_is_truncated_and_the_file_read_on(pod: Pod) -> None:
+    """`buffer_max_size` counts the newline and Fluent Bit's k is 1000: the longest line
+    shipped whole is one byte short of it; a longer one is shipped as its first that many
+    bytes, the rest dropped, and the next lines are read as usual."""
+    limit = fluentbit_bytes(tail_properties(pod.spec)["buffer_max_size"]) - 1
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    longest_whole = "whole " + "w" * (limit - len("whole "))
+    too_long = "cut " + "x" * (300 * 1024)  # over 256 KiB too, what the README said
+    lines = [*numbered("pre", 100), longest_whole, too_long, *numbered("post", 1000)]
+    write(log, lines)
+    run.wait_for(1 + len(lines))
+    assert run.stop() == 0
+    shipped = run.logs()
+    assert too_long[:limit] in shipped
+    assert_once(shipped, ["started", *[too_long[:limit] if s is too_long else s for s in lines]])
+
+
+def test_a_restarted_watcher_goes_on_where_it_stopped(pod: Pod) -> None:
+    """A container restart: a new process, the same volumes. The read positions in the state
+    volume's db make the second run ship only what was written since."""
+    log = pod.logs / "app.log"
+    first_lines, while_down = numbered("first", 2000), numbered("down", 1500)
+    first = started(pod, log)
+    app_writes(log, first_lines)
+    first.wait_for(1 + len(first_lines))
+    assert first.stop() == 0
+    app_writes(log, while_down)
+    second = pod.start()
+    second.wait_for(len(while_down))
+    assert second.stop() == 0
+    assert_once(first.logs(), ["started", *first_lines])
+    assert_once(second.logs(), while_down)
+
+
+def test_a_job_ends_and_its_last_lines_are_shipped(pod: Pod) -> None:
+    """A Job's app exits and the kubelet sends the native sidecar SIGTERM at once: the lines
+    the app logged up to its last write (to a file the watcher already follows) are all
+    shipped, and Fluent Bit exits 0 within its grace."""
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    lines = numbered("job", 2000)
+    app_writes(log, lines, batch=50)
+    assert run.stop(GRACE + SLACK) == 0
+    assert "service has stopped (0 pending tasks)" in run.tail
+    assert_once(run.logs(), ["started", *lines])
+
+
+def test_what_is_unread_at_sigterm_is_not_shipped_but_nothing_else_is_lost(pod: Pod) -> None:
+    """Fluent Bit stops reading at SIGTERM (its grace only prints what it has read): of a
+    1 MB burst written just before, the part read is shipped in order, once; what is lost
+    is the unread tail, nothing in between."""
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    burst = numbered("burst", 20000)
+    write(log, burst)
+    assert run.stop() == 0
+    shipped = run.logs()[1:]
+    assert shipped == burst[: len(shipped)], "not a prefix of the burst: a line lost or twice"
