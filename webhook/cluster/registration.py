@@ -71,18 +71,24 @@ class Manager:
 
 def foreign_manager(obj: dict[str, Any], helm_values: str = "") -> Manager | None:
     """The tool other than `outrigger register` that manages `obj` (a configuration as JSON),
-    or None. `helm_values` are the `--set` options equivalent to the register options."""
+    or None. `helm_values` are the `--set` options equivalent to the register options.
+
+    Flux and Argo CD are named before Helm: what they deploy from a chart carries Helm's
+    marks too (the chart's `app.kubernetes.io/managed-by: Helm` label, which `helm template`
+    renders; Flux's helm-controller installs real Helm releases), and a `helm upgrade` of
+    their objects would be undone at their next sync."""
     metadata = obj.get("metadata") or {}
     labels = metadata.get("labels") or {}
     annotations = metadata.get("annotations") or {}
-    release = annotations.get("meta.helm.sh/release-name")
-    if labels.get("app.kubernetes.io/managed-by") == "Helm" or release:
-        name = release or "RELEASE"
-        namespace = annotations.get("meta.helm.sh/release-namespace") or "NAMESPACE"
-        return Manager(
-            f"Helm release {namespace}/{name}",
-            f"helm upgrade {name} CHART -n {namespace} --reuse-values{helm_values}",
-        )
+    return (
+        _gitops_manager(labels, annotations)
+        or _helm_manager(labels, annotations, helm_values)
+        or _server_side_applier(metadata.get("managedFields") or [])
+    )
+
+
+def _gitops_manager(labels: dict[str, str], annotations: dict[str, str]) -> Manager | None:
+    """Flux (its labels on what it applies) or Argo CD (its tracking annotation)."""
     for label, kind in (
         ("helm.toolkit.fluxcd.io/name", "HelmRelease"),
         ("kustomize.toolkit.fluxcd.io/name", "Kustomization"),
@@ -99,19 +105,35 @@ def foreign_manager(obj: dict[str, Any], helm_values: str = "") -> Manager | Non
             f"Argo CD application {tracking}",
             "change it in the application's source (Argo CD would undo this change)",
         )
+    return None
+
+
+def _helm_manager(
+    labels: dict[str, str], annotations: dict[str, str], helm_values: str
+) -> Manager | None:
+    release = annotations.get("meta.helm.sh/release-name")
+    if labels.get("app.kubernetes.io/managed-by") != "Helm" and not release:
+        return None
+    name = release or "RELEASE"
+    namespace = annotations.get("meta.helm.sh/release-namespace") or "NAMESPACE"
+    return Manager(
+        f"Helm release {namespace}/{name}",
+        f"helm upgrade {name} CHART -n {namespace} --reuse-values{helm_values}",
+    )
+
+
+def _server_side_applier(managed_fields: list[dict[str, Any]]) -> Manager | None:
+    """Server-side apply managers other than outrigger's own (plain updates do not count)."""
     appliers = sorted(
         {
             str(entry.get("manager"))
-            for entry in metadata.get("managedFields") or []
+            for entry in managed_fields
             if entry.get("operation") == "Apply" and entry.get("manager") != FIELD_MANAGER
         }
     )
-    if appliers:
-        return Manager(
-            f"server-side apply ({', '.join(appliers)})",
-            "apply the change with that tool",
-        )
-    return None
+    if not appliers:
+        return None
+    return Manager(f"server-side apply ({', '.join(appliers)})", "apply the change with that tool")
 
 
 def helm_values_of(body: dict[str, Any]) -> str:
