@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from webhook.core.policy import Policy, default_policy
 KUBERNETES_VERSION = "1.31.0"
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+HELM = ROOT / ".cache" / "bin" / "helm"
+FETCH_HELM = ROOT / "charts" / "fetch-helm.py"
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +93,32 @@ def largest_admissible_config() -> str:
         for i in range(32)
     }
     return yaml.safe_dump({"upstreams": upstreams}, default_flow_style=True, width=1 << 20)
+
+
+# The real Helm -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """The real Helm binary (.cache/bin/helm), fetched with charts/fetch-helm.py (as `make test`
+    does first) when missing, and checked to run and be Helm 3 or 4. Never a skip: where it
+    cannot be had the tests that need it FAIL, since CI must prove the chart."""
+    if not (HELM.is_file() and os.access(HELM, os.X_OK)):
+        fetched = subprocess.run(
+            [sys.executable, str(FETCH_HELM)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        if fetched.returncode != 0:
+            pytest.fail(f"cannot fetch helm with {FETCH_HELM.name}:\n{fetched.stderr}")
+    version = subprocess.run(
+        [str(HELM), "version", "--short"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith(("v3.", "v4.")), version.stdout
+    return HELM
 
 
 # The real API server -------------------------------------------------------------------------

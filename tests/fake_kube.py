@@ -1,8 +1,31 @@
-"""A stand-in for the Kubernetes API server, for the tests of code that talks to it.
+"""A stand-in for the Kubernetes API server, kept only for what the real one cannot be made
+to do on cue.
 
-No API server can run on these machines. This is a local HTTPS server (`http.server`, TLS on
-127.0.0.1, certificate from `webhook.serving.certs`) that keeps objects by path and answers the
-way the API server does for the calls Outrigger makes:
+The tests of code that talks to the API server run against a real etcd and kube-apiserver
+(tests/kube_env.py, the `kube` fixture). This hand-written server remains for the few cases
+where a real one will not answer as the test needs, each said in the test's docstring:
+
+- tests/test_self_tls.py, `test_unstorable_data_is_replaced_all_the_same`: a Secret whose data
+  is not a map, not base64, or a TLS Secret without its keys. The real API server refuses to
+  store such data (`test_the_api_server_refuses_such_data` shows it), yet the webhook must
+  survive reading it from whatever answers in its place;
+- tests/test_policy_watch.py, `test_bookmarks_keep_a_renewed_watch_from_expiring`: a
+  resourceVersion saved from a bookmark that then expires. The real watch cache ignores etcd
+  compaction and keeps every event younger than 75 s, and an API server that starts anew
+  expires every earlier resourceVersion, bookmarked or not;
+- tests/test_policy_watch.py, `test_watches_that_end_at_once_are_not_renewed_in_a_hot_loop`:
+  watch streams that end as soon as they open. The real server keeps a watch open for the
+  timeoutSeconds asked; only a misbehaving server or proxy ends every stream at once.
+
+Its helpers serve other tests too, without the stand-in: `https_server` runs any
+`ThreadingHTTPServer` over TLS (the relay in tests/test_self_tls.py, another mutating webhook
+in tests/test_kube_admission.py, with `send_json`), and `write_kubeconfig` writes a token
+kubeconfig (the relay's in tests/test_self_tls.py, the unreachable cluster of
+tests/test_audit.py, and the stand-in's own).
+
+It is a local HTTPS server (`http.server`, TLS on 127.0.0.1, certificate from
+`webhook.serving.certs`) that keeps objects by path and answers the way the API server does
+for the calls Outrigger makes:
 
 - GET an object: 200 with it, or 404 with a NotFound Status;
 - POST to a collection: 201 with the object stored (resourceVersion, uid, creationTimestamp),
@@ -23,12 +46,11 @@ way the API server does for the calls Outrigger makes:
 
 `allow` emulates RBAC: when set, a request whose (verb, path) matches none of its entries gets
 403 Forbidden (a list or watch with a `metadata.name` field selector is checked as
-(list|watch, COLLECTION/NAME), as the API server authorizes it by resourceNames), so a test
-proves that the Role the chart grants is enough. `hold` makes the
-first requests matching a (verb, path) wait until that many have arrived: two replicas'
-reads then both happen before either writes, which is the race a test wants to see. Every
-request is recorded. What is NOT emulated: admission, validation, field managers, label
-selectors, watches on collections without a name selector.
+(list|watch, COLLECTION/NAME), as the API server authorizes it by resourceNames). `hold` makes
+the first requests matching a (verb, path) wait until that many have arrived, and
+`pause_watches` holds new watches back (no test uses either now: the race tests run on the real
+server). Every request is recorded. What is NOT emulated: admission, validation, field
+managers, label selectors, watches on collections without a name selector.
 """
 
 from __future__ import annotations

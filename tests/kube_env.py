@@ -14,6 +14,9 @@ What took finding out (checked on v1.36.2 with etcd 3.4):
   key, signing key and issuer flags;
 - without the controller manager nothing creates a namespace's `default` ServiceAccount, which
   the ServiceAccount admission plugin requires before any pod: `namespace()` creates it.
+
+Beyond the default admission plugins, OwnerReferencesPermissionEnforcement is on, as OpenShift
+has it: changing an object's ownerReferences takes the right to delete it.
 """
 
 from __future__ import annotations
@@ -254,6 +257,7 @@ class ControlPlane:
     port: int
     etcd_url: str = ""
     processes: list[Process] = field(default_factory=list)
+    apiserver: Process | None = None
     controller_manager: Process | None = None
 
     @property
@@ -309,6 +313,32 @@ class ControlPlane:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result.stdout
 
+    def service_account_token(
+        self, namespace: str, account: str, *, create: bool = False, seconds: int = 3600
+    ) -> str:
+        """A token of the ServiceAccount `account` from the TokenRequest API, as `kubectl
+        create token` asks for one (with `create`, the account is made first if missing):
+        what RBAC then allows that token is the API server's own decision."""
+        accounts = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        if create:
+            status, answer = self.request("POST", accounts, {"metadata": {"name": account}})
+            assert status in (201, 409), answer  # 409: it exists
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds},
+        }
+        answer = self.call("POST", f"{accounts}/{account}/token", request)
+        return str(answer["status"]["token"])
+
+    def token_kubeconfig(self, directory: Path, namespace: str, account: str) -> Path:
+        """DIRECTORY/ACCOUNT.kubeconfig for this API server with a token of the ServiceAccount
+        `account` (made if missing; see `service_account_token`)."""
+        token = self.service_account_token(namespace, account, create=True)
+        written = directory / f"{account}.kubeconfig"
+        written.write_text(json.dumps(kubeconfig(self.url, self.pki, token=token)))
+        return written
+
     def namespace(self, prefix: str = "t", labels: dict[str, str] | None = None) -> str:
         """A new namespace with its `default` ServiceAccount (pods need it)."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -362,6 +392,33 @@ class ControlPlane:
 
         _wait(process, healthy, "kube-controller-manager")
 
+    def start_apiserver(self) -> None:
+        """kube-apiserver on this plane's port and etcd, until ready: at start, or again after
+        `kill_apiserver` (a new watch cache, beginning at etcd's current revision)."""
+        if self.apiserver is not None:
+            raise RuntimeError(f"kube-apiserver on {self.url} is already running")
+        _start_apiserver(self, self.folder / "logs")
+
+    def kill_apiserver(self) -> None:
+        """SIGKILL the kube-apiserver, as a crash does (on SIGTERM it would wait for the open
+        watches to reach their timeout), and wait for it to be gone."""
+        process, self.apiserver = self.apiserver, None
+        if process is None:
+            return
+        self.processes.remove(process)
+        process.popen.kill()
+        process.popen.wait(timeout=STOP_SECONDS)
+
+    def second_apiserver(self, folder: Path) -> ControlPlane:
+        """Another kube-apiserver on this plane's etcd and with its certificates, on a port of
+        its own, as an HA control plane has several: one a test may kill and start again
+        while this one stays up. Stop it with `kill_apiserver` (or `stop`)."""
+        (folder / "logs").mkdir(parents=True, exist_ok=True)
+        other = ControlPlane(self.assets, folder, self.pki, free_port(), etcd_url=self.etcd_url)
+        other.kubeconfig.write_text(json.dumps(kubeconfig(other.url, self.pki)))
+        other.start_apiserver()
+        return other
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
@@ -376,7 +433,7 @@ def start_control_plane(assets: Assets, folder: Path) -> ControlPlane:
     plane.kubeconfig.write_text(json.dumps(kubeconfig(plane.url, pki)))
     try:
         _start_etcd(plane, logs)
-        _start_apiserver(plane, logs)
+        plane.start_apiserver()
     except BaseException:
         plane.stop()
         raise
@@ -431,12 +488,15 @@ def _start_apiserver(plane: ControlPlane, logs: Path) -> None:
             f"--tls-private-key-file={pki.serving_key}",
             f"--client-ca-file={pki.ca}",
             "--authorization-mode=RBAC",
+            # Added to the default plugins, as OpenShift enables it.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--endpoint-reconciler-type=none",
             f"--cert-dir={plane.folder / 'apiserver-certs'}",
         ],
         logs,
     )
     plane.processes.append(process)
+    plane.apiserver = process  # before it is ready: killable, stopped
 
     def ready() -> bool:
         try:

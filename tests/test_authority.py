@@ -12,7 +12,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from webhook.cluster.selftls import ca_bundle_patch, take_turn, write_atomically
+from webhook.cluster.selftls import (
+    Owner,
+    ca_bundle_patch,
+    owner_of,
+    owner_references,
+    take_turn,
+    write_atomically,
+)
 from webhook.serving.authority import (
     Action,
     Bundle,
@@ -265,3 +272,67 @@ def test_a_bundle_deleted_or_spoiled_under_a_replica_is_written_back() -> None:
     fresh_start = take_turn(None, "missing ca.key", None, SETTINGS, T0)
     assert fresh_start.action is Action.NEW_ALL
     assert fresh_start.reason.endswith("(stored: missing ca.key)")
+
+
+def test_a_bundle_deleted_with_its_webhook_configuration_is_not_written_back() -> None:
+    """At `helm uninstall` the garbage collector deletes the Secret with the configuration
+    while replicas still run: writing it back would leave it behind. The replica keeps
+    serving what it has; a spoiled Secret (it exists) and a first start are written as ever."""
+    serving = fresh()
+    held = take_turn(None, "", serving, SETTINGS, T0, owner_exists=False)
+    assert not held.write and held.bundle is serving
+    assert take_turn(None, "", serving, SETTINGS, T0, owner_exists=True).write
+    spoiled = take_turn(None, "missing ca.key", serving, SETTINGS, T0, owner_exists=False)
+    assert spoiled.write and spoiled.bundle is serving
+    first = take_turn(None, "", None, SETTINGS, T0, owner_exists=False)
+    assert first.write and first.action is Action.NEW_ALL
+
+
+# Whose the Secret is -----------------------------------------------------------------------
+
+OWNER = Owner("outrigger", "uid-2")
+OWNER_REF = {
+    "apiVersion": "admissionregistration.k8s.io/v1",
+    "kind": "MutatingWebhookConfiguration",
+    "name": "outrigger",
+    "uid": "uid-2",
+}
+
+
+def test_the_owner_is_the_configuration_read_by_name_and_uid() -> None:
+    assert owner_of({"metadata": {"name": "outrigger", "uid": "uid-2"}}) == OWNER
+    assert OWNER.reference == OWNER_REF
+    for spoiled in (None, {}, {"metadata": []}, {"metadata": {"name": "outrigger"}},
+                    {"metadata": {"name": "outrigger", "uid": ""}}):  # fmt: skip
+        assert owner_of(spoiled) is None
+
+
+def test_a_secret_without_an_owner_gets_one() -> None:
+    """A Secret created before the configuration existed, or by an older version."""
+    assert owner_references((), OWNER) == (OWNER_REF,)
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap", "name": "outrigger", "uid": "c"}
+    assert owner_references([theirs], OWNER) == (theirs, OWNER_REF)
+
+
+def test_an_owner_already_named_changes_nothing() -> None:
+    """Equal to what was stored: no write. A reference someone made stricter stays as is."""
+    stored = [{**OWNER_REF, "blockOwnerDeletion": True}]
+    assert owner_references(stored, OWNER) == tuple(stored)
+
+
+def test_a_stale_uid_is_replaced_in_place() -> None:
+    """A configuration of the same name recreated (a new release) has a new uid; the old one
+    would make the garbage collector delete the Secret. Other owners stay, in their order."""
+    stale = {**OWNER_REF, "uid": "uid-1"}
+    theirs = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x", "uid": "d"}
+    assert owner_references([stale, theirs], OWNER) == (OWNER_REF, theirs)
+    assert owner_references([stale, {**stale, "uid": "uid-0"}], OWNER) == (OWNER_REF,)
+    other_name = {**OWNER_REF, "name": "someone-else"}
+    assert owner_references([other_name], OWNER) == (other_name, OWNER_REF)
+
+
+def test_without_a_configuration_the_references_stay() -> None:
+    """Not there yet (install) or being deleted (uninstall): the garbage collector decides."""
+    stale = {**OWNER_REF, "uid": "uid-1"}
+    assert owner_references([stale], None) == (stale,)
+    assert owner_references([], None) == ()

