@@ -134,14 +134,25 @@ class WatcherSpec:
     gid: int
     read_only_root: bool
     log_volume: str  # the volume the app containers mount too: where they write
+    pre_stop_sleep: int  # seconds of its preStop sleep: the kubelet's SIGTERM comes after
 
 
-def injected_pod(policy: Policy) -> dict[str, Any]:
-    """A pod asking for the log-watcher, as the webhook returns it."""
-    pod = {
-        "metadata": {"generateName": "app-", "annotations": {"outrigger.dev/inject": WATCHER}},
+def injected_pod(
+    policy: Policy,
+    security: dict[str, Any] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A pod asking for the log-watcher (with the pod `security` context and more
+    `annotations` when given), as the webhook returns it."""
+    pod: dict[str, Any] = {
+        "metadata": {
+            "generateName": "app-",
+            "annotations": {"outrigger.dev/inject": WATCHER, **(annotations or {})},
+        },
         "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
     }
+    if security:
+        pod["spec"]["securityContext"] = security
     result: dict[str, Any] = inject(pod, RequestContext("default"), policy).pod
     return result
 
@@ -167,6 +178,10 @@ def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
         gid=security.get("runAsGroup", security["runAsUser"]),
         read_only_root=bool(security.get("readOnlyRootFilesystem")),
         log_volume=next(m.volume for m in mounts if m.volume in app_volumes),
+        pre_stop_sleep=watcher.get("lifecycle", {})
+        .get("preStop", {})
+        .get("sleep", {})
+        .get("seconds", 0),
     )
 
 
@@ -249,6 +264,12 @@ class Run:
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"fluent-bit still running {seconds} s after SIGTERM") from None
+
+    def stop_as_the_kubelet(self, spec: WatcherSpec) -> int:
+        """What the kubelet does to the container once the app has exited (native) or the
+        pod is deleted (classic): its preStop sleep, then SIGTERM."""
+        time.sleep(spec.pre_stop_sleep)
+        return self.stop()
 
     def kill(self) -> None:
         if self.process.poll() is None:

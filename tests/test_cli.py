@@ -412,6 +412,9 @@ def test_inject_explain_says_why(tmp_path: Path) -> None:
         "Pod/web in namespace shop: injected log-watcher",
         "  log-watcher: asked for by outrigger.dev/inject",
         "  warning: annotation outrigger.dev/logpath is not an Outrigger annotation and is ignored",
+        "  warning: log-watcher reads the app's files as user 65534, as the pod does not set the "
+        "app's runAsUser: files not readable by all (umask 027, 077) are not shipped; set "
+        "runAsUser (and runAsGroup) of the app in the pod's securityContext",
     ]
 
 

@@ -10,8 +10,10 @@ skips without OUTRIGGER_FLUENTBIT or OUTRIGGER_KUBE_ASSETS.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ from tests.real_fluentbit import (
     watcher_spec,
     write,
 )
-from webhook.core.policy import default_policy
+from webhook.core.policy import Policy, default_policy, parse_policy
 
 if SKIP_REASON:  # one line for the module rather than one per test
     pytest.skip(SKIP_REASON, allow_module_level=True)
@@ -171,3 +173,94 @@ def test_what_is_unread_at_sigterm_is_not_shipped_but_nothing_else_is_lost(pod: 
     assert run.stop() == 0
     shipped = run.logs()[1:]
     assert shipped == burst[: len(shipped)], "not a prefix of the burst: a line lost or twice"
+
+
+# What real apps do (issue 19) ---------------------------------------------------------------
+
+CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False})
+
+
+@contextmanager
+def pod_of(spec: WatcherSpec) -> Iterator[Pod]:
+    """The emptyDirs of a pod whose watcher is `spec`; whatever still runs is killed."""
+    volumes = Pod(spec)
+    assert all(Path(m.path).is_dir() for m in spec.mounts)  # made by the `spec` fixture
+    try:
+        yield volumes
+    finally:
+        volumes.close()
+
+
+def running(pod: Pod) -> Run:
+    """A watcher that has made its first scan of the log volume (nothing there yet)."""
+    run = pod.start()
+    deadline = time.monotonic() + SLACK
+    while "worker #0 started" not in run.tail:
+        assert run.process.poll() is None and time.monotonic() < deadline, run.tail
+        time.sleep(0.05)
+    time.sleep(0.2)  # the first scan comes with the start: the app's file is new after it
+    return run
+
+
+@pytest.mark.parametrize(
+    ("policy", "annotations"),
+    [
+        pytest.param(default_policy(), {}, id="native"),
+        # Classic: the pod is deleted, app and watcher get SIGTERM together; the stop delay
+        # (10 s by default, 2 s here to keep the test short) is the watcher's preStop sleep.
+        pytest.param(CLASSIC, {"outrigger.dev/log-watcher-stop-delay": "2"}, id="classic"),
+    ],
+)
+def test_a_sub_second_job_ships_every_line(
+    spec: WatcherSpec, policy: Policy, annotations: dict[str, str]
+) -> None:
+    """A Job's app creates a new file after the watcher started, writes 300 lines and exits
+    at once; the kubelet then stops the watcher as its container says (native: the preStop
+    sleep, then SIGTERM). Fluent Bit stops reading at SIGTERM and finds new files only at its
+    scans: every line is shipped all the same, once, and it exits 0."""
+    watcher = watcher_spec(injected_pod(policy, annotations=annotations))
+    assert watcher.pre_stop_sleep > refresh_interval(watcher)  # to find the file and read it
+    with pod_of(watcher) as pod:
+        run = running(pod)
+        lines = numbered("job", 300)
+        write(pod.logs / "job.log", lines)  # the app's whole life
+        assert run.stop_as_the_kubelet(watcher) == 0
+        assert_once(run.logs(), lines)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o600], ids=["umask-027", "umask-077"])
+def test_files_private_to_the_app_s_user_are_read_as_that_user(
+    spec: WatcherSpec, mode: int
+) -> None:
+    """An app running as uid 1000 that keeps its files to itself: the pod says so
+    (securityContext.runAsUser), and the watcher reads as that user."""
+    identity = {"runAsUser": 1000, "runAsGroup": 1000}
+    watcher = watcher_spec(injected_pod(default_policy(), security=identity))
+    assert (watcher.uid, watcher.gid) == (1000, 1000)
+    with pod_of(watcher) as pod:
+        log = pod.logs / "app.log"
+        lines = numbered("private", 500)
+        write(log, lines)
+        os.chown(log, 1000, 1000)
+        log.chmod(mode)
+        run = pod.start()
+        run.wait_for(len(lines))
+        assert run.stop() == 0
+        assert_once(run.logs(), lines)
+
+
+def test_without_the_app_s_user_private_files_are_not_read(spec: WatcherSpec) -> None:
+    """The same file where the pod does not say the app's user: the watcher reads as 65534
+    and is refused (what the admission warning says), so the case above is no accident."""
+    assert spec.uid == 65534
+    with pod_of(spec) as pod:
+        log = pod.logs / "app.log"
+        write(log, numbered("private", 10))
+        os.chown(log, 1000, 1000)
+        log.chmod(0o600)
+        run = pod.start()
+        deadline = time.monotonic() + SLACK
+        while "Permission denied" not in run.tail and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.stop() == 0
+        assert run.logs() == [] and "Permission denied" in run.tail

@@ -1,7 +1,8 @@
 """The log-watcher's Fluent Bit command line, as the default and the README's policies write it.
 
-Fluent Bit cannot run on these machines, and its `--dry-run` accepts misspelt properties, so a
-typo would only show in a running pod (a property silently ignored: positions not kept, long
+Fluent Bit's `--dry-run` accepts misspelt properties, so a typo would only show in a running
+pod (tests/test_fluentbit_real.py runs the default policy's watcher; these checks cover every
+policy without running it) (a property silently ignored: positions not kept, long
 lines skipping the file). Every `-p` property must therefore be one of those Fluent Bit v4
 documents for its plugin, and the read positions must lie on a writable volume of the watcher's
 own (Fluent Bit exits with 255 when `db` is on the read-only log mount).

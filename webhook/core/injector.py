@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from webhook.core import annotations as ann
+from webhook.core.identity import run_as_app_user
 from webhook.core.policy import Policy
 from webhook.core.selection import (
     ALREADY_INJECTED,
@@ -122,7 +123,8 @@ def _inject(
             explanation = (*decision.explanation, *skipped)
             return Injection(pod, HOST_NETWORK_SKIPPED, warnings=warnings, explanation=explanation)
     _check_fits(spec, sidecars)
-    warnings = (*warnings, *_grace_warnings(spec, sidecars))
+    sidecars, identity_warnings = run_as_app_user(spec, sidecars)
+    warnings = (*warnings, *identity_warnings, *_grace_warnings(spec, sidecars))
     status = orjson.dumps({"injected": names, "policy": policy.version}).decode()
     added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
     injected_pod = {

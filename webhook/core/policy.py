@@ -102,6 +102,14 @@ class SidecarTemplate(_Model):
     # ${parameter} of type integer; 0 or None: no preStop. Native sidecars get none: the
     # kubelet stops them after the app by itself, and a sleep would only delay a Job's end.
     classicPreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
+    # Native placement only: seconds the sidecar sleeps in preStop once the app has exited,
+    # before its SIGTERM. For a reader of the app's files: what the app wrote last, in a file
+    # the reader has not found yet, is read then (Fluent Bit stops reading at SIGTERM). Same
+    # forms as classicPreStopSleep; the time comes out of the pod's grace period.
+    nativePreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
+    # Run as the user and group the app containers run as, where the pod sets them (not
+    # root): a reader of the app's files then reads those a restrictive umask keeps private.
+    runAsAppUser: bool = False
     # Secrets (of the pod's namespace) that pull this template's image from a private
     # registry: merged into the pod's spec.imagePullSecrets, each name once.
     imagePullSecrets: tuple[Annotated[str, Field(pattern=DNS_NAME, max_length=253)], ...] = ()
@@ -132,6 +140,7 @@ class SidecarTemplate(_Model):
             ("appVolumeMounts", self.appVolumeMounts),
             ("envoy", self.envoy.model_dump() if self.envoy else {}),
             ("classicPreStopSleep", self.classicPreStopSleep),
+            ("nativePreStopSleep", self.nativePreStopSleep),
         ):
             for reference in _references(value):
                 if reference not in known:
@@ -142,26 +151,27 @@ class SidecarTemplate(_Model):
         return self
 
     @model_validator(mode="after")
-    def _classic_pre_stop(self) -> SidecarTemplate:
-        sleep = self.classicPreStopSleep
+    def _pre_stop_sleeps(self) -> SidecarTemplate:
         lifecycle = self.container.get("lifecycle")
-        if sleep is not None and isinstance(lifecycle, dict) and "preStop" in lifecycle:
-            raise ValueError("set classicPreStopSleep or container.lifecycle.preStop, not both")
-        if not isinstance(sleep, str):
-            return self
+        for field in ("classicPreStopSleep", "nativePreStopSleep"):
+            sleep = getattr(self, field)
+            if sleep is not None and isinstance(lifecycle, dict) and "preStop" in lifecycle:
+                raise ValueError(f"set {field} or container.lifecycle.preStop, not both")
+            if isinstance(sleep, str):
+                self._check_sleep_parameter(field, sleep)
+        return self
+
+    def _check_sleep_parameter(self, field: str, sleep: str) -> None:
         reference = _REFERENCE.fullmatch(sleep)
         parameter = self.parameters.get(reference.group(1)) if reference else None
         if parameter is None or parameter.type != "integer":
-            raise ValueError(
-                "classicPreStopSleep must be a number or one ${parameter} of type integer"
-            )
+            raise ValueError(f"{field} must be a number or one ${{parameter}} of type integer")
         low, high = parameter.minimum, parameter.maximum
         if low is None or low < 0 or high is None or high > CLASSIC_PRE_STOP_MAX:
             raise ValueError(
-                f"classicPreStopSleep: its parameter needs minimum >= 0 and maximum <= "
+                f"{field}: its parameter needs minimum >= 0 and maximum <= "
                 f"{CLASSIC_PRE_STOP_MAX} (seconds)"
             )
-        return self
 
     @model_validator(mode="after")
     def _envoy_parameters(self) -> SidecarTemplate:

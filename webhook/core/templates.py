@@ -62,6 +62,8 @@ class RenderedSidecar:
     # Annotations it adds to the pod (the ambassador's SDS files, projected from them).
     pod_annotations: tuple[tuple[str, str], ...] = ()
     image_pull_secrets: tuple[str, ...] = ()
+    # Runs as the app's user where the pod says it (see webhook.core.identity).
+    run_as_app_user: bool = False
 
     @property
     def native(self) -> bool:
@@ -79,11 +81,12 @@ def render(
         container["restartPolicy"] = "Always"
         if template.envoy is not None and template.envoy.healthPort is not None:
             container.setdefault("startupProbe", _startup_probe(template.envoy.healthPort))
-    else:
-        sleep = _substitute(template.classicPreStopSleep, references)
-        if sleep:
-            lifecycle = {**container.get("lifecycle", {}), "preStop": {"sleep": {"seconds": sleep}}}
-            container["lifecycle"] = lifecycle
+    sleep = _substitute(
+        template.nativePreStopSleep if native else template.classicPreStopSleep, references
+    )
+    if sleep:
+        lifecycle = {**container.get("lifecycle", {}), "preStop": {"sleep": {"seconds": sleep}}}
+        container["lifecycle"] = lifecycle
     container["resources"] = {**defaults.resources, **container.get("resources", {})}
     container["securityContext"] = {
         **defaults.securityContext,
@@ -113,6 +116,7 @@ def render(
         annotations=tuple(p.annotation for p in template.parameters.values()),
         pod_annotations=tuple(pod_annotations),
         image_pull_secrets=template.imagePullSecrets,
+        run_as_app_user=template.runAsAppUser,
     )
 
 
