@@ -338,3 +338,28 @@ def _namespaces(kube: ControlPlane, selected: dict[str, str]) -> dict[str, str]:
         _NAMESPACES.update({p: selected_namespace(kube, value) for p, value in selected.items()})
         _NAMESPACES["none"] = kube.namespace()
     return _NAMESPACES
+
+
+@pytest.mark.parametrize("placement", ["native", "classic"])
+@pytest.mark.parametrize("grace", [0, 1, 3, 12])
+def test_a_short_grace_period_shortens_the_sleeps_the_api_server_would_refuse(
+    kube: ControlPlane, selected: dict[str, str], placement: str, grace: int
+) -> None:
+    """The API server refuses a preStop sleep longer than terminationGracePeriodSeconds (found
+    by the property above): the webhook shortens it to the grace period, none for 0, and
+    warns; the pod is admitted."""
+    namespace = selected_namespace(kube, selected[placement])
+    sent = app_pod("web", BOTH, terminationGracePeriodSeconds=grace)
+    stored = create(kube, namespace, sent, "?dryRun=All")
+    spec = stored["spec"]
+    sidecars = spec["initContainers"] if placement == "native" else spec["containers"][1:]
+    sleeps = {
+        c["name"]: c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+        for c in sidecars
+    }
+    wanted = {"native": {"log-watcher": 3}, "classic": {"log-watcher": 10, "ambassador": 5}}
+    expected = {
+        name: (min(seconds, grace) or None) if name in wanted[placement] else None
+        for name, seconds in {"log-watcher": 0, "ambassador": 0, **wanted[placement]}.items()
+    }
+    assert sleeps == expected

@@ -375,3 +375,14 @@ def test_image_pull_secret_names_are_validated(name: str) -> None:
     document["sidecars"][0]["imagePullSecrets"] = [name]
     with pytest.raises(PolicyError, match="imagePullSecrets"):
         parse_policy(document)
+
+
+@pytest.mark.parametrize(("grace", "sleep"), [(30, 3), (3, 3), (2, 2), (0, None)])
+def test_a_pre_stop_sleep_never_exceeds_the_grace_period(grace: int, sleep: int | None) -> None:
+    """The API server refuses a preStop sleep longer than terminationGracePeriodSeconds."""
+    sent = pod({"outrigger.dev/inject": "log-watcher"}, terminationGracePeriodSeconds=grace)
+    watcher = injected(default_policy(), sent)["spec"]["initContainers"][0]
+    assert watcher.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds") == sleep
+    response = answer(default_policy(), sent, "shop")
+    shortened = [w for w in response.get("warnings", ()) if "shortened" in w]
+    assert len(shortened) == (1 if grace < 3 else 0), response.get("warnings")

@@ -9,6 +9,7 @@ that they fit the pod, and build.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,8 @@ def _inject(
             return Injection(pod, HOST_NETWORK_SKIPPED, warnings=warnings, explanation=explanation)
     _check_fits(spec, sidecars)
     sidecars, identity_warnings = run_as_app_user(spec, sidecars)
-    warnings = (*warnings, *identity_warnings, *_grace_warnings(spec, sidecars))
+    sidecars, grace_warnings = _within_grace(spec, sidecars)
+    warnings = (*warnings, *identity_warnings, *grace_warnings)
     status = orjson.dumps({"injected": names, "policy": policy.version}).decode()
     added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
     injected_pod = {
@@ -326,22 +328,42 @@ _EXIT_SECONDS = 5
 _DEFAULT_GRACE_SECONDS = 30  # the pod's terminationGracePeriodSeconds when unset
 
 
-def _grace_warnings(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> list[str]:
-    """A classic sidecar's preStop sleep counts against the pod's grace period: past it, the
-    kubelet kills the sidecar before it has flushed (or the app's last calls have gone out)."""
+def _within_grace(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
+) -> tuple[tuple[RenderedSidecar, ...], list[str]]:
+    """A sidecar's preStop sleep counts against the pod's grace period: past it (with the
+    time to exit), the kubelet kills the sidecar before it has flushed (or the app's last
+    calls have gone out), so that is warned; and the API server refuses a sleep longer than
+    the grace period, so such a sleep is shortened to it (none at all for a grace of 0)."""
     grace = spec.get("terminationGracePeriodSeconds")
     grace = _DEFAULT_GRACE_SECONDS if not isinstance(grace, int) else grace
-    warnings = []
+    result, warnings = [], []
     for sidecar in sidecars:
-        pre_stop = sidecar.container.get("lifecycle", {}).get("preStop", {})
-        sleep = pre_stop.get("sleep", {}).get("seconds")
-        if isinstance(sleep, int) and grace < sleep + _EXIT_SECONDS:
+        sleep = sidecar.container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+        seconds = sleep.get("seconds")
+        if isinstance(seconds, int) and grace < seconds + _EXIT_SECONDS:
+            shortened = f"; its sleep is shortened to {max(grace, 0)} s" if seconds > grace else ""
             warnings.append(
                 f"terminationGracePeriodSeconds ({grace}) is shorter than {sidecar.name}'s "
-                f"preStop sleep ({sleep} s) plus {_EXIT_SECONDS} s to exit: the kubelet will "
-                f"kill it first; set it to at least {sleep + _EXIT_SECONDS}"
+                f"preStop sleep ({seconds} s) plus {_EXIT_SECONDS} s to exit: the kubelet will "
+                f"kill it first; set it to at least {seconds + _EXIT_SECONDS}{shortened}"
             )
-    return warnings
+        if isinstance(seconds, int) and seconds > grace:
+            sidecar = _with_pre_stop_sleep(sidecar, max(grace, 0))
+        result.append(sidecar)
+    return tuple(result), warnings
+
+
+def _with_pre_stop_sleep(sidecar: RenderedSidecar, seconds: int) -> RenderedSidecar:
+    """The sidecar with a preStop sleep of `seconds` (without the hook for 0); its other
+    lifecycle hooks are kept."""
+    lifecycle = {k: v for k, v in sidecar.container["lifecycle"].items() if k != "preStop"}
+    if seconds:
+        lifecycle["preStop"] = {"sleep": {"seconds": seconds}}
+    container = {k: v for k, v in sidecar.container.items() if k != "lifecycle"}
+    if lifecycle:
+        container["lifecycle"] = lifecycle
+    return dataclasses.replace(sidecar, container=container)
 
 
 def _port_problems(
