@@ -4,7 +4,9 @@ The container comes from `inject` itself: its command and args verbatim (only th
 binary path, `/fluent-bit/bin/fluent-bit`, is replaced by the local binary), its volume
 mounts, its uid and gid, its read-only root. Each run is a private mount namespace
 (`unshare --mount`) where every mount path is a bind mount of a per-test directory standing
-for the pod's `emptyDir` (read-only where the mount says so), the root filesystem is
+for the pod's `emptyDir` (read-only where the mount says so), or for a `downwardAPI` volume:
+the files the kubelet projects from the pod's annotations (the generated configuration),
+written from the injected pod's annotations, read-only, mode 0644; the root filesystem is
 remounted read-only, and Fluent Bit runs through `setpriv` as the container's uid and gid,
 without capabilities or privilege escalation. The test plays the app: it writes log files into
 the shared-logs directory directly.
@@ -34,6 +36,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from webhook.core.injector import RequestContext, inject
 from webhook.core.policy import Policy
@@ -121,6 +125,8 @@ class Mount:
     volume: str
     path: str
     read_only: bool
+    # A downwardAPI volume: each file's path in it and its text (the annotation it projects).
+    projected: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,16 +164,24 @@ def injected_pod(
 
 
 def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
-    """The log-watcher of an injected pod; every volume it mounts must be an emptyDir."""
+    """The log-watcher of an injected pod; every volume it mounts must be an emptyDir or a
+    downwardAPI volume of the pod's annotations."""
     spec = pod["spec"]
     watcher = next(
         c for c in [*spec.get("initContainers", ()), *spec["containers"]] if c["name"] == WATCHER
     )
     volumes = {v["name"]: v for v in spec["volumes"]}
+    annotations = pod["metadata"].get("annotations", {})
     mounts = tuple(
-        Mount(m["name"], m["mountPath"], bool(m.get("readOnly"))) for m in watcher["volumeMounts"]
+        Mount(
+            m["name"],
+            m["mountPath"],
+            bool(m.get("readOnly")),
+            projected(volumes[m["name"]], annotations),
+        )
+        for m in watcher["volumeMounts"]
     )
-    assert all("emptyDir" in volumes[m.volume] for m in mounts), mounts
+    assert all("emptyDir" in volumes[m.volume] or m.projected for m in mounts), mounts
     app_volumes = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", ())}
     security = watcher["securityContext"]
     return WatcherSpec(
@@ -185,18 +199,35 @@ def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
     )
 
 
+def projected(volume: dict[str, Any], annotations: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The files the kubelet writes into a downwardAPI volume, from the pod's annotations
+    (`metadata.annotations['KEY']` fields only); () for any other volume. An annotation the
+    pod lacks fails here, as the kubelet fails the container."""
+    files = []
+    for item in volume.get("downwardAPI", {}).get("items", ()):
+        match = re.fullmatch(r"metadata\.annotations\['(.+)'\]", item["fieldRef"]["fieldPath"])
+        assert match, item
+        files.append((item["path"], annotations[match[1]]))
+    return tuple(files)
+
+
+def config(spec: WatcherSpec) -> dict[str, Any]:
+    """The Fluent Bit configuration the container's `-c` names, as it will read it."""
+    command, flag, path = spec.argv
+    assert (command, flag) == (IMAGE_BINARY, "-c"), spec.argv
+    for mount in spec.mounts:
+        for name, text in mount.projected:
+            if f"{mount.path}/{name}" == path:
+                document: dict[str, Any] = yaml.safe_load(text)
+                return document
+    raise AssertionError(f"{path} is not a file of the watcher's mounts")
+
+
 def tail_properties(spec: WatcherSpec) -> dict[str, str]:
-    """The `-p` properties of the command line's `-i tail` input."""
-    args = spec.argv[1:]
-    assert len(args) % 2 == 0, args
-    plugin, properties = "", {}
-    for flag, value in zip(args[::2], args[1::2], strict=True):
-        if flag in ("-i", "-o"):
-            plugin = f"{flag}{value}"
-        elif flag == "-p" and plugin == "-itail":
-            key, _, setting = value.partition("=")
-            properties[key] = setting
-    return properties
+    """The properties of the configuration's one `tail` input."""
+    (tail,) = config(spec)["pipeline"]["inputs"]
+    assert tail["name"] == "tail", tail
+    return {key: str(value) for key, value in tail.items()}
 
 
 def fluentbit_bytes(size: str) -> int:
@@ -294,6 +325,10 @@ class Pod:
         for mount in self.spec.mounts:
             self.volume(mount.volume).mkdir(mode=0o777)
             self.volume(mount.volume).chmod(0o777)  # as the kubelet makes an emptyDir
+            for name, text in mount.projected:
+                file = self.volume(mount.volume) / name
+                file.write_text(text, encoding="utf-8")
+                file.chmod(0o644)  # the downwardAPI volume's defaultMode
 
     def volume(self, name: str) -> Path:
         return self.root / "volumes" / name

@@ -86,6 +86,8 @@ def test_defaults() -> None:
         "log-path": "/var/log/app",
         "log-volume-size": "1Gi",
         "stop-delay": 10,
+        "log-files": ("*.log",),
+        "multiline": "none",
     }
     assert request.values["ambassador"]["port"] == 8081
     assert request.warnings == ()

@@ -224,7 +224,11 @@ def test_inject_manifests(injected: subprocess.CompletedProcess[str]) -> None:
     assert [c["name"] for c in containers] == ["main-app"]
     sidecars = pod["spec"]["initContainers"]
     assert [c["name"] for c in sidecars] == ["log-watcher", "ambassador"]
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["shared-logs", "log-watcher-state"]
+    assert [v["name"] for v in pod["spec"]["volumes"]] == [
+        "shared-logs",
+        "log-watcher-state",
+        "log-watcher-config",
+    ]
     assert {"name": "shared-logs", "mountPath": "/var/log/app"} in containers[0]["volumeMounts"]
 
     job_pod = after["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]
@@ -234,7 +238,11 @@ def test_inject_manifests(injected: subprocess.CompletedProcess[str]) -> None:
     assert [c["name"] for c in job_containers] == ["report"]
     (watcher,) = job_pod["spec"]["initContainers"]
     assert (watcher["name"], watcher["restartPolicy"]) == ("log-watcher", "Always")
-    assert [v["name"] for v in job_pod["spec"]["volumes"]] == ["shared-logs", "log-watcher-state"]
+    assert [v["name"] for v in job_pod["spec"]["volumes"]] == [
+        "shared-logs",
+        "log-watcher-state",
+        "log-watcher-config",
+    ]
     report_mount = {"name": "shared-logs", "mountPath": "/var/log/report"}
     assert report_mount in job_containers[0]["volumeMounts"]
     assert any(m["mountPath"] == "/var/log/report" for m in watcher["volumeMounts"])

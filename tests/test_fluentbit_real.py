@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.real_fluentbit import (
+    FLUSH,
     GRACE,
     SKIP_REASON,
     SLACK,
@@ -35,12 +36,16 @@ from tests.real_fluentbit import (
     watcher_spec,
     write,
 )
+from webhook.core.logwatcher import MULTILINE_PARSERS
 from webhook.core.policy import Policy, default_policy, parse_policy
 
 if SKIP_REASON:  # one line for the module rather than one per test
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 pytestmark = pytest.mark.fluentbit
+
+LOG_FILES = "outrigger.dev/log-files"
+MULTILINE = "outrigger.dev/log-multiline"
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +269,98 @@ def test_without_the_app_s_user_private_files_are_not_read(spec: WatcherSpec) ->
             time.sleep(0.05)
         assert run.stop() == 0
         assert run.logs() == [] and "Permission denied" in run.tail
+
+
+# The generated configuration: records, files and multiline (issue 19) -----------------------
+
+
+def test_records_are_the_date_and_the_line(pod: Pod) -> None:
+    """What the node's log collection gets: one JSON object per line, the time and the line
+    as written (no newline), nothing else, as the command-line options printed."""
+    log = pod.logs / "app.log"
+    run = started(pod, log)
+    assert run.stop() == 0
+    (record,) = run.records()
+    assert set(record) == {"date", "log"} and record["log"] == "started"
+    assert isinstance(record["date"], float)
+
+
+FILES = "*.log, requests/*.log, app.out, app.log"  # app.log twice: *.log matches it too
+
+
+def test_the_files_a_pod_names_are_each_shipped_once(spec: WatcherSpec) -> None:
+    """outrigger.dev/log-files: a subdirectory and a name without .log are read; a file two
+    patterns match is read once; what no pattern matches is not read."""
+    watcher = watcher_spec(injected_pod(default_policy(), annotations={LOG_FILES: FILES}))
+    with pod_of(watcher) as pod:
+        (pod.logs / "requests").mkdir(mode=0o777)
+        written = {
+            "app.log": numbered("app", 200),
+            "requests/get.log": numbered("requests", 200),
+            "app.out": numbered("out", 200),
+        }
+        for name, lines in written.items():
+            write(pod.logs / name, lines)
+        write(pod.logs / "debug.txt", numbered("unmatched", 10))
+        run = pod.start()
+        run.wait_for(600)
+        time.sleep(refresh_interval(watcher) + FLUSH)  # room for a second reading
+        assert run.stop() == 0
+        assert_once(run.logs(), [line for lines in written.values() for line in lines])
+
+
+JAVA_TRACE = [
+    'Exception in thread "main" java.lang.IllegalStateException: order 42 not found',
+    *(f"\tat com.example.shop.Orders.find{i}(Orders.java:{100 + i})" for i in range(33)),
+    "Caused by: java.sql.SQLException: connection reset",
+    "\tat com.example.shop.Db.query(Db.java:7)",
+    "\tat com.example.shop.Db.run(Db.java:3)",
+    "\t... 33 more",
+]
+
+
+def test_a_java_stack_trace_is_one_record(spec: WatcherSpec) -> None:
+    """outrigger.dev/log-multiline: java: the 38 lines of a trace ship as one record, the
+    single lines around it one record each. Fluent Bit's multiline core keeps each line's
+    newline in `log` (the README says so)."""
+    assert len(JAVA_TRACE) == 38
+    watcher = watcher_spec(injected_pod(default_policy(), annotations={MULTILINE: "java"}))
+    with pod_of(watcher) as pod:
+        before, after = numbered("before", 5), numbered("after", 5)
+        write(pod.logs / "app.log", [*before, *JAVA_TRACE, *after])
+        run = pod.start()
+        run.wait_for(11)
+        time.sleep(FLUSH)  # nothing more comes
+        assert run.stop() == 0
+        expected = [*before, "\n".join(JAVA_TRACE), *after]
+        assert run.logs() == [line + "\n" for line in expected]
+
+
+@pytest.mark.parametrize("parser", MULTILINE_PARSERS)
+def test_every_multiline_parser_offered_exists_in_this_fluent_bit(
+    spec: WatcherSpec, parser: str
+) -> None:
+    """An unknown multiline.parser stops Fluent Bit at start (exit 255) and `--dry-run`
+    misses it: each value the annotation accepts is run, and ships a line."""
+    watcher = watcher_spec(injected_pod(default_policy(), annotations={MULTILINE: parser}))
+    with pod_of(watcher) as pod:
+        write(pod.logs / "app.log", ["one line", "another line"])
+        run = pod.start()
+        run.wait_for(1)
+        assert run.stop() == 0, run.tail
+        assert "not registered" not in run.tail
+
+
+def test_a_job_s_final_stack_trace_is_shipped(spec: WatcherSpec) -> None:
+    """A Job's app crashes: a new file, a line, then a trace, and it exits. Fluent Bit holds
+    a record's last lines until more come or its multiline timeout (~5 s) passes, and drops
+    them at SIGTERM (7 s from the write were needed in a measurement, 6 were not): with a
+    multiline parser the native preStop sleep is longer, and the trace is shipped, once."""
+    pod_ = injected_pod(default_policy(), annotations={MULTILINE: "java"})
+    watcher = watcher_spec(pod_)
+    assert watcher.pre_stop_sleep >= 7 + FLUSH
+    with pod_of(watcher) as pod:
+        run = running(pod)
+        write(pod.logs / "job.log", ["starting", *JAVA_TRACE])  # the app's whole life
+        assert run.stop_as_the_kubelet(watcher) == 0
+        assert run.logs() == ["starting\n", "\n".join(JAVA_TRACE) + "\n"]

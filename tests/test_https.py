@@ -245,7 +245,11 @@ def test_annotated_pod_is_injected(client: httpx.Client) -> None:
     spec = result["spec"]
     assert [c["name"] for c in spec["containers"]] == ["main-app"]
     assert [c["name"] for c in spec["initContainers"]] == ["log-watcher", "ambassador"]
-    assert [v["name"] for v in spec["volumes"]] == ["shared-logs", "log-watcher-state"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        "shared-logs",
+        "log-watcher-state",
+        "log-watcher-config",
+    ]
     assert "emptyDir" in spec["volumes"][0]
     app = spec["containers"][0]
     assert {"name": "shared-logs", "mountPath": "/var/log/app"} in app["volumeMounts"]

@@ -80,7 +80,12 @@ def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Poli
         containers=[{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}],
     )
     spec = inject(before, DEFAULT, policy).pod["spec"]
-    assert spec["volumes"] == [
+    assert [v["name"] for v in spec["volumes"]] == [
+        "shared-logs",
+        "log-watcher-state",
+        "log-watcher-config",
+    ]
+    assert spec["volumes"][:2] == [
         {"name": "shared-logs", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "log-watcher-state", "emptyDir": {"sizeLimit": "16Mi"}},
     ]
@@ -88,7 +93,7 @@ def test_log_watcher_shares_the_log_volume_with_every_app_container(policy: Poli
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts == {"shared-logs": "/srv/logs"}
     (watcher,) = spec["initContainers"]
-    assert "path=/srv/logs/*.log" in watcher["args"]
+    assert watcher["args"] == ["-c", "/etc/log-watcher/fluent-bit.yaml"]
     assert watcher["volumeMounts"][0] == {
         "name": "shared-logs",
         "mountPath": "/srv/logs",
@@ -219,7 +224,7 @@ def test_denied(before: dict[str, Any], message: str, policy: Policy) -> None:
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("taken", ["shared-logs", "log-watcher-state"])
+@pytest.mark.parametrize("taken", ["shared-logs", "log-watcher-state", "log-watcher-config"])
 def test_every_volume_a_template_adds_is_checked_for_collisions(policy: Policy, taken: str) -> None:
     before = pod({ann.INJECT: "log-watcher"}, volumes=[{"name": taken, "emptyDir": {}}])
     with pytest.raises(InjectionDenied) as denied:

@@ -191,16 +191,16 @@ def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod
     and the status itself. Only names of the current policy's templates are taken out."""
     templates = [policy.templates[name] for name in claimed if name in policy.templates]
     names = {template.name for template in templates}
-    prefixes = tuple(template.sds_annotation_prefix for template in templates)
 
     def added_volume(name: object) -> bool:
         return any(template.adds_volume(str(name)) for template in templates)
 
+    def added_annotation(key: str) -> bool:
+        return key == ann.STATUS or any(template.adds_annotation(key) for template in templates)
+
     metadata = _mapping(pod.get("metadata"), "metadata")
     annotations = {
-        key: value
-        for key, value in _annotations(metadata).items()
-        if key != ann.STATUS and not (prefixes and key.startswith(prefixes))
+        key: value for key, value in _annotations(metadata).items() if not added_annotation(key)
     }
     spec = dict(_mapping(pod.get("spec"), "spec"))
     for field in ("containers", "initContainers"):

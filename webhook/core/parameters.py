@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from webhook.ambassador.hostport import ACCEPTED as HOSTPORT_ACCEPTED
 from webhook.ambassador.hostport import Upstream, parse_hostport
 from webhook.ambassador.spec import AmbassadorSpec
+from webhook.core.logwatcher import GLOBS_ACCEPTED, parse_globs
 from webhook.limits import cache_small, has_control_characters
 
-ParameterValue = str | int | bool | Upstream | AmbassadorSpec
+ParameterValue = str | int | bool | Upstream | AmbassadorSpec | tuple[str, ...]
 
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
@@ -30,9 +31,9 @@ class Parameter(BaseModel):
     """A value an annotation may set in a template, with its type and validation."""
 
     annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-    type: Literal["string", "integer", "boolean", "path", "hostport", "image", "ambassador"] = (
-        "string"
-    )
+    type: Literal[
+        "string", "integer", "boolean", "path", "hostport", "image", "ambassador", "globs"
+    ] = "string"
     default: str | int | bool | None = None
     required: bool = False
     enum: tuple[str, ...] | None = None
@@ -82,6 +83,8 @@ def parse_value(parameter: Parameter, text: str) -> ParameterValue | None:
             return _path(text)
         case "hostport":
             return parse_hostport(text)
+        case "globs":
+            return parse_globs(text)
         case _:
             return _string(parameter, text)
 
@@ -124,6 +127,8 @@ def accepted(parameter: Parameter) -> str:
             )
         case "hostport":
             text = HOSTPORT_ACCEPTED
+        case "globs":
+            text = GLOBS_ACCEPTED
         case "image":
             text = "an image reference allowed by the cluster policy"
         case "ambassador":

@@ -22,6 +22,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from webhook.ambassador.hostport import DNS_NAME
+from webhook.core.logwatcher import (
+    CONFIG_FILE,
+    MULTILINE_PARSERS,
+    STDOUT_FORMATS,
+    LogWatcherSettings,
+)
 from webhook.core.parameters import Parameter, valid_default
 
 API_VERSION = "outrigger.dev/v1alpha1"
@@ -97,6 +103,8 @@ class SidecarTemplate(_Model):
     volumes: tuple[dict[str, Any], ...] = ()
     appVolumeMounts: tuple[dict[str, Any], ...] = ()
     envoy: EnvoySettings | None = None
+    # Renders the log-watcher's Fluent Bit configuration file, which replaces container.args.
+    logWatcher: LogWatcherSettings | None = None
     # Classic placement only: seconds the sidecar sleeps in preStop, so that it outlives the
     # app's shutdown (the kubelet signals every classic container at once). An integer or one
     # ${parameter} of type integer; 0 or None: no preStop. Native sidecars get none: the
@@ -139,6 +147,7 @@ class SidecarTemplate(_Model):
             ("volumes", self.volumes),
             ("appVolumeMounts", self.appVolumeMounts),
             ("envoy", self.envoy.model_dump() if self.envoy else {}),
+            ("logWatcher", self.logWatcher.model_dump() if self.logWatcher else {}),
             ("classicPreStopSleep", self.classicPreStopSleep),
             ("nativePreStopSleep", self.nativePreStopSleep),
         ):
@@ -193,6 +202,58 @@ class SidecarTemplate(_Model):
         return self
 
     @model_validator(mode="after")
+    def _log_watcher(self) -> SidecarTemplate:
+        """The generated file replaces the command-line options, and its paths must be the
+        container's: the logs where a mount is, the read positions on a writable volume of
+        the watcher's own (Fluent Bit exits 255 with `db` on a read-only mount)."""
+        settings = self.logWatcher
+        if settings is None:
+            return self
+        if "args" in self.container:
+            raise ValueError(
+                "logWatcher renders the watcher's configuration; remove container.args"
+            )
+        self._check_value("logWatcher.logPath", settings.logPath, "path", None)
+        if settings.files is not None:
+            self._check_value("logWatcher.files", settings.files, "globs", None)
+        self._check_value("logWatcher.multiline", settings.multiline, "string", MULTILINE_PARSERS)
+        self._check_value("logWatcher.format", settings.format, "string", STDOUT_FORMATS)
+        mounts = [m for m in self.container.get("volumeMounts", ()) if isinstance(m, dict)]
+        if not any(m.get("mountPath") == settings.logPath for m in mounts):
+            raise ValueError("logWatcher.logPath must be the mountPath of a container.volumeMount")
+        own = {str(v.get("name")) for v in self.volumes} - {
+            str(m.get("name")) for m in self.appVolumeMounts
+        }
+        if not any(
+            m.get("mountPath") == settings.stateDir
+            and not m.get("readOnly")
+            and m.get("name") in own
+            for m in mounts
+        ):
+            raise ValueError(
+                "logWatcher.stateDir must be the mountPath of a writable container.volumeMount "
+                "of a volume of this template's own (not one of appVolumeMounts)"
+            )
+        return self
+
+    def _check_value(
+        self, field: str, value: str, kind: str, choices: tuple[str, ...] | None
+    ) -> None:
+        """`value` is a literal among `choices` (any, for None), or one ${parameter} of type
+        `kind` whose values are all among them (an `enum` within `choices`)."""
+        reference = _REFERENCE.fullmatch(value)
+        if reference is None:
+            if "${" in value or (choices is not None and value not in choices):
+                expected = f"one of {', '.join(choices)}" if choices else "a literal"
+                raise ValueError(f"{field} must be {expected} or one ${{parameter}} of type {kind}")
+            return
+        parameter = self.parameters.get(reference.group(1))
+        if parameter is None or parameter.type != kind:
+            raise ValueError(f"{field} must be one ${{parameter}} of type {kind}")
+        if choices is not None and not (parameter.enum and set(parameter.enum) <= set(choices)):
+            raise ValueError(f"{field}: its parameter needs an enum within {', '.join(choices)}")
+
+    @model_validator(mode="after")
     def _defaults_valid(self) -> SidecarTemplate:
         for name, parameter in self.parameters.items():
             if parameter.default is not None and not valid_default(parameter):
@@ -219,9 +280,25 @@ class SidecarTemplate(_Model):
     def sds_annotation_prefix(self) -> str:
         return f"{self.name}.sds.outrigger.dev/"
 
+    @property
+    def config_volume_name(self) -> str:
+        return f"{self.name}-config"  # the log-watcher's configuration file
+
+    @property
+    def config_annotation(self) -> str:
+        return f"{self.name}.outrigger.dev/{CONFIG_FILE}"
+
+    def adds_annotation(self, key: str) -> bool:
+        """Whether `key` is one of the annotations this template adds to a pod."""
+        if key.startswith(self.sds_annotation_prefix):
+            return True
+        return self.logWatcher is not None and key == self.config_annotation
+
     def adds_volume(self, name: str) -> bool:
         """Whether `name` is one of the volumes this template adds to a pod."""
         if any(volume.get("name") == name for volume in self.volumes):
+            return True
+        if self.logWatcher is not None and name == self.config_volume_name:
             return True
         envoy = self.envoy is not None
         return envoy and (name == self.sds_volume_name or name.startswith(f"{self.name}-tls-"))
@@ -342,6 +419,8 @@ class Policy(_Model):
             added = [str(volume.get("name")) for volume in template.volumes]
             if template.envoy is not None:
                 added += [template.secret_volume_name("*"), template.sds_volume_name]
+            if template.logWatcher is not None:
+                added.append(template.config_volume_name)
             for name in added:
                 if name in owners:
                     raise ValueError(

@@ -29,6 +29,16 @@ from webhook.ambassador.envoy import (
 )
 from webhook.ambassador.hostport import Upstream
 from webhook.ambassador.spec import AmbassadorSpec, single_upstream
+from webhook.core.logwatcher import (
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CONFIG_PATH,
+    DEFAULT_FILES,
+    NO_MULTILINE,
+    WatcherConfig,
+    config_yaml,
+    pattern_problem,
+)
 from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
@@ -43,7 +53,7 @@ class TemplateError(ValueError):
     """What the pod's parameters ask for does not fit the template (a denial, not a bug)."""
 
 
-Values = Mapping[str, str | int | bool | Upstream | AmbassadorSpec]
+Values = Mapping[str, str | int | bool | Upstream | AmbassadorSpec | tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +91,12 @@ def render(
         container["restartPolicy"] = "Always"
         if template.envoy is not None and template.envoy.healthPort is not None:
             container.setdefault("startupProbe", _startup_probe(template.envoy.healthPort))
+    watcher = _watcher_config(template, references) if template.logWatcher else None
     sleep = _substitute(
         template.nativePreStopSleep if native else template.classicPreStopSleep, references
     )
+    if native and watcher is not None and watcher.multiline != NO_MULTILINE:
+        sleep = max(sleep or 0, watcher.settings.multilinePreStopSleep)
     if sleep:
         lifecycle = {**container.get("lifecycle", {}), "preStop": {"sleep": {"seconds": sleep}}}
         container["lifecycle"] = lifecycle
@@ -107,6 +120,12 @@ def render(
         mounts = [*container.get("volumeMounts", ()), *(mount for _, mount in pairs)]
         if mounts:
             container["volumeMounts"] = mounts
+    if watcher is not None:
+        pod_annotations.append((template.config_annotation, config_yaml(watcher)))
+        volume, mount = _config_volume(template)
+        volumes.append(volume)
+        container["volumeMounts"] = [*container.get("volumeMounts", ()), mount]
+        container = _with_config_args(container)
     return RenderedSidecar(
         name=template.name,
         container=container,
@@ -159,6 +178,46 @@ def _sds_volume(
     ]
     volume = {"name": name, "downwardAPI": {"items": items}}
     return volume, {"name": name, "mountPath": SDS_ROOT, "readOnly": True}
+
+
+def _watcher_config(template: SidecarTemplate, references: dict[str, Any]) -> WatcherConfig:
+    """The pod's watcher: the template's settings with the pod's parameter values in."""
+    settings = template.logWatcher
+    assert settings is not None
+    files = _substitute(settings.files, references) if settings.files else DEFAULT_FILES
+    if not isinstance(files, tuple):  # the policy checks the reference's type at load
+        raise TypeError(f"logWatcher.files of {template.name} is not a list of patterns")
+    problem = pattern_problem(settings, files)
+    if problem:
+        annotation = template.parameters[_parameter(str(settings.files))].annotation
+        raise TemplateError(f"annotation {annotation}: {problem}")
+    return WatcherConfig(
+        settings=settings,
+        log_path=str(_substitute(settings.logPath, references)).rstrip("/"),
+        files=files,
+        multiline=str(_substitute(settings.multiline, references)),
+        format=str(_substitute(settings.format, references)),
+    )
+
+
+def _with_config_args(container: dict[str, Any]) -> dict[str, Any]:
+    """The container running `fluent-bit -c CONFIG_PATH`: its args next to its command."""
+    items = [(key, value) for key, value in container.items() if key != "args"]
+    keys = [key for key, _ in items]
+    at = keys.index("command") + 1 if "command" in keys else keys.index("image") + 1
+    return dict([*items[:at], ("args", ["-c", CONFIG_PATH]), *items[at:]])
+
+
+def _config_volume(template: SidecarTemplate) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configuration file, projected read-only from the pod's annotation (downward API),
+    as the ambassador's SDS files are: no object outside the pod."""
+    name = template.config_volume_name
+    item = {
+        "path": CONFIG_FILE,
+        "fieldRef": {"fieldPath": f"metadata.annotations['{template.config_annotation}']"},
+    }
+    volume = {"name": name, "downwardAPI": {"items": [item]}}
+    return volume, {"name": name, "mountPath": CONFIG_DIR, "readOnly": True}
 
 
 def _startup_probe(port: int) -> dict[str, Any]:
@@ -263,7 +322,7 @@ def _substitute(value: Any, references: dict[str, Any], as_string: bool = False)
         if whole is not None:
             found = references[whole.group(1)]
             return str(found) if as_string else found
-        return _REFERENCE.sub(lambda m: str(references[m.group(1)]), value)
+        return _REFERENCE.sub(lambda m: _text(references[m.group(1)]), value)
     if isinstance(value, dict):
         return {
             key: _substitute(
@@ -276,6 +335,11 @@ def _substitute(value: Any, references: dict[str, Any], as_string: bool = False)
     if isinstance(value, (list, tuple)):
         return [_substitute(item, references, as_string) for item in value]
     return value
+
+
+def _text(value: Any) -> str:
+    """A value inside a longer string: a list of patterns comma-separated, as written."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def _annotations(template: SidecarTemplate, envoy: EnvoySettings) -> str:

@@ -1,0 +1,165 @@
+"""The log-watcher's Fluent Bit configuration, generated: a YAML file, not command-line options.
+
+The webhook renders it per pod (`config_yaml`), puts it in a pod annotation, and a downwardAPI
+volume projects that annotation read-only into the watcher at `CONFIG_PATH`; the container runs
+`fluent-bit -c CONFIG_PATH`. Everything stays in the pod: no ConfigMap to create or clean up.
+
+The platform team tunes the pipeline in the template's `logWatcher:` block
+(`LogWatcherSettings`); a pod chooses, through annotations the template declares, which files
+are read (`parse_globs`) and which of Fluent Bit's built-in multiline parsers joins their lines
+(`MULTILINE_PARSERS`). The outputs come from one function, `pipeline_outputs` (stdout today),
+so that other outputs and the filters they need plug in there.
+
+Fluent Bit 4.2.0 facts this relies on (tests/test_fluentbit_real.py runs them):
+
+- `path` takes several globs separated by commas; a file two globs match is read once.
+- Its glob is glob(3): `*`, `?` and `[...]` within one path segment; `**` is a plain `*` (one
+  directory level, not recursion), so it is refused rather than misunderstood.
+- An unknown `multiline.parser` stops Fluent Bit at start (exit 255); `--dry-run` misses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+# Where the watcher reads its configuration: a downwardAPI volume of the watcher alone.
+CONFIG_DIR: Final = "/etc/log-watcher"
+CONFIG_FILE: Final = "fluent-bit.yaml"  # Fluent Bit picks its YAML reader by the extension
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
+
+# Fluent Bit's built-in multiline parsers (all present in 4.2.0), and `none`.
+NO_MULTILINE: Final = "none"
+MULTILINE_PARSERS: Final = (NO_MULTILINE, "java", "python", "go", "ruby", "docker", "cri")
+STDOUT_FORMATS: Final = ("json_lines", "json", "json_stream", "msgpack")
+
+# Hard bounds on `outrigger.dev/log-files`: they keep the generated file (an annotation) small;
+# a template may only lower them.
+MAX_FILE_PATTERNS: Final = 8
+MAX_PATTERN_CHARS: Final = 128
+DEFAULT_FILES: Final = ("*.log",)
+_PATTERN = re.compile(r"^[A-Za-z0-9._*?\[\]/-]+$")
+GLOBS_ACCEPTED: Final = (
+    f"a comma-separated list of at most {MAX_FILE_PATTERNS} file patterns relative to the log "
+    f"path, each at most {MAX_PATTERN_CHARS} characters of letters, digits, . _ - / and the "
+    "wildcards * ? [ ] (such as *.log, requests/*.log, app.out); no leading /, no '..' or "
+    "empty segment, no '**' (Fluent Bit matches one directory level per '*')"
+)
+
+# The record stream every input is tagged with, and every output matches.
+TAG: Final = "app.logs"
+_SIZE_KB = r"[1-9][0-9]{0,6}k"
+_SIZE_MB = r"[1-9][0-9]{0,3}MB"
+
+
+class LogWatcherSettings(BaseModel):
+    """The template's `logWatcher:` block: what a platform team tunes, as data.
+
+    `logPath`, `files`, `multiline` and `format` are literals or one `${parameter}` (checked
+    at policy load, in `SidecarTemplate`); the rest are the pipeline's guarantees (see the
+    README's "The log-watcher's limits").
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    logPath: str
+    files: str | None = None  # None: *.log
+    multiline: str = NO_MULTILINE
+    format: str = "json_lines"
+    # Read positions: a writable volume of the watcher's own, kept across its restarts.
+    stateDir: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/var/lib/log-watcher"
+    refreshInterval: Annotated[int, Field(ge=1, le=60)] = 1
+    rotateWait: Annotated[int, Field(ge=1, le=3600)] = 30
+    memBufLimit: Annotated[str, Field(pattern=f"^{_SIZE_MB}$")] = "16MB"
+    bufferMaxSize: Annotated[str, Field(pattern=f"^{_SIZE_KB}$")] = "256k"
+    # Native placement with a multiline parser: the preStop sleep is at least this. Fluent
+    # Bit holds a record's last lines until more come or ~5 s pass, and drops them at
+    # SIGTERM: a Job's final stack trace needs 7 s from its write (new file) to be shipped.
+    multilinePreStopSleep: Annotated[int, Field(ge=0, le=300)] = 10
+    maxFilePatterns: Annotated[int, Field(ge=1, le=MAX_FILE_PATTERNS)] = MAX_FILE_PATTERNS
+    maxPatternLength: Annotated[int, Field(ge=1, le=MAX_PATTERN_CHARS)] = MAX_PATTERN_CHARS
+
+    @property
+    def db(self) -> str:
+        return f"{self.stateDir.rstrip('/')}/tail.db"
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherConfig:
+    """One pod's watcher: the settings with the pod's values in."""
+
+    settings: LogWatcherSettings
+    log_path: str
+    files: tuple[str, ...] = DEFAULT_FILES
+    multiline: str = NO_MULTILINE
+    format: str = "json_lines"
+
+
+def parse_globs(text: str) -> tuple[str, ...] | None:
+    """The patterns of `outrigger.dev/log-files`, each once in order; None when invalid."""
+    patterns = [pattern.strip() for pattern in text.split(",")]
+    if not 1 <= len(patterns) <= MAX_FILE_PATTERNS or not all(map(_valid_pattern, patterns)):
+        return None
+    return tuple(dict.fromkeys(patterns))
+
+
+def _valid_pattern(pattern: str) -> bool:
+    segments = pattern.split("/")
+    return (
+        len(pattern) <= MAX_PATTERN_CHARS
+        and _PATTERN.fullmatch(pattern) is not None
+        and "**" not in pattern
+        and all(segment not in ("", ".", "..") for segment in segments)
+    )
+
+
+def config_yaml(config: WatcherConfig) -> str:
+    """The configuration file's text (YAML, every value a string, as Fluent Bit reads them)."""
+    document = {
+        "service": {"flush": "1", "grace": "5"},
+        "pipeline": {"inputs": pipeline_inputs(config), "outputs": pipeline_outputs(config)},
+    }
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+def pipeline_inputs(config: WatcherConfig) -> list[dict[str, str]]:
+    """The one `tail` input: every setting that keeps a line from being lost or read twice."""
+    settings = config.settings
+    tail = {
+        "name": "tail",
+        "tag": TAG,
+        "path": ",".join(f"{config.log_path}/{pattern}" for pattern in config.files),
+        "read_from_head": "true",
+        "refresh_interval": str(settings.refreshInterval),
+        "db": settings.db,
+        "mem_buf_limit": settings.memBufLimit,
+        "buffer_max_size": settings.bufferMaxSize,
+        "truncate_long_lines": "on",
+        "rotate_wait": str(settings.rotateWait),
+    }
+    if config.multiline != NO_MULTILINE:
+        tail["multiline.parser"] = config.multiline
+    return [tail]
+
+
+def pipeline_outputs(config: WatcherConfig) -> list[dict[str, Any]]:
+    """Where records go: stdout, for the node's log collection (the only output today; others
+    and the filters they need are added here)."""
+    return [{"name": "stdout", "match": TAG, "format": config.format}]
+
+
+def pattern_problem(settings: LogWatcherSettings, patterns: tuple[str, ...]) -> str | None:
+    """Why the pod's patterns exceed the template's own (lower) bounds, or None."""
+    if len(patterns) > settings.maxFilePatterns:
+        return f"{len(patterns)} patterns, the cluster policy accepts {settings.maxFilePatterns}"
+    longest = max(len(pattern) for pattern in patterns)
+    if longest > settings.maxPatternLength:
+        return (
+            f"a pattern of {longest} characters, the cluster policy accepts "
+            f"{settings.maxPatternLength}"
+        )
+    return None
