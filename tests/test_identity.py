@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import jsonpatch
+import orjson
 import pytest
 
+from tests.conftest import admission_review
+from webhook.admission.review import review
 from webhook.core.injector import RequestContext, inject
 from webhook.core.policy import default_policy
 
@@ -84,3 +89,27 @@ def test_a_watcher_as_the_app_s_user_is_injected_once() -> None:
     first = inject(pod, RequestContext("shop"), POLICY).pod
     again = inject(first, RequestContext("shop"), POLICY)
     assert again.reason == "already-injected" and again.pod == first
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"securityContext": {"runAsUser": 1000, "runAsGroup": 3000}, "containers": [app()]},
+        {"containers": [app(runAsUser=1000, runAsGroup=3000)]},
+    ],
+    ids=["pod", "container"],
+)
+def test_the_webhook_reads_the_app_user_too(spec: dict[str, Any]) -> None:
+    """Through the admission envelope, which decodes only what the injector reads: the app's
+    user must be among it (it was not: the watcher ran as 65534, then a re-injection of the
+    stored pod, which reads the whole pod, found it mismatched)."""
+    pod = {"metadata": {"name": "p", "annotations": {"outrigger.dev/inject": "log-watcher"}}}
+    status, body = review(
+        orjson.dumps(admission_review({**pod, "spec": spec}, namespace="shop")), POLICY
+    )
+    response = orjson.loads(body)["response"]
+    operations = orjson.loads(base64.b64decode(response["patch"]))
+    injected = jsonpatch.apply_patch({**pod, "spec": spec}, operations)
+    security = injected["spec"]["initContainers"][0]["securityContext"]
+    assert (status, security["runAsUser"], security["runAsGroup"]) == (200, 1000, 3000)
+    assert "warnings" not in response

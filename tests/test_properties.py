@@ -88,6 +88,7 @@ annotation_values = st.fixed_dictionaries(
         "outrigger.dev/log-watcher-stop-delay": st.sampled_from(["0", "10", "120", "121"]),
         "outrigger.dev/ambassador-stop-delay": st.sampled_from(["5", "60", "-1"]),
         "outrigger.dev/log-volume-size": st.sampled_from(["1Gi", "200Mi", "0Mi"]),
+        "outrigger.dev/log-output": st.sampled_from(["loki", "stdout", "loki", "splunk"]),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
     },
@@ -109,6 +110,10 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
         spec["volumes"] = [{"name": "data", "emptyDir": {}}]
     if draw(st.booleans()):
         spec["initContainers"] = [{"name": "init", "image": "busybox:1.36"}]
+    if draw(st.booleans()):  # the app's user, which the log-watcher takes
+        spec["securityContext"] = draw(
+            st.sampled_from([{"runAsUser": 1000, "runAsGroup": 2000}, {"runAsUser": 0}, {}])
+        )
     if draw(st.booleans()):  # Jobs: classic sidecars are denied there
         spec["restartPolicy"] = draw(st.sampled_from(["Always", "OnFailure", "Never"]))
     if draw(st.booleans()):  # shorter than a classic sidecar's preStop sleep: a warning
@@ -126,7 +131,7 @@ def answer_for(pod: dict[str, Any], namespace: str, policy: Policy) -> dict[str,
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pods(),
-    st.sampled_from(["default", "shop"] * 3 + ["prod-eu", "payments", "kube-system"]),
+    st.sampled_from(["default", "shop"] * 3 + ["prod-eu", "payments", "checkout", "kube-system"]),
     st.sampled_from(POLICIES),
 )
 def test_injection_is_valid_and_idempotent(

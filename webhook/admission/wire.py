@@ -1,21 +1,21 @@
 """The AdmissionReview wire format, decoded by msgspec into plain dicts of what Outrigger reads.
 
 A pod is decoded partially: only the fields the injector looks at (annotations, names, ports,
-mounts, volumes, restart policy, grace period). The rest (managedFields, env, probes, ...) is
-skipped without ever becoming Python objects, and building those objects is most of the cost
-of a request. This is sound because the JSON Patch is the difference between this partial pod
-and the injected one: every path the injector changes, and each parent of one, is present in
-the partial pod; the injector inserts whole new objects and, in objects it changes, only adds
-what the partial pod holds (volume mounts), so no operation ever carries a partial object.
-`tests/test_properties.py` checks, for generated pods, that the patch made from the partial
-pod equals the patch made from the whole pod.
+mounts, volumes, restart policy, grace period, the app's user and group). The rest
+(managedFields, env, probes, ...) is skipped without ever becoming Python objects, and building
+those objects is most of the cost of a request. This is sound because the JSON Patch is the
+difference between this partial pod and the injected one: every path the injector changes, and
+each parent of one, is present in the partial pod; the injector inserts whole new objects and,
+in objects it changes, only adds what the partial pod holds (volume mounts), so no operation
+ever carries a partial object. `tests/test_properties.py` checks, for generated pods, that the
+patch made from the partial pod equals the patch made from the whole pod.
 
 A field the injector starts to read must be added here.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import msgspec
 
@@ -29,10 +29,18 @@ class VolumeMount(TypedDict, total=False):
     mountPath: str
 
 
+class SecurityContext(TypedDict, total=False):
+    # The app's user and group, which a `runAsAppUser` sidecar takes (webhook.core.identity);
+    # any JSON, as that checks them: a pod that gives no number is warned about, not refused.
+    runAsUser: Any
+    runAsGroup: Any
+
+
 class Container(TypedDict, total=False):
     name: str
     ports: list[ContainerPort] | None
     volumeMounts: list[VolumeMount] | None
+    securityContext: SecurityContext | None
 
 
 class Volume(TypedDict, total=False):
@@ -52,6 +60,7 @@ class PodSpec(TypedDict, total=False):
     restartPolicy: str | None
     imagePullSecrets: list[LocalObjectReference] | None
     terminationGracePeriodSeconds: int | None
+    securityContext: SecurityContext | None
 
 
 class OwnerReference(TypedDict, total=False):
