@@ -4,9 +4,13 @@ The container comes from `inject` itself: its command and args verbatim (only th
 binary path, `/fluent-bit/bin/fluent-bit`, is replaced by the local binary), its volume
 mounts, its uid and gid, its read-only root. Each run is a private mount namespace
 (`unshare --mount`) where every mount path is a bind mount of a per-test directory standing
-for the pod's `emptyDir` (read-only where the mount says so), or for a `downwardAPI` volume:
+for the pod's `emptyDir` (read-only where the mount says so), for a `downwardAPI` volume:
 the files the kubelet projects from the pod's annotations (the generated configuration),
-written from the injected pod's annotations, read-only, mode 0644; the root filesystem is
+written from the injected pod's annotations, read-only, mode 0644, or for a `secret` volume:
+the keys it selects of a Secret the test gives (`Kubelet.secrets`); the container's `env` is
+resolved as the kubelet does (`fieldRef`s from the pod's name, namespace and node, and
+`secretKeyRef`s from those Secrets; a missing one fails, as the container would not be
+created) and is all the environment Fluent Bit gets besides PATH; the root filesystem is
 remounted read-only, and Fluent Bit runs through `setpriv` as the container's uid and gid,
 without capabilities or privilege escalation. The test plays the app: it writes log files into
 the shared-logs directory directly.
@@ -31,7 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,15 +145,44 @@ class WatcherSpec:
     read_only_root: bool
     log_volume: str  # the volume the app containers mount too: where they write
     pre_stop_sleep: int  # seconds of its preStop sleep: the kubelet's SIGTERM comes after
+    env: tuple[tuple[str, str], ...] = ()  # the container's env, resolved by the kubelet
+
+
+@dataclass(frozen=True)
+class Kubelet:
+    """What the kubelet knows when it creates the container: the pod's name (the API server
+    makes it from generateName), namespace and node, and the Secrets of the namespace."""
+
+    pod_name: str = "app-x7k2q"
+    namespace: str = "default"
+    node_name: str = "node-1"
+    secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def field_value(self, path: str) -> str:
+        """A downward API `fieldRef` value; the paths the injection uses only."""
+        fields = {
+            "metadata.name": self.pod_name,
+            "metadata.namespace": self.namespace,
+            "spec.nodeName": self.node_name,
+        }
+        assert path in fields, f"no downward API value for {path} here"
+        return fields[path]
+
+    def secret(self, name: str, key: str) -> str:
+        """A Secret's key; a missing one fails, as the kubelet refuses the container."""
+        assert name in self.secrets, f"Secret {name!r} not found in {self.namespace}"
+        assert key in self.secrets[name], f"Secret {name!r} has no key {key!r}"
+        return self.secrets[name][key]
 
 
 def injected_pod(
     policy: Policy,
     security: dict[str, Any] | None = None,
     annotations: dict[str, str] | None = None,
+    namespace: str = "default",
 ) -> dict[str, Any]:
     """A pod asking for the log-watcher (with the pod `security` context and more
-    `annotations` when given), as the webhook returns it."""
+    `annotations` when given), as the webhook returns it for `namespace`."""
     pod: dict[str, Any] = {
         "metadata": {
             "generateName": "app-",
@@ -159,13 +192,14 @@ def injected_pod(
     }
     if security:
         pod["spec"]["securityContext"] = security
-    result: dict[str, Any] = inject(pod, RequestContext("default"), policy).pod
+    result: dict[str, Any] = inject(pod, RequestContext(namespace), policy).pod
     return result
 
 
-def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
-    """The log-watcher of an injected pod; every volume it mounts must be an emptyDir or a
-    downwardAPI volume of the pod's annotations."""
+def watcher_spec(pod: dict[str, Any], kubelet: Kubelet | None = None) -> WatcherSpec:
+    """The log-watcher of an injected pod, as `kubelet` creates it; every volume it mounts
+    must be an emptyDir, a downwardAPI volume of the pod's annotations, or a Secret's."""
+    kubelet = kubelet or Kubelet()
     spec = pod["spec"]
     watcher = next(
         c for c in [*spec.get("initContainers", ()), *spec["containers"]] if c["name"] == WATCHER
@@ -177,7 +211,7 @@ def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
             m["name"],
             m["mountPath"],
             bool(m.get("readOnly")),
-            projected(volumes[m["name"]], annotations),
+            projected(volumes[m["name"]], annotations) or secret_files(volumes[m["name"]], kubelet),
         )
         for m in watcher["volumeMounts"]
     )
@@ -196,7 +230,30 @@ def watcher_spec(pod: dict[str, Any]) -> WatcherSpec:
         .get("preStop", {})
         .get("sleep", {})
         .get("seconds", 0),
+        env=tuple((e["name"], resolved(e, kubelet)) for e in watcher.get("env", ())),
     )
+
+
+def resolved(variable: dict[str, Any], kubelet: Kubelet) -> str:
+    """An `env` entry's value as the kubelet sets it: literal, `fieldRef` or `secretKeyRef`."""
+    if "value" in variable:
+        return str(variable["value"])
+    source = variable["valueFrom"]
+    if "fieldRef" in source:
+        return kubelet.field_value(source["fieldRef"]["fieldPath"])
+    reference = source["secretKeyRef"]
+    return kubelet.secret(reference["name"], reference["key"])
+
+
+def secret_files(volume: dict[str, Any], kubelet: Kubelet) -> tuple[tuple[str, str], ...]:
+    """The files the kubelet writes into a `secret` volume (the `items` it selects, else
+    every key); () for any other volume."""
+    secret = volume.get("secret")
+    if secret is None:
+        return ()
+    name = secret["secretName"]
+    items = secret.get("items") or [{"key": k, "path": k} for k in kubelet.secrets.get(name, {})]
+    return tuple((item["path"], kubelet.secret(name, item["key"])) for item in items)
 
 
 def projected(volume: dict[str, Any], annotations: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -349,7 +406,7 @@ class Pod:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 cwd="/",
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                env={**dict(self.spec.env), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 start_new_session=True,
             )
         self.runs.append(Run(process, stdout, stderr))

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import validate_strict
+from tests.conftest import FIXTURES, validate_strict
 from tests.fake_kube import https_server, send_json
 from tests.kube_env import ControlPlane, free_port
 from tests.kube_webhook import (
@@ -36,6 +36,7 @@ from tests.kube_webhook import (
 from tests.test_properties import pods
 from webhook.core.audit import classify
 from webhook.core.injector import InjectionDenied, RequestContext, inject
+from webhook.core.policy import load_policy
 from webhook.core.selection import ALREADY_INJECTED
 
 pytestmark = pytest.mark.kube
@@ -137,6 +138,27 @@ def test_a_pod_injected_by_the_cli_then_created_is_fine(
     assert stored["spec"]["volumes"][-1]["name"].startswith("kube-api-access-")
     assert classify(stored, namespace, policy) is None
     assert inject(stored, RequestContext(namespace), policy).reason == ALREADY_INJECTED
+
+
+def test_a_stored_pod_shipping_to_loki_is_injected_already(kube: ControlPlane) -> None:
+    """Under the README's platform policy, a pod picking its Loki output (env from the
+    downward API and a Secret, the CA Secret's volume) as the API server stores it: valid, and
+    what the policy renders once the API server's defaults are allowed for."""
+    namespace = kube.namespace()
+    policy = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
+    pod = app_pod("shop", {**LOG, "outrigger.dev/log-output": "loki"})
+    stored = create(kube, namespace, inject(pod, RequestContext(namespace), policy).pod)
+    watcher = stored["spec"]["initContainers"][0]
+    assert watcher["env"][0]["valueFrom"]["fieldRef"] == {
+        "apiVersion": "v1",  # defaulted by the API server
+        "fieldPath": "metadata.name",
+    }
+    ca = next(v for v in stored["spec"]["volumes"] if v["name"] == "log-watcher-output-ca")
+    assert ca["secret"]["defaultMode"] == 0o644  # likewise
+    validate_strict(stored)
+    assert classify(stored, namespace, policy) is None
+    again = inject(stored, RequestContext(namespace), policy)
+    assert (again.reason, again.pod) == (ALREADY_INJECTED, stored)
 
 
 def test_a_tampered_stored_pod_is_still_mismatched(

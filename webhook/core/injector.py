@@ -28,7 +28,7 @@ from webhook.core.selection import (
     Decision,
     decide,
 )
-from webhook.core.templates import RenderedSidecar, TemplateError, render
+from webhook.core.templates import RenderedSidecar, TemplateError, render, with_app_containers
 from webhook.core.volumes import contains, mount_conflicts, with_mounts, without_mounts
 from webhook.limits import MAX_ANNOTATION_BYTES, cache_small, echo
 
@@ -109,7 +109,7 @@ def _inject(
         decision = _decide(context.namespace, tuple(labels.items()), ours, policy)
         if decision.reason in _LEFT_ALONE:
             return Injection(pod, decision.reason, explanation=decision.explanation)
-        sidecars, warnings = _sidecars(policy, ours, decision.sidecars)
+        sidecars, warnings = _sidecars(policy, ours, decision.sidecars, decision.log_output)
     except ann.InvalidAnnotations as error:
         raise InjectionDenied(str(error), "invalid-annotation") from None
     warnings = (*decision.warnings, *warnings)
@@ -124,6 +124,7 @@ def _inject(
             explanation = (*decision.explanation, *skipped)
             return Injection(pod, HOST_NETWORK_SKIPPED, warnings=warnings, explanation=explanation)
     _check_fits(spec, sidecars)
+    sidecars = with_app_containers(spec, sidecars)
     sidecars, identity_warnings = run_as_app_user(spec, sidecars)
     sidecars, grace_warnings = _within_grace(spec, sidecars)
     warnings = (*warnings, *identity_warnings, *grace_warnings)
@@ -148,9 +149,12 @@ def _decide(
     return decide(namespace, dict(labels), dict(ours), policy)
 
 
-@cache_small(1024, lambda _policy, ours, _names: _size(ours))
+@cache_small(1024, lambda _policy, ours, _names, _output=None: _size(ours))
 def _sidecars(
-    policy: Policy, ours: tuple[tuple[str, str], ...], names: tuple[str, ...]
+    policy: Policy,
+    ours: tuple[tuple[str, str], ...],
+    names: tuple[str, ...],
+    rule_output: str | None = None,
 ) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...]]:
     """The rendered templates and the warnings about annotations, per policy and annotations.
 
@@ -173,7 +177,14 @@ def _sidecars(
     ]
     try:
         rendered = tuple(
-            render(t, values[t.name], policy.containerDefaults, native=policy.native(t))
+            render(
+                t,
+                values[t.name],
+                policy.containerDefaults,
+                native=policy.native(t),
+                outputs=policy.logOutputs,
+                rule_output=rule_output,
+            )
             for t in templates
         )
     except TemplateError as error:

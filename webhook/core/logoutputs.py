@@ -11,6 +11,8 @@ the config refers to environment variables (`${OUTRIGGER_LOG_PASSWORD}`, which F
 expands when it reads its config) and the container gets them from `secretKeyRef`s. A TLS CA
 comes from a Secret mounted read-only at `CA_MOUNT_PATH`.
 
+The policy's `logOutputs` is a `LogOutputs`; `webhook.core.logwatcher` renders the chosen
+output into the configuration and `webhook.core.templates` adds the env and the CA volume.
 The interface for the config generator (all pure; dicts are Kubernetes or Fluent Bit YAML):
 
 - `output_entries(output, match)`: the `pipeline.outputs` entries (one today).
@@ -84,6 +86,11 @@ USERNAME_ENV = "OUTRIGGER_LOG_USERNAME"
 PASSWORD_ENV = "OUTRIGGER_LOG_PASSWORD"
 TOKEN_ENV = "OUTRIGGER_LOG_TOKEN"
 SHARED_KEY_ENV = "OUTRIGGER_LOG_SHARED_KEY"
+# Every variable `container_env` may set: a template's own env must leave them alone.
+OUTPUT_ENV = frozenset(
+    {POD_NAME_ENV, POD_NAMESPACE_ENV, NODE_NAME_ENV}
+    | {USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, SHARED_KEY_ENV}
+)
 DOWNWARD_API = {
     POD_NAME_ENV: "metadata.name",
     POD_NAMESPACE_ENV: "metadata.namespace",
@@ -264,7 +271,7 @@ class LogOutput(_Model):
             raise ValueError(f"host: required for a {self.type} output")
         self._credentials_fit()
         for field, types in _TYPE_FIELDS.items():
-            if field in self.model_fields_set and self.type not in types:
+            if self._set_apart_from_default(field) and self.type not in types:
                 raise ValueError(f"{field}: only for {', '.join(types)}, not {self.type}")
         if self.tls.enabled and self.tls.verify and _is_ip(self.host):
             raise ValueError(
@@ -272,6 +279,12 @@ class LogOutput(_Model):
                 "the certificate's DNS names only: an IP address never matches)"
             )
         return self
+
+    def _set_apart_from_default(self, field: str) -> bool:
+        """Set, to another value than the default: a dumped policy (every field written
+        out) loads again."""
+        default = type(self).model_fields[field].get_default(call_default_factory=True)
+        return field in self.model_fields_set and getattr(self, field) != default
 
     def _stdout_only(self) -> None:
         extra = [f for f in ("host", "port", "credentials") if getattr(self, f)]

@@ -7,8 +7,10 @@ volume projects that annotation read-only into the watcher at `CONFIG_PATH`; the
 The platform team tunes the pipeline in the template's `logWatcher:` block
 (`LogWatcherSettings`); a pod chooses, through annotations the template declares, which files
 are read (`parse_globs`) and which of Fluent Bit's built-in multiline parsers joins their lines
-(`MULTILINE_PARSERS`). The outputs come from one function, `pipeline_outputs` (stdout today),
-so that other outputs and the filters they need plug in there.
+(`MULTILINE_PARSERS`). Where records go is one of the policy's `logOutputs`
+(`webhook.core.logoutputs`), chosen by the pod's annotation, a rule, or the policy's default:
+`pipeline_outputs` renders it, and `pipeline_filters` the pod's metadata every record sent
+directly needs (stdout needs none: the node's collector knows the pod).
 
 Fluent Bit 4.2.0 facts this relies on (tests/test_fluentbit_real.py runs them):
 
@@ -21,11 +23,13 @@ Fluent Bit 4.2.0 facts this relies on (tests/test_fluentbit_real.py runs them):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from webhook.core.logoutputs import STDOUT, LogOutput, output_entries, record_filters
 
 # Where the watcher reads its configuration: a downwardAPI volume of the watcher alone.
 CONFIG_DIR: Final = "/etc/log-watcher"
@@ -82,6 +86,10 @@ class LogWatcherSettings(BaseModel):
     multilinePreStopSleep: Annotated[int, Field(ge=0, le=300)] = 10
     maxFilePatterns: Annotated[int, Field(ge=1, le=MAX_FILE_PATTERNS)] = MAX_FILE_PATTERNS
     maxPatternLength: Annotated[int, Field(ge=1, le=MAX_PATTERN_CHARS)] = MAX_PATTERN_CHARS
+    # Which of the policy's logOutputs: one ${parameter} of type string (the pod's choice,
+    # no default, so that a rule's or the policy's default applies without it), or a literal
+    # name (every pod of this template ships there). None: a rule's choice, else the default.
+    output: str | None = None
 
     @property
     def db(self) -> str:
@@ -97,6 +105,10 @@ class WatcherConfig:
     files: tuple[str, ...] = DEFAULT_FILES
     multiline: str = NO_MULTILINE
     format: str = "json_lines"
+    output: LogOutput = field(default_factory=lambda: LogOutput(type="stdout"))
+    # The app containers that write the files read: a record's `container` (see
+    # `record_filters`); only an output other than stdout uses them.
+    containers: tuple[str, ...] = ()
 
 
 def parse_globs(text: str) -> tuple[str, ...] | None:
@@ -119,10 +131,12 @@ def _valid_pattern(pattern: str) -> bool:
 
 def config_yaml(config: WatcherConfig) -> str:
     """The configuration file's text (YAML, every value a string, as Fluent Bit reads them)."""
-    document = {
-        "service": {"flush": "1", "grace": "5"},
-        "pipeline": {"inputs": pipeline_inputs(config), "outputs": pipeline_outputs(config)},
-    }
+    pipeline: dict[str, Any] = {"inputs": pipeline_inputs(config)}
+    filters = pipeline_filters(config)
+    if filters:
+        pipeline["filters"] = filters
+    pipeline["outputs"] = pipeline_outputs(config)
+    document = {"service": {"flush": "1", "grace": "5"}, "pipeline": pipeline}
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=1 << 16)
 
 
@@ -146,10 +160,18 @@ def pipeline_inputs(config: WatcherConfig) -> list[dict[str, str]]:
     return [tail]
 
 
+def pipeline_filters(config: WatcherConfig) -> list[dict[str, Any]]:
+    """What a record sent directly needs to be found again: its namespace, pod, container
+    and node (none for stdout, whose collector knows the pod)."""
+    return record_filters(config.output, config.containers, TAG)
+
+
 def pipeline_outputs(config: WatcherConfig) -> list[dict[str, Any]]:
-    """Where records go: stdout, for the node's log collection (the only output today; others
-    and the filters they need are added here)."""
-    return [{"name": "stdout", "match": TAG, "format": config.format}]
+    """Where records go: stdout in the template's `format`, for the node's log collection, or
+    the chosen output of the policy."""
+    if config.output.type == STDOUT:
+        return [{"name": "stdout", "match": TAG, "format": config.format}]
+    return output_entries(config.output, TAG)
 
 
 def pattern_problem(settings: LogWatcherSettings, patterns: tuple[str, ...]) -> str | None:

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from webhook.ambassador.hostport import DNS_NAME
+from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs
 from webhook.core.logwatcher import (
     CONFIG_FILE,
     MULTILINE_PARSERS,
@@ -218,6 +219,15 @@ class SidecarTemplate(_Model):
             self._check_value("logWatcher.files", settings.files, "globs", None)
         self._check_value("logWatcher.multiline", settings.multiline, "string", MULTILINE_PARSERS)
         self._check_value("logWatcher.format", settings.format, "string", STDOUT_FORMATS)
+        if settings.output is not None:
+            self._check_output(settings.output)
+        taken = OUTPUT_ENV & {
+            e.get("name") for e in self.container.get("env", ()) if isinstance(e, dict)
+        }
+        if taken:
+            raise ValueError(
+                f"container.env: {', '.join(sorted(taken))} is set by the log output; rename it"
+            )
         mounts = [m for m in self.container.get("volumeMounts", ()) if isinstance(m, dict)]
         if not any(m.get("mountPath") == settings.logPath for m in mounts):
             raise ValueError("logWatcher.logPath must be the mountPath of a container.volumeMount")
@@ -235,6 +245,24 @@ class SidecarTemplate(_Model):
                 "of a volume of this template's own (not one of appVolumeMounts)"
             )
         return self
+
+    def _check_output(self, output: str) -> None:
+        """A literal (the policy checks the name) or one ${parameter} of type string without
+        a default: with one, a rule's choice and logOutputs.default would never apply."""
+        self._check_value("logWatcher.output", output, "string", None)
+        reference = _REFERENCE.fullmatch(output)
+        if reference is not None and self.parameters[reference.group(1)].default is not None:
+            raise ValueError(
+                "logWatcher.output: its parameter takes no default (without the annotation, "
+                "a rule's logOutput or logOutputs.default applies)"
+            )
+
+    @property
+    def output_parameter(self) -> str | None:
+        """The parameter by which a pod picks the log output, if the template has one."""
+        output = self.logWatcher.output if self.logWatcher else None
+        reference = _REFERENCE.fullmatch(output) if output else None
+        return reference.group(1) if reference else None
 
     def _check_value(
         self, field: str, value: str, kind: str, choices: tuple[str, ...] | None
@@ -288,6 +316,10 @@ class SidecarTemplate(_Model):
     def config_annotation(self) -> str:
         return f"{self.name}.outrigger.dev/{CONFIG_FILE}"
 
+    @property
+    def output_ca_volume_name(self) -> str:
+        return f"{self.name}-output-ca"  # the log output's TLS CA, from a Secret
+
     def adds_annotation(self, key: str) -> bool:
         """Whether `key` is one of the annotations this template adds to a pod."""
         if key.startswith(self.sds_annotation_prefix):
@@ -298,7 +330,10 @@ class SidecarTemplate(_Model):
         """Whether `name` is one of the volumes this template adds to a pod."""
         if any(volume.get("name") == name for volume in self.volumes):
             return True
-        if self.logWatcher is not None and name == self.config_volume_name:
+        if self.logWatcher is not None and name in (
+            self.config_volume_name,
+            self.output_ca_volume_name,
+        ):
             return True
         envoy = self.envoy is not None
         return envoy and (name == self.sds_volume_name or name.startswith(f"{self.name}-tls-"))
@@ -345,6 +380,9 @@ class Rule(_Model):
     inject: tuple[str, ...] = ()
     require: tuple[str, ...] = ()
     exclude: bool = False
+    # The log output (a name in logOutputs) of the pods it matches, unless the pod's
+    # annotation picks one; the first matching rule that sets it decides.
+    logOutput: str | None = None
 
     def matches(self, namespace: str, labels: Mapping[str, str]) -> bool:
         if self.namespaces and not any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces):
@@ -379,6 +417,8 @@ class Policy(_Model):
     nativeSidecars: bool = False
     unknownAnnotations: Literal["Warn", "Deny"] = "Warn"
     containerDefaults: ContainerDefaults = Field(default_factory=ContainerDefaults)
+    # Where log-watchers may ship records; stdout alone when absent.
+    logOutputs: LogOutputs = Field(default_factory=LogOutputs)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -410,7 +450,26 @@ class Policy(_Model):
             unknown = [n for n in (*rule.inject, *rule.require) if n not in names]
             if unknown:
                 raise ValueError(f"rules[{index}] ({rule.name}) names unknown sidecars {unknown}")
+        self._log_outputs_known()
         return self
+
+    def _log_outputs_known(self) -> None:
+        """Every output a rule or a template names is one of logOutputs."""
+        names = self.logOutputs.names
+        known = ", ".join(sorted(names))
+        for index, rule in enumerate(self.rules):
+            if rule.logOutput is not None and rule.logOutput not in names:
+                raise ValueError(
+                    f"rules[{index}].logOutput: {rule.logOutput!r} is not an output of "
+                    f"logOutputs (known: {known})"
+                )
+        for index, template in enumerate(self.sidecars):
+            output = template.logWatcher.output if template.logWatcher else None
+            if output is not None and "${" not in output and output not in names:
+                raise ValueError(
+                    f"sidecars[{index}].logWatcher.output: {output!r} is not an output of "
+                    f"logOutputs (known: {known})"
+                )
 
     def _volume_names_unique(self) -> None:
         """Two templates injected into one pod must not add volumes of the same name."""
@@ -420,7 +479,7 @@ class Policy(_Model):
             if template.envoy is not None:
                 added += [template.secret_volume_name("*"), template.sds_volume_name]
             if template.logWatcher is not None:
-                added.append(template.config_volume_name)
+                added += [template.config_volume_name, template.output_ca_volume_name]
             for name in added:
                 if name in owners:
                     raise ValueError(
@@ -445,8 +504,26 @@ class Policy(_Model):
     @cached_property
     def version(self) -> str:
         """A short content hash, recorded in the status annotation of every injected pod."""
-        canonical = self.model_dump_json(by_alias=True).encode()
+        canonical = self.model_dump_json(by_alias=True, exclude=self._unset_additions()).encode()
         return hashlib.sha256(canonical).hexdigest()[:12]
+
+    def _unset_additions(self) -> dict[str, Any]:
+        """Fields added since v1alpha1 was first hashed, where unset: a policy that does not
+        use them keeps its version, and its injected pods are not injected afresh."""
+        exclude: dict[str, Any] = {}
+        if self.logOutputs == LogOutputs():
+            exclude["logOutputs"] = True
+        rules = {i: {"logOutput"} for i, r in enumerate(self.rules) if r.logOutput is None}
+        if rules:
+            exclude["rules"] = rules
+        sidecars = {
+            i: {"logWatcher": {"output"}}
+            for i, t in enumerate(self.sidecars)
+            if t.logWatcher is not None and t.logWatcher.output is None
+        }
+        if sidecars:
+            exclude["sidecars"] = sidecars
+        return exclude
 
     def excluded_namespace(self, namespace: str) -> bool:
         if namespace in ALWAYS_EXCLUDED or namespace == os.environ.get(OWN_NAMESPACE_ENV):

@@ -8,9 +8,10 @@ Precedence, from the strongest:
 3. The pod's `outrigger.dev/inject`: a list of names is injected as asked; "false" (or empty)
    opts out of everything not required; absent or "true" takes the matching rules' `inject`
    defaults.
-The injected sidecars are placed in the order the policy lists them. A pod that carries
-`outrigger.dev/status` is decided like any other: `webhook.core.injector` compares what it
-holds with what this decision renders.
+The injected sidecars are placed in the order the policy lists them. The first matching rule
+with a `logOutput` gives the log-watcher's output, unless the pod's annotation picks one. A
+pod that carries `outrigger.dev/status` is decided like any other: `webhook.core.injector`
+compares what it holds with what this decision renders.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from webhook.core import annotations as ann
-from webhook.core.policy import Policy
+from webhook.core.policy import Policy, Rule
 
 # Why a pod came out as it did: log fields, `--explain` output, metric labels.
 INJECTED = "injected"
@@ -40,6 +41,8 @@ class Decision:
     warnings: tuple[str, ...] = ()
     # Those that only a rule's default asks for: skipped where they cannot run (hostNetwork).
     defaults_only: tuple[str, ...] = ()
+    # The log output the first matching rule with one picks (the pod's annotation goes first).
+    log_output: str | None = None
 
 
 def decide(
@@ -71,10 +74,23 @@ def decide(
     warnings = _opt_out_warnings(choice, sidecars)
     if sidecars:
         defaults_only = tuple(name for name in sidecars if name in defaults)
-        return Decision(sidecars, INJECTED, explanation, warnings, defaults_only)
+        chooser = _output_rule(rules, sidecars, policy)
+        if chooser is None:
+            return Decision(sidecars, INJECTED, explanation, warnings, defaults_only)
+        explanation += (
+            f"log output {chooser.logOutput}: rule {chooser.name!r}, unless the pod picks one",
+        )
+        return Decision(sidecars, INJECTED, explanation, warnings, defaults_only, chooser.logOutput)
     if choice.opt_out:
         return Decision((), OPTED_OUT, (f'{ann.INJECT} is "false"',))
     return Decision((), NOT_REQUESTED, ("no annotation or rule asks for a sidecar",))
+
+
+def _output_rule(rules: list[Rule], sidecars: tuple[str, ...], policy: Policy) -> Rule | None:
+    """The first matching rule that picks a log output, where a log-watcher is injected."""
+    if not any(policy.templates[name].logWatcher is not None for name in sidecars):
+        return None
+    return next((rule for rule in rules if rule.logOutput is not None), None)
 
 
 def _opt_out_warnings(choice: ann.InjectChoice, sidecars: tuple[str, ...]) -> tuple[str, ...]:

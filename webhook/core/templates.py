@@ -11,6 +11,7 @@ longer string is interpolated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from webhook.ambassador.envoy import (
 )
 from webhook.ambassador.hostport import Upstream
 from webhook.ambassador.spec import AmbassadorSpec, single_upstream
+from webhook.core.logoutputs import LogOutput, LogOutputs, ca_volumes, container_env
 from webhook.core.logwatcher import (
     CONFIG_DIR,
     CONFIG_FILE,
@@ -40,6 +42,7 @@ from webhook.core.logwatcher import (
     pattern_problem,
 )
 from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
+from webhook.limits import echo
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
 _STRING_FIELDS = frozenset({"command", "args"})
@@ -74,6 +77,9 @@ class RenderedSidecar:
     image_pull_secrets: tuple[str, ...] = ()
     # Runs as the app's user where the pod says it (see webhook.core.identity).
     run_as_app_user: bool = False
+    # A log-watcher's configuration, for `with_app_containers` to name the pod's containers in.
+    watcher: WatcherConfig | None = None
+    config_annotation: str = ""
 
     @property
     def native(self) -> bool:
@@ -82,16 +88,27 @@ class RenderedSidecar:
 
 
 def render(
-    template: SidecarTemplate, values: Values, defaults: ContainerDefaults, *, native: bool
+    template: SidecarTemplate,
+    values: Values,
+    defaults: ContainerDefaults,
+    *,
+    native: bool,
+    outputs: LogOutputs | None = None,
+    rule_output: str | None = None,
 ) -> RenderedSidecar:
-    """`native`: a native sidecar (an init container that keeps running, Kubernetes 1.29+)."""
+    """`native`: a native sidecar (an init container that keeps running, Kubernetes 1.29+).
+    A log-watcher ships to one of `outputs` (stdout alone when None): the pod's choice, else
+    `rule_output` (a rule's), else their default."""
     references = _references(template, values)
     container = {"name": template.name, **_substitute(template.container, references)}
     if native:
         container["restartPolicy"] = "Always"
         if template.envoy is not None and template.envoy.healthPort is not None:
             container.setdefault("startupProbe", _startup_probe(template.envoy.healthPort))
-    watcher = _watcher_config(template, references) if template.logWatcher else None
+    watcher = None
+    if template.logWatcher is not None:
+        output = chosen_output(template, references, outputs or LogOutputs(), rule_output)
+        watcher = _watcher_config(template, references, output)
     sleep = _substitute(
         template.nativePreStopSleep if native else template.classicPreStopSleep, references
     )
@@ -123,8 +140,12 @@ def render(
     if watcher is not None:
         pod_annotations.append((template.config_annotation, config_yaml(watcher)))
         volume, mount = _config_volume(template)
-        volumes.append(volume)
-        container["volumeMounts"] = [*container.get("volumeMounts", ()), mount]
+        ca_volume, ca_mount = ca_volumes(watcher.output, template.output_ca_volume_name)
+        volumes += [volume, *ca_volume]
+        container["volumeMounts"] = [*container.get("volumeMounts", ()), mount, *ca_mount]
+        env = container_env(watcher.output)
+        if env:
+            container["env"] = [*container.get("env", ()), *env]
         container = _with_config_args(container)
     return RenderedSidecar(
         name=template.name,
@@ -136,6 +157,71 @@ def render(
         pod_annotations=tuple(pod_annotations),
         image_pull_secrets=template.imagePullSecrets,
         run_as_app_user=template.runAsAppUser,
+        watcher=watcher,
+        config_annotation=template.config_annotation if watcher else "",
+    )
+
+
+def chosen_output(
+    template: SidecarTemplate,
+    references: Mapping[str, Any],
+    outputs: LogOutputs,
+    rule_output: str | None,
+) -> LogOutput:
+    """The log-watcher's output: the template's literal, else the pod's annotation, else the
+    rule's, else the policy's default. An annotation naming no output is denied."""
+    settings = template.logWatcher
+    assert settings is not None
+    parameter = template.output_parameter  # it has no default: set only by the annotation
+    if parameter is None:
+        name = settings.output or rule_output  # a literal: the policy checked it at load
+    else:
+        name = str(references[parameter]) if parameter in references else rule_output
+    output = outputs.pick(name)
+    if output is None:
+        assert parameter is not None  # rules and literals are checked at load
+        raise TemplateError(
+            f"annotation {template.parameters[parameter].annotation}: {echo(str(name))} is not "
+            f"a log output of the cluster policy; accepted: {', '.join(sorted(outputs.names))}"
+        )
+    return output
+
+
+def with_app_containers(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
+) -> tuple[RenderedSidecar, ...]:
+    """The sidecars, a log-watcher that ships records directly with the pod's app containers
+    that mount its log volume named in its configuration (each record's `container`)."""
+    result = []
+    for sidecar in sidecars:
+        watcher = sidecar.watcher
+        if watcher is None or watcher.output.type == "stdout":
+            result.append(sidecar)
+            continue
+        names = _log_writers(spec, sidecar, watcher.log_path)
+        text = config_yaml(dataclasses.replace(watcher, containers=names))
+        annotations = tuple(
+            (key, text if key == sidecar.config_annotation else value)
+            for key, value in sidecar.pod_annotations
+        )
+        result.append(dataclasses.replace(sidecar, pod_annotations=annotations))
+    return tuple(result)
+
+
+def _log_writers(
+    spec: Mapping[str, Any], sidecar: RenderedSidecar, log_path: str
+) -> tuple[str, ...]:
+    """The app containers that mount the volume the watcher reads at `log_path`: all of
+    them when the template mounts it into the app, else those that mount it themselves."""
+    mounts = sidecar.container.get("volumeMounts", ())
+    volume = next((m.get("name") for m in mounts if m.get("mountPath") == log_path), None)
+    containers = [c for c in spec.get("containers") or () if isinstance(c, dict)]
+    if any(m.get("name") == volume for m in sidecar.app_volume_mounts):
+        return tuple(str(c.get("name")) for c in containers)
+    return tuple(
+        str(c.get("name"))
+        for c in containers
+        if any(isinstance(m, dict) and m.get("name") == volume for m in c.get("volumeMounts") or ())
     )
 
 
@@ -180,7 +266,9 @@ def _sds_volume(
     return volume, {"name": name, "mountPath": SDS_ROOT, "readOnly": True}
 
 
-def _watcher_config(template: SidecarTemplate, references: dict[str, Any]) -> WatcherConfig:
+def _watcher_config(
+    template: SidecarTemplate, references: dict[str, Any], output: LogOutput
+) -> WatcherConfig:
     """The pod's watcher: the template's settings with the pod's parameter values in."""
     settings = template.logWatcher
     assert settings is not None
@@ -197,6 +285,7 @@ def _watcher_config(template: SidecarTemplate, references: dict[str, Any]) -> Wa
         files=files,
         multiline=str(_substitute(settings.multiline, references)),
         format=str(_substitute(settings.format, references)),
+        output=output,
     )
 
 
