@@ -38,12 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ENV_BINARY = "OUTRIGGER_FLUENTBIT"
-ENV_ASSETS = "OUTRIGGER_KUBE_ASSETS"
-HOW = (
-    f"the real Fluent Bit output tests need its binary: set {ENV_BINARY}=/path/to/fluent-bit "
-    f"or {ENV_ASSETS}=$(../shared/k8s/install.sh)"
-)
+from tests.real_fluentbit import HOW, configured_binary
+
 MAX_BODY = 64 * 1024 * 1024
 STOP_TIMEOUT = 15.0  # Fluent Bit's 5 s grace and then some
 POLL = 0.05
@@ -54,17 +50,10 @@ Record = dict[str, Any]
 # The binary -----------------------------------------------------------------------------
 
 
-def fluentbit_binary() -> Path | None:
-    """The binary the environment names (as tests/real_fluentbit.py finds it), if any."""
-    if os.environ.get(ENV_BINARY):
-        return Path(os.environ[ENV_BINARY])
-    if os.environ.get(ENV_ASSETS):
-        return Path(os.environ[ENV_ASSETS]) / "fluent-bit"
-    return None
-
-
 def skip_reason() -> str | None:
-    binary = fluentbit_binary()
+    """Why these tests cannot run here: the binary, found as tests/real_fluentbit.py finds
+    it (they need no mount namespace, so neither root nor util-linux)."""
+    binary = configured_binary()
     if binary is None:
         return HOW
     if not (binary.is_file() and os.access(binary, os.X_OK)):
@@ -76,7 +65,7 @@ class FluentBit:
     """One Fluent Bit process, its output in a file; `stop` ends it (SIGTERM, then SIGKILL)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        binary = fluentbit_binary()
+        binary = configured_binary()
         assert binary is not None, HOW
         self.log = log
         self._out = log.open("wb")

@@ -291,7 +291,7 @@ def fluentbit_bytes(size: str) -> int:
     """A size as Fluent Bit reads it: its units are decimal, 256k is 256,000 bytes."""
     match = re.fullmatch(r"(\d+)([kmg]?)b?", size.lower())
     assert match, size
-    return int(match[1]) * 1000 ** " kmg".index(match[2] or " ")
+    return int(match[1]) * int(1000 ** " kmg".index(match[2] or " "))
 
 
 @contextmanager
