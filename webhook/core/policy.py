@@ -326,17 +326,23 @@ class SidecarTemplate(_Model):
             return True
         return self.logWatcher is not None and key == self.config_annotation
 
+    @property
+    def added_volume_names(self) -> tuple[str, ...]:
+        """The names of the volumes this template adds to a pod: its own, and those it
+        generates (`-tls-*`, a glob, for the ambassador's one volume per Secret)."""
+        added = [str(volume.get("name")) for volume in self.volumes]
+        if self.envoy is not None:
+            added += [self.secret_volume_name("*"), self.sds_volume_name]
+        if self.logWatcher is not None:
+            added += [self.config_volume_name, self.output_ca_volume_name]
+        return tuple(added)
+
     def adds_volume(self, name: str) -> bool:
         """Whether `name` is one of the volumes this template adds to a pod."""
-        if any(volume.get("name") == name for volume in self.volumes):
-            return True
-        if self.logWatcher is not None and name in (
-            self.config_volume_name,
-            self.output_ca_volume_name,
-        ):
-            return True
-        envoy = self.envoy is not None
-        return envoy and (name == self.sds_volume_name or name.startswith(f"{self.name}-tls-"))
+        return any(
+            name == added or (added.endswith("*") and name.startswith(added[:-1]))
+            for added in self.added_volume_names
+        )
 
     @property
     def reference_names(self) -> frozenset[str]:
@@ -475,12 +481,7 @@ class Policy(_Model):
         """Two templates injected into one pod must not add volumes of the same name."""
         owners: dict[str, str] = {}
         for template in self.sidecars:
-            added = [str(volume.get("name")) for volume in template.volumes]
-            if template.envoy is not None:
-                added += [template.secret_volume_name("*"), template.sds_volume_name]
-            if template.logWatcher is not None:
-                added += [template.config_volume_name, template.output_ca_volume_name]
-            for name in added:
+            for name in template.added_volume_names:
                 if name in owners:
                     raise ValueError(
                         f"sidecars: {owners[name]} and {template.name} both add a volume {name!r}"

@@ -252,18 +252,21 @@ def _sds_volume(
     template: SidecarTemplate, files: tuple[SdsFile, ...]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The SDS files, projected read-only from the pod's annotations (downward API)."""
-    name = template.sds_volume_name
+    items = [(f"{f.name}.json", f"{template.sds_annotation_prefix}{f.name}") for f in files]
+    return _annotation_files(template.sds_volume_name, SDS_ROOT, items)
+
+
+def _annotation_files(
+    name: str, mount_path: str, files: list[tuple[str, str]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A downwardAPI volume `name` with a file per (path, pod annotation key), and its
+    read-only mount at `mount_path`: files from the pod itself, no object outside it."""
     items = [
-        {
-            "path": f"{f.name}.json",
-            "fieldRef": {
-                "fieldPath": f"metadata.annotations['{template.sds_annotation_prefix}{f.name}']"
-            },
-        }
-        for f in files
+        {"path": path, "fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}
+        for path, key in files
     ]
     volume = {"name": name, "downwardAPI": {"items": items}}
-    return volume, {"name": name, "mountPath": SDS_ROOT, "readOnly": True}
+    return volume, {"name": name, "mountPath": mount_path, "readOnly": True}
 
 
 def _watcher_config(
@@ -298,15 +301,10 @@ def _with_config_args(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_volume(template: SidecarTemplate) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The configuration file, projected read-only from the pod's annotation (downward API),
-    as the ambassador's SDS files are: no object outside the pod."""
-    name = template.config_volume_name
-    item = {
-        "path": CONFIG_FILE,
-        "fieldRef": {"fieldPath": f"metadata.annotations['{template.config_annotation}']"},
-    }
-    volume = {"name": name, "downwardAPI": {"items": [item]}}
-    return volume, {"name": name, "mountPath": CONFIG_DIR, "readOnly": True}
+    """The configuration file, projected read-only from the pod's annotation, as the
+    ambassador's SDS files are."""
+    files = [(CONFIG_FILE, template.config_annotation)]
+    return _annotation_files(template.config_volume_name, CONFIG_DIR, files)
 
 
 def _startup_probe(port: int) -> dict[str, Any]:
