@@ -132,6 +132,11 @@ SECRET_MODE = [
 ]  # fmt: skip
 HELM_MODE = ["--set", "tls.mode=helm"]
 FILE_RELOAD = ["--set", "policyReload=file"]
+# Neither matchConditions nor the guard kept by the webhook: no API calls of that kind.
+NOT_COMPILED = [
+    *("--set", "compiledPolicy.matchConditions=false"),
+    *("--set", "compiledPolicy.guard=Off"),
+]
 TLS_MODES: dict[str, list[str]] = {
     "self": [],
     "helm": HELM_MODE,
@@ -280,7 +285,7 @@ def test_webhook_defaults(render: Callable[..., Docs]) -> None:
     assert hook["sideEffects"] == "None"
     assert hook["reinvocationPolicy"] == "IfNeeded"
     assert hook["timeoutSeconds"] == 5
-    assert hook["failurePolicy"] == "Fail"
+    assert hook["failurePolicy"] == "Ignore"  # the guard refuses what a rule requires
     assert hook["matchPolicy"] == "Equivalent"
     assert hook["clientConfig"]["service"] == {
         "name": FULLNAME, "namespace": NAMESPACE, "path": "/mutate", "port": 443,
@@ -350,9 +355,10 @@ def test_failure_policy_and_timeout(render: Callable[..., Docs]) -> None:
 
 def test_values_document_the_failure_policy_trade_off() -> None:
     text = (CHART / "values.yaml").read_text()
-    assert "failurePolicy: Fail" in text
-    comments = text[: text.index("failurePolicy: Fail")].rsplit("\n\n", 1)[-1]
-    assert "NOT created" in comments and "WITHOUT sidecars" in comments
+    assert "failurePolicy: Ignore" in text
+    comments = text[: text.index("failurePolicy: Ignore")].rsplit("\n\n", 1)[-1]
+    assert "created without sidecars, except where a rule `require`s" in comments
+    assert "the guard" in comments and "Fail  : none of those pods is created" in comments
 
 
 # --------------------------------------------------------------------------- TLS modes
@@ -443,17 +449,17 @@ def _rbac_grants(docs: Docs) -> set[tuple[str, str]]:
         ]
         for rule in role["rules"]:
             (group,) = rule["apiGroups"]
-            (resource,) = rule["resources"]
             prefix = f"/apis/{group}/v1" if group else "/api/v1"
             if kind == "Role":
                 prefix += f"/namespaces/{NAMESPACE}"
-            collection = f"{prefix}/{resource}"
-            names = rule.get("resourceNames")
-            for verb in rule["verbs"]:
-                if names is None:
-                    grants.add((verb, collection))
-                else:
-                    grants |= {(verb, f"{collection}/{name}") for name in names}
+            for resource in rule["resources"]:
+                collection = f"{prefix}/{resource}"
+                names = rule.get("resourceNames")
+                for verb in rule["verbs"]:
+                    if names is None:
+                        grants.add((verb, collection))
+                    else:
+                        grants |= {(verb, f"{collection}/{name}") for name in names}
     return grants
 
 
@@ -461,13 +467,14 @@ def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
     render: Callable[..., Docs],
 ) -> None:
     """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself.
-    The chart grants exactly `RBAC | WATCH_RBAC`. tests/test_self_tls.py and
-    tests/test_policy_watch.py run the server against the real API server with this Role and
-    ClusterRole (rendered there by Helm too) and check that every call it makes is in that set
-    and that none is refused. `delete` on the Secret is in it though never called: the
-    OwnerReferencesPermissionEnforcement admission plugin (on in that API server, as in
-    OpenShift) requires it to change the Secret's ownerReferences, and tests/test_self_tls.py
-    shows the update refused without it."""
+    The chart grants exactly `RBAC | WATCH_RBAC | COMPILED_RBAC`. tests/test_self_tls.py,
+    tests/test_policy_watch.py and tests/test_kube_compiled.py run the server against the real
+    API server with this Role and ClusterRole (rendered there by Helm too) and check that
+    every call it makes is in that set and that none is refused. `delete` on the Secret is in
+    it though never called: the OwnerReferencesPermissionEnforcement admission plugin (on in
+    that API server, as in OpenShift) requires it to change the Secret's ownerReferences, and
+    tests/test_self_tls.py shows the update refused without it."""
+    from tests.test_kube_compiled import RBAC as COMPILED_RBAC
     from tests.test_policy_watch import RBAC as WATCH_RBAC
     from tests.test_self_tls import RBAC
 
@@ -475,7 +482,7 @@ def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
     assert "caBundle" not in webhook(docs)["clientConfig"]
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert not CERT_MANAGER_KINDS & set(kinds(docs))
-    assert _rbac_grants(docs) == RBAC | WATCH_RBAC
+    assert _rbac_grants(docs) == RBAC | WATCH_RBAC | COMPILED_RBAC
     pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is True
     assert only(docs, "ServiceAccount", FULLNAME)["automountServiceAccountToken"] is False
@@ -514,10 +521,12 @@ def test_self_mode_renders_byte_identically(helm: Path) -> None:
     [
         ([], {"secrets", "configmaps"}, True, True),
         (FILE_RELOAD, {"secrets"}, True, True),
-        (HELM_MODE, {"configmaps"}, False, True),
-        ([*HELM_MODE, *FILE_RELOAD], set(), False, False),
+        (HELM_MODE, {"configmaps"}, True, True),
+        ([*HELM_MODE, *FILE_RELOAD], set(), True, True),
+        ([*HELM_MODE, *NOT_COMPILED], {"configmaps"}, False, True),
+        ([*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED], set(), False, False),
     ],
-    ids=["self-watch", "self-file", "helm-watch", "helm-file"],
+    ids=["self-watch", "self-file", "helm-watch", "helm-file", "helm-watch-off", "helm-file-off"],
 )
 def test_rbac_and_token_follow_what_the_server_calls(
     render: Callable[..., Docs], args: list[str], role: set[str], cluster_role: bool, token: bool
@@ -624,7 +633,7 @@ def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mod
 
 
 def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) -> None:
-    docs = render(*HELM_MODE, *FILE_RELOAD)
+    docs = render(*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED)
     service = only(docs, "Service", FULLNAME)
     assert service["spec"]["ports"] == [
         {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}
@@ -716,6 +725,7 @@ def test_outrigger_register_sends_what_the_chart_installs(
         service=service["name"],
         ca_bundle=chart["clientConfig"]["caBundle"],
         injection_mode=mode,
+        failure_policy=chart["failurePolicy"],  # register's default is Fail: no guard there
     )["webhooks"][0]
     assert registered == chart
 

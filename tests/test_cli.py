@@ -416,8 +416,13 @@ def test_inject_explain_says_why(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         "Pod/quiet in namespace kube-system: nothing injected (namespace-excluded)",
+        "  API server: admits its pods without calling the webhook "
+        "(outrigger.dev/namespace-not-excluded is false: the namespace is excluded "
+        "(kube-system, kube-public, the webhook's own, or excludedNamespaces))",
         "  namespace 'kube-system' is excluded",
         "Pod/web in namespace shop: injected log-watcher",
+        "  API server: calls the webhook "
+        "(outrigger.dev/namespace-not-excluded, outrigger.dev/policy-applies hold)",
         "  log-watcher: asked for by outrigger.dev/inject",
         "  warning: annotation outrigger.dev/logpath is not an Outrigger annotation and is ignored",
         "  warning: log-watcher reads the app's files as user 65534, as the pod does not set the "

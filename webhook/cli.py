@@ -9,18 +9,20 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from webhook.core.compiled import CompiledPolicy, Subject, compile_policy
 from webhook.core.injector import Injection, InjectionDenied
 from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
-from webhook.core.workloads import inject_workload
+from webhook.core.workloads import inject_workload, pod_template_metadata
 from webhook.serving.certs import ca_bundle, write_certificates
 
 if TYPE_CHECKING:
+    from webhook.serving.app import Background
     from webhook.serving.metrics import Metrics
     from webhook.serving.server import CertificateSource, PolicySource
 
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         help="json: one JSON object per line, the decision fields at its top level",
     )
     _self_tls_arguments(serve)
+    _compiled_policy_arguments(serve)
     serve.set_defaults(run=_serve)
 
     inject = commands.add_parser("inject", help="inject into manifests, print the result")
@@ -102,6 +105,34 @@ def _parser() -> argparse.ArgumentParser:
     check = policy_commands.add_parser("check", help="validate a policy file offline")
     check.add_argument("file", type=Path)
     check.set_defaults(run=_policy_check)
+    compile_ = policy_commands.add_parser(
+        "compile",
+        help="print the policy compiled for the API server: the webhook configuration's "
+        "matchConditions and the guard (a ValidatingAdmissionPolicy and its binding), as YAML",
+    )
+    compile_.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    compile_.add_argument(
+        "--webhook-name",
+        default="outrigger",
+        metavar="NAME",
+        help="the MutatingWebhookConfiguration's name; the guard is NAME-guard (default: "
+        "outrigger)",
+    )
+    compile_.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        metavar="NAMESPACE",
+        help="the webhook's namespace, never injected (default: $POD_NAMESPACE)",
+    )
+    compile_.add_argument(
+        "--injection-mode",
+        choices=["opt-in", "opt-out"],
+        default="opt-in",
+        help="the namespaces the webhook configuration selects, which the guard follows "
+        "(default: opt-in)",
+    )
+    _guard_argument(compile_)
+    compile_.set_defaults(run=_policy_compile)
 
     certs = commands.add_parser("certs", help="make a CA and a serving certificate")
     certs.add_argument("--dns", nargs="*", default=[], metavar="NAME", help="DNS names (SANs)")
@@ -272,6 +303,44 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
     _cluster_arguments(api)
 
 
+def _compiled_policy_arguments(serve: argparse.ArgumentParser) -> None:
+    compiled = serve.add_argument_group(
+        "the policy compiled into the API server",
+        "The webhook keeps its configuration's matchConditions (pods the policy cannot change "
+        "are admitted without a call) and a guard (a ValidatingAdmissionPolicy and binding "
+        "NAME-guard, refusing a pod that lacks a required sidecar or whose injected sidecars "
+        "were broken after injection) compiled from the policy in force.",
+    )
+    compiled.add_argument(
+        "--compiled-policy-webhook",
+        metavar="NAME",
+        help="the MutatingWebhookConfiguration to keep them for (default: none kept)",
+    )
+    compiled.add_argument(
+        "--match-conditions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the matchConditions (default: yes)",
+    )
+    _guard_argument(compiled)
+    compiled.add_argument(
+        "--compiled-policy-sync-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often they are applied again besides each policy change (default: 60)",
+    )
+
+
+def _guard_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--guard",
+        choices=["Deny", "Warn", "Audit", "Off"],
+        default="Deny",
+        help="the guard binding's action; Off: no guard (default: Deny)",
+    )
+
+
 def _cluster_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """How a command that talks to the API server finds it."""
     group.add_argument(
@@ -346,6 +415,21 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     # serve() loads a --policy file before anything else: a bad one fails the start with the
     # PolicyError, which main() reports with exit status 2.
+    if args.compiled_policy_webhook:
+        if not 0 < args.compiled_policy_sync_seconds < float("inf"):
+            print(
+                "outrigger: --compiled-policy-sync-seconds must be a positive number",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            configuration = _api_configuration(args)
+        except ValueError as error:
+            print(f"outrigger: {error}", file=sys.stderr)
+            return 2
+        keeping = _compiled_policy(args, configuration, metrics)
+    else:
+        keeping = None
     serve(
         args.host,
         args.port,
@@ -356,8 +440,29 @@ def _serve(args: argparse.Namespace) -> int:
         certificate_source=source,
         policy_source=policy_source,
         metrics=metrics,
+        compiled_policy=keeping,
     )
     return 0
+
+
+def _compiled_policy(args: argparse.Namespace, configuration: Any, metrics: Metrics) -> Any:
+    """What keeps the compiled policy, given the policy in force once the server has it."""
+    from webhook.cluster.compiledpolicy import CompiledPolicySync, Settings
+
+    actions = () if args.guard == "Off" else (args.guard,)
+    settings = Settings(args.compiled_policy_webhook, args.match_conditions, actions)
+
+    def keeping(policy: Callable[[], Policy]) -> Background:
+        return CompiledPolicySync(
+            settings,
+            policy,
+            configuration,
+            own_namespace=os.environ.get("POD_NAMESPACE"),
+            interval=args.compiled_policy_sync_seconds,
+            metrics=metrics,
+        ).watching
+
+    return keeping
 
 
 def _watched_policy(args: argparse.Namespace, metrics: Metrics) -> PolicySource:
@@ -463,6 +568,7 @@ class _Report:
         self.namespace, self.policy, self.explain = namespace, policy, explain
         self.lines: list[str] = []
         self.failures = 0
+        self._compiled: CompiledPolicy | None = None
 
     def inject(self, document: Any) -> Any:
         """The document injected; a denied object is kept unchanged and its reason recorded."""
@@ -489,8 +595,21 @@ class _Report:
             else f"nothing injected ({injection.reason})"
         )
         self.lines.append(f"{_describe(document)} in namespace {namespace}: {outcome}")
+        self.lines.append(f"  {self._api_server_call(document, namespace)}")
         self.lines += [f"  {line}" for line in injection.explanation]
         self.lines += [f"  warning: {warning}" for warning in injection.warnings]
+
+    def _api_server_call(self, document: dict[str, Any], namespace: str) -> str:
+        """Whether the API server calls the webhook for its pods, by the compiled policy."""
+        if self._compiled is None:
+            self._compiled = compile_policy(self.policy, os.environ.get("POD_NAMESPACE"))
+        metadata = pod_template_metadata(document)
+        subject = Subject(
+            namespace, metadata.get("labels") or {}, metadata.get("annotations") or {}
+        )
+        call, why = self._compiled.decides(subject)
+        verb = "calls the webhook" if call else "admits its pods without calling the webhook"
+        return f"API server: {verb} ({why})"
 
 
 def _describe(document: Any) -> str:
@@ -511,6 +630,26 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{args.file}: valid, version {policy.version}: {len(policy.sidecars)} sidecar "
         f"templates ({names}), {len(policy.rules)} rules"
     )
+    return 0
+
+
+def _policy_compile(args: argparse.Namespace) -> int:
+    from webhook.cluster import compiledpolicy, registration
+
+    policy = _policy(args.policy)
+    compiled = compile_policy(policy, args.namespace)
+    for problem in compiled.problems:
+        print(f"outrigger: warning: {problem}", file=sys.stderr)
+    selector = registration.namespace_selector(args.injection_mode, args.namespace)
+    actions = () if args.guard == "Off" else (args.guard,)
+    documents = [
+        compiledpolicy.configuration_apply(compiled, args.webhook_name, [registration.WEBHOOK_NAME])
+    ]
+    if actions:
+        name = args.webhook_name + compiledpolicy.GUARD_SUFFIX
+        documents += compiledpolicy.guard_objects(compiled, name, selector, actions)
+    print(f"# Outrigger policy {compiled.version}, compiled", file=sys.stdout)
+    yaml.dump_all(documents, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
     return 0
 
 

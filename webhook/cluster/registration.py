@@ -168,12 +168,7 @@ def webhook_configuration(
     low, high = TIMEOUT_RANGE
     if not low <= timeout_seconds <= high:
         raise ValueError(f"timeout must be {low} to {high} seconds, got {timeout_seconds}")
-    if injection_mode == "opt-in":
-        injection = {"key": INJECTION_LABEL, "operator": "In", "values": ["enabled"]}
-    elif injection_mode == "opt-out":
-        injection = {"key": INJECTION_LABEL, "operator": "NotIn", "values": ["disabled"]}
-    else:
-        raise ValueError(f"injection mode must be opt-in or opt-out, got {injection_mode!r}")
+    selector = namespace_selector(injection_mode, namespace)
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -205,18 +200,27 @@ def webhook_configuration(
                         "scope": "Namespaced",
                     }
                 ],
-                "namespaceSelector": {
-                    "matchExpressions": [
-                        injection,
-                        {
-                            "key": "kubernetes.io/metadata.name",
-                            "operator": "NotIn",
-                            "values": [*EXCLUDED_NAMESPACES, namespace],
-                        },
-                    ]
-                },
+                "namespaceSelector": selector,
             }
         ],
+    }
+
+
+def namespace_selector(injection_mode: str, namespace: str | None) -> dict[str, Any]:
+    """The namespaces the webhook is sent: labelled in (opt-in) or not out (opt-out), never
+    kube-system, kube-public nor its own `namespace`."""
+    if injection_mode == "opt-in":
+        injection = {"key": INJECTION_LABEL, "operator": "In", "values": ["enabled"]}
+    elif injection_mode == "opt-out":
+        injection = {"key": INJECTION_LABEL, "operator": "NotIn", "values": ["disabled"]}
+    else:
+        raise ValueError(f"injection mode must be opt-in or opt-out, got {injection_mode!r}")
+    excluded = [*EXCLUDED_NAMESPACES, *([namespace] if namespace else [])]
+    return {
+        "matchExpressions": [
+            injection,
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": excluded},
+        ]
     }
 
 

@@ -526,8 +526,11 @@ class Policy(_Model):
             exclude["sidecars"] = sidecars
         return exclude
 
-    def excluded_namespace(self, namespace: str) -> bool:
-        if namespace in ALWAYS_EXCLUDED or namespace == os.environ.get(OWN_NAMESPACE_ENV):
+    def excluded_namespace(self, namespace: str, own_namespace: str | None = None) -> bool:
+        """`own_namespace`: the webhook's (None: $POD_NAMESPACE; "": none)."""
+        if own_namespace is None:
+            own_namespace = os.environ.get(OWN_NAMESPACE_ENV, "")
+        if namespace in ALWAYS_EXCLUDED or (own_namespace and namespace == own_namespace):
             return True
         return any(fnmatch.fnmatchcase(namespace, p) for p in self.excludedNamespaces)
 

@@ -36,6 +36,14 @@ def inject_workload(
     return _replace(document, path, injection.pod), injection
 
 
+def pod_template_metadata(document: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the workload's pod (template); {} for other kinds."""
+    path = TEMPLATE_PATHS.get(str(document.get("kind")))
+    template = _get(document, path) if path is not None else None
+    metadata = template.get("metadata") if template is not None else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _get(document: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
     node: Any = document
     for field in path:

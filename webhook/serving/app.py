@@ -130,7 +130,7 @@ class AdmissionEndpoint:
             reviewed = request
         seconds = time.perf_counter() - started
         self.metrics.observe_review(verdict.outcome, verdict.reason, verdict.sidecars, seconds)
-        log_decision(reviewed, verdict, policy.version, seconds)
+        log_decision(reviewed, verdict, policy.version, seconds, self.metrics.compiled_version)
         return answer
 
 

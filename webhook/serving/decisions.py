@@ -20,8 +20,14 @@ _LOGGED = {"injected": logging.INFO, "denied": logging.INFO, "bad_request": logg
 
 
 def log_decision(
-    request: AdmissionRequest | None, verdict: Verdict, policy_version: str, seconds: float
+    request: AdmissionRequest | None,
+    verdict: Verdict,
+    policy_version: str,
+    seconds: float,
+    compiled_version: str = "",
 ) -> None:
+    """`compiled_version`: the policy the API server's matchConditions and guard come from
+    (as this replica last published them; "" when it does not publish them)."""
     level = logging.ERROR if verdict.outcome == "error" else _LOGGED.get(verdict.outcome)
     if level is None or not log.isEnabledFor(level):
         return
@@ -34,6 +40,7 @@ def log_decision(
         "reason": verdict.reason,
         "sidecars": list(verdict.sidecars),
         "policy": policy_version,
+        "conditions_policy": compiled_version,
         "duration_ms": round(seconds * 1000, 3),
     }
     if verdict.message:
@@ -42,7 +49,8 @@ def log_decision(
     sidecars = ",".join(verdict.sidecars) or "-"
     text = (
         f"{verdict.outcome} {where} owner={fields['owner'] or '-'} reason={verdict.reason} "
-        f"sidecars={sidecars} policy={policy_version} {fields['duration_ms']}ms"
+        f"sidecars={sidecars} policy={policy_version} "
+        f"conditions={compiled_version or '-'} {fields['duration_ms']}ms"
     )
     if verdict.message:
         text += f": {verdict.message}"

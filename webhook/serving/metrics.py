@@ -26,6 +26,9 @@ SelfTLSResult = Literal["kept", "issued", "adopted", "unpublished", "error"]
 # Why a policy ConfigMap watch was started again: its stream ended as the server meant it to
 # (renewed), its resourceVersion expired (relisted, a 410), or it failed (error).
 WatchRestart = Literal["renewed", "relisted", "error"]
+# A publication of the compiled policy: applied whole, applied with a part fallen back (not
+# compiled, or refused by the API server), no webhook configuration to publish to, failed.
+CompiledPolicyResult = Literal["applied", "fallback", "unpublished", "error"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
 DURATION_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -95,6 +98,22 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._compiled_syncs = Counter(
+            "outrigger_compiled_policy_syncs",
+            "Publications of the compiled policy (matchConditions, guard), by result: applied, "
+            "fallback (a part not compiled or refused: see the log), unpublished, error.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._compiled_info = Gauge(
+            "outrigger_compiled_policy_info",
+            "The policy version the API server's matchConditions and guard were last compiled "
+            "from by this replica, and each part's state (compiled, fallback, off).",
+            ["version", "match_conditions", "guard"],
+            registry=self.registry,
+        )
+        # That version, for the decision log; "" until published (or when not published).
+        self.compiled_version = ""
         self._review_children: dict[tuple[str, str], Any] = {}
         self._sidecar_children: dict[str, Any] = {}
         for outcome, reason in _EXPECTED_SERIES:  # exist from the start, at 0
@@ -136,6 +155,16 @@ class Metrics:
 
     def count_self_tls(self, result: SelfTLSResult) -> None:
         self._self_tls.labels(result=result).inc()
+
+    def count_compiled_policy_sync(self, result: CompiledPolicyResult) -> None:
+        self._compiled_syncs.labels(result=result).inc()
+
+    def set_compiled_policy(self, version: str, parts: tuple[str, str]) -> None:
+        """The compiled policy now in the API server: one series, the last published."""
+        self._compiled_info.clear()
+        conditions, guard = parts
+        self._compiled_info.labels(version, conditions, guard).set(1)
+        self.compiled_version = version
 
     def set_certificate_expiry(self, not_after: datetime.datetime) -> None:
         self._certificate_expiry.set(not_after.timestamp())

@@ -58,6 +58,7 @@ def serve(
     certificate_source: CertificateSource | None = None,
     policy_source: PolicySource | None = None,
     metrics: Metrics | None = None,
+    compiled_policy: Callable[[Callable[[], Policy]], Background] | None = None,
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
@@ -67,7 +68,8 @@ def serve(
     Without either the embedded default policy serves, fixed.
 
     A `certificate_source` writes the pair into `cert_dir` first (so nothing is generated)
-    and keeps it current beside the server. The serving certificate and key are polled at the
+    and keeps it current beside the server; `compiled_policy`, given the policy in force, keeps
+    its compilation in the API server. The serving certificate and key are polled at the
     same interval as the policy, and a new valid pair is swapped in without a restart
     (`ServingCertificate`). A pair that cannot be served at startup ends the process with a
     message (exit status 1).
@@ -90,7 +92,9 @@ def serve(
     except CertificateError as error:
         raise SystemExit(f"outrigger: {error}") from None
     keeping = certificate_source.keeping if certificate_source else None
-    background = _together(policy_watch, certificate.watching, keeping)
+    # The compiled policy follows the policy in force (`webhook.cluster.compiledpolicy`).
+    publishing = compiled_policy(policy) if compiled_policy is not None else None
+    background = _together(policy_watch, certificate.watching, keeping, publishing)
     config = _uvicorn_config(
         create_app(policy, metrics=metrics, background=background),
         host,

@@ -82,3 +82,13 @@ the one the webhook keeps itself (a name of its own: never a Secret Helm manages
 {{- toYaml .Values.policy }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when the webhook keeps the policy compiled into the API server (matchConditions, the
+guard), "" otherwise: then it needs the API, and the ClusterRole below.
+*/}}
+{{- define "outrigger.compiledPolicy" -}}
+{{- if or .Values.compiledPolicy.matchConditions (ne .Values.compiledPolicy.guard "Off") -}}
+true
+{{- end -}}
+{{- end }}
