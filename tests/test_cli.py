@@ -491,3 +491,23 @@ def test_certs_rejects(tmp_path: Path, args: tuple[str, ...], mentions: str) -> 
     assert mentions in result.stderr
     assert result.stdout == ""
     assert not (out / "tls.key").exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`outrigger inject -f pods.yaml | head -5`: once the reader has gone, the command ends
+    without a traceback, with the status a shell gives a process ended by SIGPIPE."""
+    pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+    pod += "spec: {containers: [{name: a, image: a:1}]}\n"
+    manifests = tmp_path / "pods.yaml"
+    manifests.write_text("---\n".join([pod] * 3000))  # far more output than a pipe holds
+    process = subprocess.Popen(
+        [outrigger_executable(), "inject", "-f", str(manifests)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stdout.read(64)  # the first lines, as `head` reads them
+    process.stdout.close()  # the reader goes away
+    _, stderr = process.communicate(timeout=60)
+    assert stderr == b""
+    assert process.returncode == 141

@@ -34,6 +34,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as error:
         print(f"outrigger: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`... | head`): exit quietly, as kubectl does.
+    What is still buffered for stdout goes nowhere, so that flushing it at exit raises no
+    second BrokenPipeError (Python's documented recipe); exit status 141, as a shell reports
+    a process ended by SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
 
 
 def _parser() -> argparse.ArgumentParser:
