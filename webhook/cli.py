@@ -502,13 +502,18 @@ def _gave_up(args: argparse.Namespace) -> str:
 
 
 def _api_configuration(args: argparse.Namespace) -> Any:
-    """The client configuration `serve` calls the API with; ValueError when it cannot load."""
+    """The client configuration `serve` calls the API with, loaded once for all its users
+    (self TLS, the policy watch, the compiled policy); ValueError when it cannot load."""
     from webhook.cluster import registration
 
-    try:
-        return registration.client_configuration(args.kubeconfig, args.context)
-    except registration.RegistrationError as error:
-        raise ValueError(str(error)) from None
+    if getattr(args, "api_configuration", None) is None:
+        try:
+            args.api_configuration = registration.client_configuration(
+                args.kubeconfig, args.context
+            )
+        except registration.RegistrationError as error:
+            raise ValueError(str(error)) from None
+    return args.api_configuration
 
 
 def _remaining(deadline: float) -> float:

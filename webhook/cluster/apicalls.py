@@ -1,12 +1,14 @@
-"""What the server's API clients (`selftls`, `policywatch`) share around their calls: a
-one-line account of a failed call, and the retries of a starting server's first calls."""
+"""What the server's API clients (`selftls`, `policywatch`, `compiledpolicy`) share around
+their calls: a one-line account of a failed call, a call's decoded JSON answer, and the
+retries of a starting server's first calls."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from webhook.cluster.registration import api_error, one_line
 
@@ -23,6 +25,41 @@ def failure(what: str, error: Exception) -> str:
     if isinstance(error, ApiException):
         return f"cannot {what}: {api_error(error)}"
     return f"cannot {what}: API server unreachable: {one_line(error)}"
+
+
+class CallFailed(Exception):
+    """A call that failed: a one-line message, and the API server's status if it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def json_answer(what: str, call: Callable[[], Any], *, absent_ok: bool = False) -> Any:
+    """The decoded JSON object `call` answers (called with `_preload_content=False`), or its
+    answer as it is when that is not raw bytes; None for a 404 when `absent_ok`. Raises
+    `CallFailed` (`failure`'s message) for anything else, a transport error included."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        response = call()
+    except ApiException as error:
+        if error.status == 404 and absent_ok:
+            return None
+        raise CallFailed(failure(what, error), error.status) from None
+    except (HTTPError, OSError) as error:
+        raise CallFailed(failure(what, error)) from None
+    raw = getattr(response, "data", None)
+    if not isinstance(raw, bytes):
+        return response
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise CallFailed(f"cannot {what}: the API server's answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise CallFailed(f"cannot {what}: the API server's answer is not an object")
+    return answer
 
 
 def retry_until(

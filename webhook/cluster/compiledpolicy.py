@@ -20,7 +20,6 @@ with result `fallback`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,8 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from webhook.cluster.apicalls import failure
-from webhook.cluster.registration import one_line
+from webhook.cluster.apicalls import CallFailed, json_answer
 from webhook.core.compiled import CompiledPolicy, compile_policy
 from webhook.core.policy import Policy
 from webhook.serving.background import running
@@ -43,6 +41,7 @@ GUARD_SUFFIX = "-guard"
 VERSION_ANNOTATION = "outrigger.dev/policy-version"
 REQUEST_TIMEOUT = (5.0, 10.0)
 POLL_SECONDS = 1.0  # how often the policy in force is compared with the one last published
+RETRY_SECONDS = 5.0  # the next round after a failed one, at the latest
 _APPLY = "application/apply-patch+yaml"  # JSON is YAML: the body goes as JSON
 # Answers as raw JSON (plain dicts, as in `outrigger audit`), not the client's models.
 _RAW: dict[str, Any] = {"_request_timeout": REQUEST_TIMEOUT, "_preload_content": False}
@@ -70,16 +69,12 @@ class Settings:
         return self.webhook + GUARD_SUFFIX
 
 
-def match_conditions(compiled: CompiledPolicy) -> list[dict[str, str]]:
-    conditions = compiled.match_conditions or ()
-    return [{"name": c.name, "expression": c.expression} for c in conditions]
-
-
 def configuration_apply(
     compiled: CompiledPolicy, webhook: str, webhook_names: list[str], enabled: bool = True
 ) -> dict[str, Any]:
     """The server-side apply of the configuration's matchConditions: the only fields owned."""
-    conditions = match_conditions(compiled) if enabled else []
+    kept = (compiled.match_conditions or ()) if enabled else ()
+    conditions = [{"name": c.name, "expression": c.expression} for c in kept]
     return {
         "apiVersion": _API_VERSION,
         "kind": "MutatingWebhookConfiguration",
@@ -165,6 +160,7 @@ class CompiledPolicySync:
 
         self.settings, self.policy, self.own_namespace = settings, policy, own_namespace
         self.interval = interval
+        self._retry = min(interval, RETRY_SECONDS)
         self.metrics = Metrics() if metrics is None else metrics
         self._api: Any = client.AdmissionregistrationV1Api(client.ApiClient(configuration))
         self._compiled: tuple[Policy, CompiledPolicy] | None = None
@@ -182,7 +178,7 @@ class CompiledPolicySync:
         try:
             result = self._sync(self.compiled())
         except CompiledPolicyError as error:
-            log.error("%s; retrying in %gs", error, min(self.interval, 5.0))
+            log.error("%s; retrying in %gs", error, self._retry)
             result = "error"
         self.metrics.count_compiled_policy_sync(result)
         return result
@@ -202,7 +198,7 @@ class CompiledPolicySync:
                     log.exception("publishing the compiled policy failed")
                     result = "error"
                 ok = result in ("applied", "fallback")
-                due = time.monotonic() + (self.interval if ok else min(self.interval, 5.0))
+                due = time.monotonic() + (self.interval if ok else self._retry)
             await asyncio.sleep(POLL_SECONDS)
 
     def watching(self) -> AbstractAsyncContextManager[None]:
@@ -217,11 +213,13 @@ class CompiledPolicySync:
             log.warning("mutatingwebhookconfiguration %s does not exist; nothing published", name)
             return "unpublished"
         problems = list(compiled.problems)
+        conditions_refused = guard_refused = False
         try:
-            self._apply_conditions(compiled, live)
+            self._apply_conditions(compiled, live, self.settings.match_conditions)
         except _Refused as refused:
             problems.append(str(refused))
-            self._apply_conditions(compiled, live, enabled=False)
+            conditions_refused = True
+            self._apply_conditions(compiled, live, False)
         guard = self._guard(compiled, live)
         try:
             for obj in guard:
@@ -230,35 +228,18 @@ class CompiledPolicySync:
                 self._delete_guard()
         except _Refused as refused:
             problems.append(str(refused))
+            guard_refused = True
             self._delete_guard()
-        self.metrics.set_compiled_policy(compiled.version, self._parts(compiled, problems))
+        parts = (
+            _state(self.settings.match_conditions, compiled.match_conditions, conditions_refused),
+            _state(bool(self.settings.guard_actions), compiled.validations, guard_refused),
+        )
+        self.metrics.set_compiled_policy(compiled.version, parts)
         if problems:
             self._warn_once(compiled, problems)
             return "fallback"
         self._warned = None
         return "applied"
-
-    def _parts(self, compiled: CompiledPolicy, problems: list[str]) -> tuple[str, str]:
-        refused = " ".join(problems)
-        conditions = (
-            "off"
-            if not self.settings.match_conditions
-            else (
-                "fallback"
-                if compiled.match_conditions is None or "MutatingWebhookConfiguration" in refused
-                else "compiled"
-            )
-        )
-        guard = (
-            "off"
-            if not self.settings.guard_actions
-            else (
-                "fallback"
-                if compiled.validations is None or "ValidatingAdmissionPolicy" in refused
-                else "compiled"
-            )
-        )
-        return conditions, guard
 
     def _warn_once(self, compiled: CompiledPolicy, problems: list[str]) -> None:
         said = "; ".join(problems)
@@ -302,11 +283,10 @@ class CompiledPolicySync:
         return found
 
     def _apply_conditions(
-        self, compiled: CompiledPolicy, live: Mapping[str, Any], enabled: bool | None = None
+        self, compiled: CompiledPolicy, live: Mapping[str, Any], enabled: bool
     ) -> None:
         names = [str(w.get("name")) for w in live.get("webhooks") or [] if isinstance(w, dict)]
-        on = self.settings.match_conditions if enabled is None else enabled
-        self._apply(configuration_apply(compiled, self.settings.webhook, names, on))
+        self._apply(configuration_apply(compiled, self.settings.webhook, names, enabled))
 
     def _apply(self, obj: dict[str, Any]) -> None:
         kind, name = obj["kind"], obj["metadata"]["name"]
@@ -351,25 +331,20 @@ class CompiledPolicySync:
                 self._call(f"delete {kind} {name}", partial(delete, name, **_RAW), absent_ok=True)
 
     def _call(self, what: str, call: Callable[[], Any], *, absent_ok: bool = False) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
+        """The decoded answer (None for a 404 when `absent_ok`); raises `_Refused` for a 422,
+        else `CompiledPolicyError`."""
+        try:
+            return json_answer(what, call, absent_ok=absent_ok)
+        except CallFailed as failed:
+            error = _Refused if failed.status == 422 else CompiledPolicyError
+            raise error(str(failed)) from None
 
-        try:
-            response = call()
-        except ApiException as error:
-            if error.status == 404 and absent_ok:
-                return None
-            if error.status == 422:
-                raise _Refused(failure(what, error)) from None
-            raise CompiledPolicyError(failure(what, error)) from None
-        except (HTTPError, OSError) as error:
-            raise CompiledPolicyError(failure(what, error)) from None
-        try:
-            return json.loads(response.data)
-        except (ValueError, AttributeError):
-            raise CompiledPolicyError(
-                f"cannot {what}: the API server's answer is not JSON ({one_line(response)})"
-            ) from None
+
+def _state(enabled: bool, compiled: object, refused: bool) -> str:
+    """A part's state for the metric: off, fallback (not compiled, or refused), compiled."""
+    if not enabled:
+        return "off"
+    return "fallback" if compiled is None or refused else "compiled"
 
 
 def _applied_by_us(obj: Mapping[str, Any]) -> bool:

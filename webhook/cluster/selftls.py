@@ -36,7 +36,6 @@ import asyncio
 import base64
 import binascii
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from webhook.cluster.apicalls import failure, retry_until
+from webhook.cluster.apicalls import CallFailed, json_answer, retry_until
 from webhook.serving.authority import Action, Bundle, BundleError, Settings, carry_out, plan
 from webhook.serving.background import running
 from webhook.serving.certs import CA_CERT, SERVING_CERT, SERVING_KEY
@@ -406,31 +405,14 @@ class SelfManagedTLS:
         """The decoded JSON answer of `call`; None for a 404 when `absent_ok`; raises `_Lost`
         for a status in `lost`, `_Refused` for one in `refused`, else `SelfTLSError`, each
         with a one-line message."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
         try:
-            response = call()
-        except ApiException as error:
-            if error.status == 404 and absent_ok:
-                return None
-            if error.status in lost:
+            return json_answer(what, call, absent_ok=absent_ok)
+        except CallFailed as failed:
+            if failed.status in lost:
                 raise _Lost from None
-            if error.status in refused:
-                raise _Refused(failure(what, error)) from None
-            raise SelfTLSError(failure(what, error)) from None
-        except (HTTPError, OSError) as error:
-            raise SelfTLSError(failure(what, error)) from None
-        raw = getattr(response, "data", None)
-        if not isinstance(raw, bytes):
-            return response
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            raise SelfTLSError(f"cannot {what}: the API server's answer is not JSON") from None
-        if not isinstance(answer, dict):
-            raise SelfTLSError(f"cannot {what}: the API server's answer is not an object")
-        return answer
+            if failed.status in refused:
+                raise _Refused(str(failed)) from None
+            raise SelfTLSError(str(failed)) from None
 
 
 @dataclass(frozen=True)
