@@ -763,3 +763,60 @@ def test_openshift_leaves_ids_to_the_platform(render: Callable[..., Docs], tmp_p
     # With openshift.policy=false, the `policy` value (here the default) is served instead.
     own = policy_of(render("--set", "openshift.enabled=true", "--set", "openshift.policy=false"))
     assert "runAsUser: 65534" in own
+
+
+# NetworkPolicy -------------------------------------------------------------------------------
+
+POD_NETWORKS = ["--set", "networkPolicy.podCIDRs={10.244.0.0/16,fd00:10:244::/56}"]
+MONITORING = [
+    "--set-json",
+    'networkPolicy.extraFrom=[{"namespaceSelector":{"matchLabels":'
+    '{"kubernetes.io/metadata.name":"monitoring"}}}]',
+]
+
+
+def test_network_policy_admits_the_port_only_from_outside_the_pod_network(
+    render: Callable[..., Docs],
+) -> None:
+    docs = render(*POD_NETWORKS, *MONITORING)
+    policy = only(docs, "NetworkPolicy", FULLNAME)
+    deployment = only(docs, "Deployment", FULLNAME)
+    assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8443}]
+    assert [port["containerPort"] for port in container(docs)["ports"]] == [8443]
+    assert rule["from"] == [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fd00:10:244::/56"]}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+    ]
+    kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+
+
+def test_network_policy_narrowed_to_the_control_plane_and_switched_off(
+    render: Callable[..., Docs],
+) -> None:
+    narrowed = render("--set", "networkPolicy.apiServerCIDRs={10.0.0.0/24}", *POD_NETWORKS)
+    (rule,) = only(narrowed, "NetworkPolicy", FULLNAME)["spec"]["ingress"]
+    assert rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]  # no exception outside it
+    assert "NetworkPolicy" not in kinds(render("--set", "networkPolicy.enabled=false"))
+
+
+def test_network_policy_rejects_what_is_not_a_cidr(render_fails: Callable[..., str]) -> None:
+    message = render_fails("--set", "networkPolicy.podCIDRs={10.244.0.0}")
+    assert "/networkPolicy/podCIDRs/0" in message, message
+
+
+def test_network_policy_is_accepted_by_the_api_server(
+    kube: Any, helm: Path, render: Callable[..., Docs]
+) -> None:
+    """Validated by the real API server (dry run). Whether it is enforced depends on the
+    network plugin; the test node's (the bridge plugin) enforces none, so that is not tested."""
+    namespace = kube.namespace("netpol")
+    policy = only(render(*POD_NETWORKS, *MONITORING), "NetworkPolicy", FULLNAME)
+    policy["metadata"]["namespace"] = namespace
+    output = kube.kubectl(
+        "apply", "--dry-run=server", "-o", "json", "-f", "-", input=yaml.safe_dump(policy)
+    )
+    assert '"cidr": "::/0"' in output, output

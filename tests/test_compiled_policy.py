@@ -35,7 +35,7 @@ from webhook.core.compiled import (
     compile_policy,
 )
 from webhook.core.injector import InjectionDenied, RequestContext, inject
-from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
+from webhook.core.policy import Policy, Rule, default_policy, load_policy, parse_policy
 
 OWN = "outrigger-system"
 BASE = default_policy().model_dump(mode="json")
@@ -152,38 +152,88 @@ def own_namespace() -> Any:
     return mock.patch.dict(os.environ, {"POD_NAMESPACE": OWN})
 
 
+@st.composite
+def precedence_policies(draw: st.DrawFn) -> Policy:
+    """Policies where an `exclude` rule that selects by pod labels meets a `require` rule
+    (and often one that excludes by namespace alone): the precedence in question."""
+    document = copy.deepcopy(BASE)
+    exclude = {"name": "by-labels", "exclude": True, "podSelector": draw(selectors()) or {}}
+    exclude["podSelector"].setdefault("matchLabels", {"tier": "frontend"})
+    if draw(st.booleans()):
+        exclude["namespaces"] = draw(st.lists(st.sampled_from(GLOBS), min_size=1, max_size=2))
+    require = {"name": "needs-logs", "require": ["log-watcher"], "inject": ["ambassador"]}
+    if draw(st.booleans()):
+        require["namespaces"] = draw(st.lists(st.sampled_from(GLOBS), min_size=1, max_size=2))
+    others = draw(st.lists(rules(), max_size=2))
+    if draw(st.booleans()):
+        namespaces = draw(st.lists(st.sampled_from(GLOBS), min_size=1, max_size=2))
+        others.append({"name": "by-namespace", "exclude": True, "namespaces": namespaces})
+    document["rules"] = draw(st.permutations([exclude, require, *others]))
+    document["nativeSidecars"] = draw(st.booleans())
+    return parse_policy(document)
+
+
+def selects_by_labels(rule: Rule) -> bool:
+    selector = rule.podSelector
+    return selector is not None and bool(selector.matchLabels or selector.matchExpressions)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies(), pods(), st.sampled_from(NAMESPACES))
 def test_the_conditions_agree_with_the_engine(
     policy: Policy, pod: dict[str, Any], namespace: str
 ) -> None:
+    conditions_agree(policy, pod, namespace)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(precedence_policies(), pods(), st.sampled_from(NAMESPACES))
+def test_the_conditions_agree_on_exclusions_by_labels_that_meet_a_require(
+    policy: Policy, pod: dict[str, Any], namespace: str
+) -> None:
+    conditions_agree(policy, pod, namespace)
+
+
+def conditions_agree(policy: Policy, pod: dict[str, Any], namespace: str) -> None:
     compiled = compile_policy(policy, OWN)
     assert compiled.match_conditions is not None and not compiled.problems
     about = subject(pod, namespace)
     values = [evaluate(c.expression, pod, namespace) for c in compiled.match_conditions]
     assert values == [c.holds(about) for c in compiled.match_conditions]
+    # Only what excludes by namespace exempts a pod from a require; pod labels do not.
+    exempt = policy.excluded_namespace(namespace, OWN) or any(
+        r.exclude and not selects_by_labels(r) and r.matches(namespace, about.labels)
+        for r in policy.rules
+    )
+    required = [
+        f"rule {name(rule.name)} requires the sidecar {sidecar}"
+        for rule in policy.rules
+        if not rule.exclude and rule.matches(namespace, about.labels)
+        for sidecar in rule.require
+    ]
+    if required and not exempt:
+        assert all(values), "a pod a rule requires a sidecar of is admitted without a call"
     with own_namespace():
         try:
             injection = inject(pod, RequestContext(namespace), policy)
         except InjectionDenied:
             assert all(values), "a pod the webhook would deny was admitted without a call"
             return
+    if required and not exempt:  # the engine injects what is required, whatever the labels
+        needed = {
+            s
+            for r in policy.rules
+            if not r.exclude and r.matches(namespace, about.labels)
+            for s in r.require
+        }
+        assert needed <= set(injection.injected), (injection.reason, injection.explanation)
     if not all(values):  # no call: the webhook would have changed nothing, said nothing
         assert injection.pod == pod and not injection.warnings
         assert failing(compiled, pod, namespace) == []
         return
     assert failing(compiled, injection.pod, namespace) == []
     # The webhook down: the pod as sent fails exactly the rules that require a sidecar of it.
-    expected = [
-        f"rule {name(rule.name)} requires the sidecar {sidecar}"
-        for rule in policy.rules
-        if not rule.exclude and rule.matches(namespace, about.labels)
-        for sidecar in rule.require
-    ]
-    if policy.excluded_namespace(namespace, OWN) or any(
-        r.exclude and r.matches(namespace, about.labels) for r in policy.rules
-    ):
-        expected = []
+    expected = [] if exempt else required
     found = failing(compiled, pod, namespace)
     assert len(found) == len(expected)
     assert all(part in message for part, message in zip(expected, found, strict=True))
@@ -253,7 +303,9 @@ def test_the_platform_policy_compiles_to_what_the_readme_shows() -> None:
         "request.namespace.matches('^(?s:batch-.*)$'))",
         "outrigger.dev/not-excluded-by-rule": "!(has(object.metadata.labels) && "
         "'app.kubernetes.io/component' in object.metadata.labels && "
-        "object.metadata.labels['app.kubernetes.io/component'] == 'operator')",
+        "object.metadata.labels['app.kubernetes.io/component'] == 'operator') || "
+        "(request.namespace.matches('^(?s:prod-.*)$') && has(object.metadata.labels) && "
+        "'tier' in object.metadata.labels && object.metadata.labels['tier'] == 'frontend')",
         "outrigger.dev/policy-applies": "(has(object.metadata.annotations) && "
         "object.metadata.annotations.exists(k, k.startsWith('outrigger.dev/'))) || "
         "(request.namespace.matches('^(?s:prod-.*)$') && has(object.metadata.labels) && "

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import copy
 import os
+import resource
 import signal
 import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,11 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
-def start_server(root: Path, *extra: str) -> tuple[Server, subprocess.Popen[bytes]]:
+def start_server(
+    root: Path, *extra: str, open_files: tuple[int, int] | None = None
+) -> tuple[Server, subprocess.Popen[bytes]]:
     """`outrigger certs` into root/certs, then `outrigger serve` with them (and `extra`
-    arguments), until healthy."""
+    arguments), until healthy; `open_files`: the (soft, hard) RLIMIT_NOFILE it starts with."""
     cert_dir = root / "certs"
     _run_certs(cert_dir)
     server = Server(port=_free_port(), cert_dir=cert_dir, log=root / "serve.log")
@@ -113,7 +116,12 @@ def start_server(root: Path, *extra: str) -> tuple[Server, subprocess.Popen[byte
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with server.log.open("wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=None if open_files is None else _limit_open_files(open_files),
         )
     try:
         _wait_until_healthy(process, server)
@@ -121,6 +129,10 @@ def start_server(root: Path, *extra: str) -> tuple[Server, subprocess.Popen[byte
         _stop(process)
         raise
     return server, process
+
+
+def _limit_open_files(limits: tuple[int, int]) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 def stop_server(server: Server, process: subprocess.Popen[bytes]) -> None:

@@ -309,6 +309,10 @@ def test_with_the_webhook_down_the_guard_refuses_only_what_a_rule_requires(
         message = refused["message"]
         assert 'rule "logs-required" requires the sidecar log-watcher' in message
         assert f"ValidatingAdmissionPolicy '{name}-guard'" in message
+        # The label an exclude rule selects by lifts no require: the guard refuses that pod too.
+        status, refused = create(kube, required, pod("operator", component="operator"))
+        assert status == 403, refused
+        assert 'rule "logs-required" requires the sidecar log-watcher' in refused["message"]
         status, created = create(kube, free, pod("plain", app="web"))
         assert status == 201, created
         status, unsidecared = create(kube, opted_in, pod("asked", LOG))

@@ -93,8 +93,8 @@ def test_opt_out_removes_a_rule_default() -> None:
         pytest.param("kube-system", {"tier": "frontend"}, id="kube-system"),
         pytest.param(
             "prod-eu",
-            {"tier": "frontend", "app.kubernetes.io/component": "operator"},
-            id="rule-exclude-beats-require",
+            {"tier": "backend", "app.kubernetes.io/component": "operator"},
+            id="rule-exclude-beats-an-ask",
         ),
     ],
 )

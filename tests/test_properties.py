@@ -4,8 +4,10 @@ For every pod: the answer is well formed and never an internal error; a patch ap
 `jsonpatch`, the result validates strictly against the Kubernetes schema, its injected
 containers meet the restricted Pod Security Standard, a sample of the ambassadors passes the
 real `envoy --mode validate`, a pod that runs to completion (a Job's)
-has no sidecar in `containers`, and injecting the result again changes nothing (the API
-server's reinvocation, re-applied manifests).
+has no sidecar in `containers`, a Windows pod gets no sidecar, pod-level resources grow by
+exactly what the injected sidecars add (summed with the `kubernetes` package's parser), and
+injecting the result again changes nothing (the API server's reinvocation, re-applied
+manifests).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import jsonpatch
 import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from kubernetes.utils import parse_quantity
 
 from tests.conftest import FIXTURES, admission_review, as_pod, validate_strict
 from tests.pod_security import container_violations
 from tests.real_envoy import IS_ROOT, ambassadors, validate_pod
 from webhook.admission.review import review
 from webhook.core import annotations as ann
+from webhook.core.fit import windows_pin
 from webhook.core.injector import RequestContext, inject
 from webhook.core.patch import diff
 from webhook.core.policy import Policy, default_policy, load_policy, parse_policy
@@ -95,6 +99,54 @@ annotation_values = st.fixed_dictionaries(
 )
 
 
+OS = "kubernetes.io/os"
+# What makes a pod a Windows one (webhook.core.fit), and look-alikes that do not.
+PLATFORMS: list[dict[str, Any]] = [
+    {"os": {"name": "windows"}},
+    {"os": {"name": "linux"}},
+    {"nodeSelector": {OS: "windows"}},
+    {"nodeSelector": {OS: "linux", "disk": "ssd"}},
+    *(
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": OS, "operator": op, "values": values}]}
+                            for values in terms
+                        ]
+                    }
+                }
+            }
+        }
+        for op, terms in [
+            ("In", [["windows"]]),
+            ("In", [["windows"], ["windows"]]),
+            ("In", [["windows"], ["linux"]]),
+            ("NotIn", [["windows"]]),
+        ]
+    ),
+]
+# Pod-level resources: canonical and other spellings, and a resource no sidecar sets.
+CPU = st.sampled_from(["100m", "0.5", "1", "1000m", "250m", 2])
+MEMORY = st.sampled_from(["64Mi", "1Gi", "100M", "1.5Gi", "512Mi", "1e9"])
+
+
+@st.composite
+def pod_resources(draw: st.DrawFn) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    for kind in ("requests", "limits"):
+        values = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={"cpu": CPU, "memory": MEMORY, "hugepages-2Mi": st.just("2Mi")},
+            )
+        )
+        if values:
+            resources[kind] = values
+    return resources
+
+
 @st.composite
 def pods(draw: st.DrawFn) -> dict[str, Any]:
     metadata: dict[str, Any] = draw(
@@ -118,6 +170,10 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
         spec["restartPolicy"] = draw(st.sampled_from(["Always", "OnFailure", "Never"]))
     if draw(st.booleans()):  # shorter than a classic sidecar's preStop sleep: a warning
         spec["terminationGracePeriodSeconds"] = draw(st.sampled_from([0, 10, 30, 120]))
+    # Windows pods get no sidecar (skipped or denied): few, so that most examples inject.
+    spec.update(draw(st.sampled_from([{}] * 16 + PLATFORMS)))
+    if not draw(st.integers(0, 2)):  # raised by what the sidecars add
+        spec["resources"] = draw(pod_resources())
     return {"metadata": metadata, "spec": spec}
 
 
@@ -159,8 +215,31 @@ def test_injection_is_valid_and_idempotent(
     if injected["spec"].get("restartPolicy", "Always") != "Always":  # the pod can complete
         sidecars = [c for c in injected["spec"]["containers"] if c["name"] in status["injected"]]
         assert sidecars == []
+    assert windows_pin(injected["spec"]) is None
+    assert_raised_by_the_sidecars(pod["spec"], injected["spec"], status["injected"])
     again = answer_for(injected, namespace, policy)
     assert again["allowed"] and "patch" not in again
     if IS_ROOT and ambassadors(injected) and ENVOY_SAMPLE["left"] > 0:
         ENVOY_SAMPLE["left"] -= 1  # a bounded sample: each costs an Envoy start
         validate_pod(injected)
+
+
+def assert_raised_by_the_sidecars(
+    before: dict[str, Any], after: dict[str, Any], names: list[str]
+) -> None:
+    """Each pod-level value grew by what the injected containers add (a missing request
+    counts as the limit, a missing limit as the request); tests/test_kube_pod_fit.py has the
+    API server accept such pods."""
+    if "resources" not in before:
+        assert "resources" not in after
+        return
+    every = after.get("initContainers", []) + after["containers"]
+    sidecars = [c["resources"] for c in every if c["name"] in names]
+    for kind, other in (("requests", "limits"), ("limits", "requests")):
+        for resource, value in before["resources"].get(kind, {}).items():
+            shares = [
+                r.get(kind, {}).get(resource) or r.get(other, {}).get(resource) for r in sidecars
+            ]
+            added = sum(parse_quantity(share) for share in shares if share)
+            grown = parse_quantity(after["resources"][kind][resource]) - parse_quantity(value)
+            assert grown == added, (kind, resource, value, after["resources"])

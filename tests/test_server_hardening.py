@@ -75,6 +75,17 @@ def read_response(sock: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes] | No
     return int(lines[0].split()[1]), headers, rest[:length]
 
 
+def read_until_closed(sock: ssl.SSLSocket) -> bytes:
+    """Everything the server sends until it closes the connection (or resets it)."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return received
+
+
 def review_body(annotations: dict[str, str], name: str = "p") -> bytes:
     pod = {
         "metadata": {"name": name, "annotations": annotations},
@@ -111,12 +122,7 @@ def test_slow_clients_are_cut_off(running: tuple[Server, subprocess.Popen[bytes]
         sock = connect(server, timeout=30)
         started = time.monotonic()
         sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(4096):
-                received += chunk
-        except (ConnectionError, ssl.SSLError):
-            pass
+        received = read_until_closed(sock)
         outcomes[name] = (time.monotonic() - started, received)
         sock.close()
 

@@ -19,6 +19,7 @@ from webhook.core.compiled import CompiledPolicy, Subject, compile_policy
 from webhook.core.injector import Injection, InjectionDenied
 from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
 from webhook.core.workloads import inject_workload, pod_template_metadata
+from webhook.limits import printable
 from webhook.serving.certs import ca_bundle, write_certificates
 
 if TYPE_CHECKING:
@@ -89,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         default="text",
         choices=["text", "json"],
         help="json: one JSON object per line, the decision fields at its top level",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="client connections open at once; at the cap a new one replaces the oldest silent "
+        "or idle one (default: 1000, fewer if the open-file limit is lower)",
     )
     _self_tls_arguments(serve)
     _compiled_policy_arguments(serve)
@@ -385,34 +394,40 @@ def _policy(path: Path | None) -> Policy:
     return load_policy(path) if path else default_policy()
 
 
-def _configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(
-            JsonFormatter(
-                "{asctime}{levelname}{name}{message}",
-                style="{",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-
-
 def _serve(args: argparse.Namespace) -> int:
+    """`outrigger serve`: with `--log-format json` even a refused start is a JSON line."""
+    from webhook.serving.logs import configure_logging, report
+
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return _serving(args)
+    except _ServeRefused as refusal:
+        report(f"outrigger: {refusal}")
+        return 2
+    except PolicyError as error:
+        report(f"outrigger: {error}")
+        return 2
+    except SystemExit as exit_:
+        if not isinstance(exit_.code, str):
+            raise
+        report(exit_.code)
+        return 1
+
+
+class _ServeRefused(Exception):
+    """A setting `serve` cannot start with (exit status 2)."""
+
+
+def _serving(args: argparse.Namespace) -> int:
     from webhook.serving.metrics import Metrics
     from webhook.serving.server import serve  # uvicorn is only needed here
 
     if not 0 < args.policy_poll_seconds < float("inf"):
-        print("outrigger: --policy-poll-seconds must be a positive number", file=sys.stderr)
-        return 2
-    _configure_logging(args.log_level, args.log_format)
+        raise _ServeRefused("--policy-poll-seconds must be a positive number")
     if not 0 < args.api_startup_seconds < float("inf"):
-        print("outrigger: --api-startup-seconds must be a positive number", file=sys.stderr)
-        return 2
+        raise _ServeRefused("--api-startup-seconds must be a positive number")
+    if args.max_connections < 1:
+        raise _ServeRefused("--max-connections must be at least 1")
     # One bound for all the first API calls (the policy's list, then the certificate's sync),
     # which the chart's startupProbe outlasts.
     args.api_deadline = time.monotonic() + args.api_startup_seconds
@@ -423,22 +438,16 @@ def _serve(args: argparse.Namespace) -> int:
             source = _self_managed_tls(args, metrics)
         policy_source = _watched_policy(args, metrics) if args.policy_configmap else None
     except ValueError as error:
-        print(f"outrigger: {error}", file=sys.stderr)
-        return 2
+        raise _ServeRefused(str(error)) from None
     # serve() loads a --policy file before anything else: a bad one fails the start with the
     # PolicyError, which main() reports with exit status 2.
     if args.compiled_policy_webhook:
         if not 0 < args.compiled_policy_sync_seconds < float("inf"):
-            print(
-                "outrigger: --compiled-policy-sync-seconds must be a positive number",
-                file=sys.stderr,
-            )
-            return 2
+            raise _ServeRefused("--compiled-policy-sync-seconds must be a positive number")
         try:
             configuration = _api_configuration(args)
         except ValueError as error:
-            print(f"outrigger: {error}", file=sys.stderr)
-            return 2
+            raise _ServeRefused(str(error)) from None
         keeping = _compiled_policy(args, configuration, metrics)
     else:
         keeping = None
@@ -453,6 +462,7 @@ def _serve(args: argparse.Namespace) -> int:
         policy_source=policy_source,
         metrics=metrics,
         compiled_policy=keeping,
+        max_connections=args.max_connections,
     )
     return 0
 
@@ -567,13 +577,15 @@ def _inject(args: argparse.Namespace) -> int:
     policy = _policy(args.policy)
     try:
         documents = list(yaml.safe_load_all(_read(args.filename)))
-    except (OSError, yaml.YAMLError) as error:
-        print(f"outrigger: cannot read {args.filename}: {error}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        # PyYAML's message quotes the input's line: escaped, line by line.
+        message = "\n".join(map(printable, f"cannot read {args.filename}: {error}".split("\n")))
+        print(f"outrigger: {message}", file=sys.stderr)
         return 2
     report = _Report(args.namespace, policy, explain=args.explain)
     output = [report.inject(document) for document in documents if document]
-    for line in report.lines:
-        print(line, file=sys.stderr)
+    for line in report.lines:  # names, annotation keys, messages: the input's, escaped
+        print(printable(line), file=sys.stderr)
     yaml.dump_all(output, sys.stdout, Dumper=_Dumper, sort_keys=False, width=1 << 16)
     return 1 if report.failures else 0
 

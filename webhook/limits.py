@@ -7,6 +7,7 @@ process (`cache_small`). Messages echo at most a prefix of a bad value (`echo`).
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from functools import lru_cache, wraps
 from typing import Any, ParamSpec, TypeVar
@@ -21,6 +22,12 @@ ECHO_CHARACTERS = 64
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# How `echo` shows a value that is not a string: as str() does, but bounded in depth and size.
+_SHAPE = reprlib.Repr()
+_SHAPE.maxlevel = 4
+_SHAPE.maxdict = _SHAPE.maxlist = _SHAPE.maxtuple = _SHAPE.maxset = 16
+_SHAPE.maxstring = _SHAPE.maxother = _SHAPE.maxlong = ECHO_CHARACTERS
 
 
 def cache_small(
@@ -46,12 +53,42 @@ def cache_small(
 
 
 def echo(value: Any) -> str:
-    """`repr(value)` for a message, cut to a prefix and the length when it is long."""
-    text = str(value)
+    """`repr(value)` for a message, cut to a prefix and the length when it is long. An object or
+    a list is shown a few levels and items deep: a hostile pod may nest one past the recursion
+    limit or make it megabytes long."""
+    text = value if isinstance(value, str) else _shown(value)
     if len(text) <= ECHO_CHARACTERS:
         return repr(text)
     return f"{text[: ECHO_CHARACTERS - 16]!r}... ({len(text)} characters)"
 
 
+def _shown(value: Any) -> str:
+    try:
+        return _SHAPE.repr(value)
+    except ValueError:  # an integer past Python's 4300-digit conversion limit
+        return "an integer too long to show"
+
+
 def has_control_characters(text: str) -> bool:
     return any(ord(character) < 32 or 127 <= ord(character) < 160 for character in text)
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable escaped as Python writes it (`\\x1b`,
+    `\\u202e`): controls (newlines, ESC, 8-bit CSI), format characters (bidi overrides,
+    zero-width), separators other than the space, surrogates, unassigned code points. What
+    the webhook writes to a log, a warning or a denial goes through here, so no input can
+    split a line, forge one or drive the reader's terminal. Printable text is returned as is
+    (one C-speed check)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() else _escaped(character) for character in text
+    )
+
+
+def _escaped(character: str) -> str:
+    code = ord(character)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

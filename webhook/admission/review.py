@@ -3,6 +3,8 @@
 Two error families, as the API server expects them: a body that is not an AdmissionReview is a
 bad call (`BadReview`, HTTP 400); a pod that cannot be injected is a valid call answered with
 `allowed: false` and a message. Every answer echoes the request's uid, apiVersion and kind.
+Every warning and message goes through `printable`: kubectl prints them on its user's terminal,
+and they may quote annotation keys, which no one has validated when a mutating webhook runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from webhook.core.annotations import STATUS
 from webhook.core.injector import InjectionDenied, RequestContext, inject
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
-from webhook.limits import cache_small
+from webhook.limits import cache_small, printable
 
 log = logging.getLogger("outrigger.admission")
 
@@ -36,6 +38,9 @@ HEAVY_POD_BYTES = 2 * 1024
 NOT_A_POD_CREATION = "not-a-pod-creation"
 # How much of a denial one log line repeats.
 LOGGED_CHARACTERS = 1024
+# Of a value nested past what the decoders read (msgspec: the Python recursion limit, about a
+# thousand levels) or orjson writes (254); a Pod's fields nest a dozen.
+_TOO_DEEP = "its arrays and objects nest too deeply"
 
 
 class BadReview(ValueError):
@@ -75,9 +80,8 @@ class Verdict:
 
 
 def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
-    return Verdict(
-        "bad_request", "malformed", message=refusal[1][:LOGGED_CHARACTERS].decode(errors="replace")
-    )
+    text = refusal[1][:LOGGED_CHARACTERS].decode(errors="replace")
+    return Verdict("bad_request", "malformed", message=printable(text))
 
 
 def decode_review(body: bytes) -> AdmissionRequest:
@@ -87,6 +91,8 @@ def decode_review(body: bytes) -> AdmissionRequest:
         raise BadReview(f"body is not valid JSON: {error}") from None
     except wire.DecodeError as error:
         raise BadReview(f"not a valid AdmissionReview: {error}") from None
+    except RecursionError:  # msgspec's guard on its own recursion: not a bug, a hostile body
+        raise BadReview(f"body is not an AdmissionReview: {_TOO_DEEP} to decode") from None
     if review.get("apiVersion") != API_VERSION or review.get("kind") != KIND:
         raise BadReview(f"expected apiVersion {API_VERSION!r} and kind {KIND!r}")
     request = review.get("request")
@@ -99,8 +105,14 @@ def decode_review(body: bytes) -> AdmissionRequest:
     metadata = (pod or {}).get("metadata") or {}
     pod_json: bytes | None = None
     if pod is not None and STATUS in (metadata.get("annotations") or {}):
-        # Whether it holds what its status claims takes the whole of its containers.
+        # Whether it holds what its status claims takes the whole of its containers, fields
+        # the partial decoder skipped unread included: what `mutation` cannot read (bytes that
+        # are not UTF-8, a number past a double) is refused here, not found there.
         pod_json = bytes(request["object"])
+        try:
+            orjson.loads(pod_json)
+        except orjson.JSONDecodeError as error:
+            raise BadReview(f"request.object is not valid JSON: {error}") from None
     elif pod is not None:
         pod_json = wire.encode(pod)
     return AdmissionRequest(
@@ -134,6 +146,8 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
         return wire.decode_pod(raw)
     except wire.DecodeError as error:
         raise BadReview(f"request.object is not a valid Pod: {error}") from None
+    except RecursionError:
+        raise BadReview(f"request.object is not a valid Pod: {_TOO_DEEP} to decode") from None
 
 
 def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
@@ -143,14 +157,20 @@ def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
 
 
 def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
-    """The request, or the HTTP status and body that refuse it (400)."""
+    """The request, or the HTTP status and body that refuse it (400).
+
+    Nothing is logged here: a refused body is the caller's one WARNING line (the decision
+    log), without a traceback, since any client can send one at will."""
     try:
         return decode_review(body)
     except BadReview as error:
-        return 400, orjson.dumps({"error": str(error)[:LOGGED_CHARACTERS]})
-    except Exception:
-        log.exception("cannot decode an AdmissionReview")
-        return 400, b'{"error":"cannot decode the AdmissionReview"}'
+        return 400, _refusal(str(error))
+    except Exception as error:  # whatever a decoder raises on a hostile body: still a 400
+        return 400, _refusal(f"cannot decode the AdmissionReview: {type(error).__name__}: {error}")
+
+
+def _refusal(message: str) -> bytes:
+    return orjson.dumps({"error": printable(message)[:LOGGED_CHARACTERS]})
 
 
 def respond_with_verdict(
@@ -172,7 +192,7 @@ def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], V
     try:
         result = mutation(request.pod_json, request.namespace, policy)
     except InjectionDenied as error:
-        message = str(error)  # logged by the decision log (webhook.serving.decisions)
+        message = printable(str(error))  # logged by the decision log (webhook.serving.decisions)
         verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
         return denied(request, message, 400), verdict
     except Exception:
@@ -200,7 +220,13 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     injection = inject(pod, RequestContext(namespace), policy)
     if injection.pod is pod:
         return Mutation(None, injection.warnings, (), injection.reason)
-    operations = orjson.dumps(diff(pod, injection.pod))
+    try:
+        operations = orjson.dumps(diff(pod, injection.pod))
+    except orjson.JSONEncodeError:  # orjson writes 254 levels; a Pod's fields nest a dozen
+        raise InjectionDenied(
+            f"request.object is not a valid Pod: {_TOO_DEEP} to write in a JSON Patch",
+            "invalid-pod",
+        ) from None
     if len(operations) > MAX_PATCH_BYTES:
         raise InjectionDenied(
             f"the injection would add {len(operations)} bytes to the pod, more than the "
@@ -220,12 +246,12 @@ def allowed(
         response["patchType"] = _PATCH_TYPE
         response["patch"] = patch
     if warnings:
-        response["warnings"] = list(warnings)
+        response["warnings"] = [printable(warning) for warning in warnings]
     return _envelope(response)
 
 
 def denied(request: AdmissionRequest, message: str, code: int) -> dict[str, Any]:
-    status = {"code": code, "message": f"outrigger: {message}"}
+    status = {"code": code, "message": f"outrigger: {printable(message)}"}
     return _envelope({"uid": request.uid, "allowed": False, "status": status})
 
 

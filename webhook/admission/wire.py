@@ -1,7 +1,8 @@
 """The AdmissionReview wire format, decoded by msgspec into plain dicts of what Outrigger reads.
 
 A pod is decoded partially: only the fields the injector looks at (annotations, names, ports,
-mounts, volumes, restart policy, grace period, the app's user and group). The rest
+mounts, volumes, restart policy, grace period, the app's user and group, what makes it a
+Windows pod, its pod-level resources). The rest
 (managedFields, env, probes, ...) is skipped without ever becoming Python objects, and building
 those objects is most of the cost of a request. This is sound because the JSON Patch is the
 difference between this partial pod and the injected one: every path the injector changes, and
@@ -51,6 +52,41 @@ class LocalObjectReference(TypedDict, total=False):
     name: str
 
 
+class PodOS(TypedDict, total=False):
+    name: str
+
+
+class NodeSelectorRequirement(TypedDict, total=False):
+    key: str
+    operator: str
+    values: list[str] | None
+
+
+class NodeSelectorTerm(TypedDict, total=False):
+    # Not matchFields: only an expression on the kubernetes.io/os label pins a pod to Windows.
+    matchExpressions: list[NodeSelectorRequirement] | None
+
+
+class NodeSelector(TypedDict, total=False):
+    nodeSelectorTerms: list[NodeSelectorTerm] | None
+
+
+class NodeAffinity(TypedDict, total=False):
+    # Not the preferred terms: they pin nothing.
+    requiredDuringSchedulingIgnoredDuringExecution: NodeSelector | None
+
+
+class Affinity(TypedDict, total=False):
+    nodeAffinity: NodeAffinity | None
+
+
+class ResourceRequirements(TypedDict, total=False):
+    # Whole maps: the injector rewrites values in them (webhook.core.podresources). Quantities
+    # are strings from the API server; any JSON, as that checks them.
+    requests: dict[str, Any] | None
+    limits: dict[str, Any] | None
+
+
 class PodSpec(TypedDict, total=False):
     containers: list[Container] | None
     initContainers: list[Container] | None
@@ -61,6 +97,12 @@ class PodSpec(TypedDict, total=False):
     imagePullSecrets: list[LocalObjectReference] | None
     terminationGracePeriodSeconds: int | None
     securityContext: SecurityContext | None
+    # What makes it a Windows pod (webhook.core.fit).
+    os: PodOS | None
+    nodeSelector: dict[str, str] | None
+    affinity: Affinity | None
+    # Pod-level resources, raised by what the sidecars add.
+    resources: ResourceRequirements | None
 
 
 class OwnerReference(TypedDict, total=False):

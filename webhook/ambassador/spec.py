@@ -302,7 +302,7 @@ def parse_spec(text: str) -> AmbassadorSpec:
     try:
         document = _load(text)
     except yaml.YAMLError as error:
-        raise InvalidSpec(f"not valid YAML: {_bounded(str(error))}") from None
+        raise InvalidSpec(f"not valid YAML: {_bounded(_yaml_problem(error))}") from None
     except ValueError as error:  # e.g. an integer past Python's 4300-digit limit
         raise InvalidSpec(f"not a valid configuration: {_bounded(str(error))}") from None
     try:
@@ -348,6 +348,16 @@ def _flow_depth(text: str) -> int:
         elif character in "]}":
             depth -= 1
     return deepest
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: what and where, without the quoted lines of the input and
+    their caret (a denial is one line on the user's terminal)."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error)
+    text = ": ".join(part for part in (error.context, error.problem) if part)
+    mark = error.problem_mark or error.context_mark
+    return text if mark is None else f"{text} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def _bounded(message: str) -> str:

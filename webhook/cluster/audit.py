@@ -33,6 +33,7 @@ from webhook.core.audit import (
     workload_of,
 )
 from webhook.core.policy import LabelSelector, Policy, PolicyError, parse_policy
+from webhook.limits import printable
 
 CHUNK_SIZE = 500  # as kubectl's --chunk-size
 POLICY_KEY = "policy.yaml"  # the chart's ConfigMap key
@@ -195,17 +196,20 @@ def _raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def render_table(policy: Policy, groups: list[WorkloadFindings]) -> str:
+    """For a terminal: every line escaped (`printable`), as names and denials quote objects."""
     if not groups:
         return f"outrigger audit: nothing found (policy {policy.version})\n"
     lines = [f"policy {policy.version}"]
     for workload in groups:
-        lines.append(f"\n{workload.namespace}  {workload.owner_kind}/{workload.owner_name}")
+        lines.append("")
+        lines.append(f"{workload.namespace}  {workload.owner_kind}/{workload.owner_name}")
         for finding in sorted(workload.findings, key=lambda f: (f.kind, f.pod)):
             lines.append(f"  {finding.kind:<10}  {finding.pod}  {finding.detail}")
         lines.append(f"  fix: {workload.fix}")
     count = sum(len(w.findings) for w in groups)
-    lines.append(f"\n{count} pod(s) in {len(groups)} workload(s)")
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    lines.append(f"{count} pod(s) in {len(groups)} workload(s)")
+    return "\n".join(map(printable, lines)) + "\n"
 
 
 def render_json(policy: Policy, groups: list[WorkloadFindings]) -> str:

@@ -2,10 +2,12 @@
 the pods the policy leaves alone nor let a required sidecar be skipped silently.
 
 - `match_conditions`: CEL for the webhook configuration. The API server calls the webhook only
-  when every condition holds: the namespace is not excluded, no `exclude` rule matches, and the
-  pod carries an `outrigger.dev/` annotation (the status one too: reinvocation, re-injection)
-  or a rule that `inject`s or `require`s a sidecar matches it. Any other pod the webhook would
-  return unchanged, without a warning; the API server now admits it without a call.
+  when every condition holds: the namespace is not excluded, no `exclude` rule excludes the pod
+  (one that selects by pod labels does not where a `require` rule matches: see
+  `webhook.core.selection`), and the pod carries an `outrigger.dev/` annotation (the status
+  one too: reinvocation, re-injection) or a rule that `inject`s or `require`s a sidecar
+  matches it. Any other pod the webhook would return unchanged, without a warning; the API
+  server now admits it without a call.
 - `validations`: CEL for a ValidatingAdmissionPolicy evaluated after every mutating webhook
   (under the same two exclusions): a pod that a `require` rule covers has the sidecar, and a
   sidecar the status says was injected still has `restartPolicy: Always` (if it is an init
@@ -143,16 +145,37 @@ def _exclusions(policy: Policy, own_namespace: str | None) -> tuple[Condition, .
     ]
     excluding = [rule for rule in policy.rules if rule.exclude]
     if excluding:
+        # An exclusion by pod labels, which the pod's creator writes, lifts no `require`.
+        by_namespace = [rule for rule in excluding if not rule.selects_by_labels]
+        by_labels = [rule for rule in excluding if rule.selects_by_labels]
+        requiring = [rule for rule in policy.rules if rule.require and not rule.exclude]
 
         def not_excluded(subject: Subject) -> bool:
-            return not any(r.matches(subject.namespace, subject.labels) for r in excluding)
+            def any_matches(rules: list[Rule]) -> bool:
+                return any(rule.matches(subject.namespace, subject.labels) for rule in rules)
 
+            if any_matches(by_namespace):
+                return False
+            return not any_matches(by_labels) or any_matches(requiring)
+
+        expression = cel.all_of(
+            [
+                cel.negate(cel.any_of(map(_rule_matches, by_namespace))),
+                cel.any_of(
+                    [
+                        cel.negate(cel.any_of(map(_rule_matches, by_labels))),
+                        *map(_rule_matches, requiring),
+                    ]
+                ),
+            ]
+        )
         conditions.append(
             Condition(
                 "outrigger.dev/not-excluded-by-rule",
-                cel.negate(cel.any_of(map(_rule_matches, excluding))).text,
+                expression.text,
                 not_excluded,
-                "a rule with exclude: true matches the pod",
+                "a rule with exclude: true matches the pod (by namespace, or by pod labels "
+                "where no rule requires a sidecar of it)",
             )
         )
     return tuple(conditions)

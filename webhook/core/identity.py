@@ -56,11 +56,19 @@ def app_identities(spec: Mapping[str, Any]) -> list[Identity]:
         own = own if isinstance(own, dict) else {}
         identities.append(
             (
-                own.get("runAsUser", pod.get("runAsUser")),
-                own.get("runAsGroup", pod.get("runAsGroup")),
+                _scalar(own.get("runAsUser", pod.get("runAsUser"))),
+                _scalar(own.get("runAsGroup", pod.get("runAsGroup"))),
             )
         )
     return identities
+
+
+def _scalar(value: object) -> object:
+    """A JSON scalar as the pod gives it; an object or a list (which the API server refuses
+    in any case) by its kind, so that identities compare and print whatever they hold."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return "an object" if isinstance(value, dict) else "a list"
 
 
 def _one_user(identities: Sequence[Identity]) -> tuple[Identity, str]:

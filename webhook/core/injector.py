@@ -4,7 +4,8 @@ Pure and shared by the webhook and `outrigger inject`. The input pod is never mo
 result shares every untouched sub-object with it, which keeps the work proportional to what
 changes and lets the patch be derived cheaply from the difference (see `webhook.core.patch`).
 Decide first (`webhook.core.selection`), then read the parameters, render the templates, check
-that they fit the pod, and build.
+that they fit the pod (`webhook.core.fit`: what it cannot run is skipped or denied), and build,
+raising the pod-level resources by what the sidecars add (`webhook.core.podresources`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 import orjson
 
 from webhook.core import annotations as ann
+from webhook.core import podresources
+from webhook.core.fit import Unfit, unfit
 from webhook.core.identity import run_as_app_user
 from webhook.core.policy import Policy
 from webhook.core.selection import (
     ALREADY_INJECTED,
-    HOST_NETWORK_SKIPPED,
     INJECTED,
     NAMESPACE_EXCLUDED,
     RULE_EXCLUDED,
@@ -116,24 +118,26 @@ def _inject(
     if decision.reason != INJECTED:
         return Injection(pod, decision.reason, warnings=warnings, explanation=decision.explanation)
     spec = _mapping(pod.get("spec"), "spec")
-    names = decision.sidecars
-    if spec.get("hostNetwork") is True:
-        sidecars, names, skipped = _without_host_network_defaults(sidecars, decision)
-        warnings = (*warnings, *skipped)
-        if not sidecars:
-            explanation = (*decision.explanation, *skipped)
-            return Injection(pod, HOST_NETWORK_SKIPPED, warnings=warnings, explanation=explanation)
-    _check_fits(spec, sidecars)
+    cannot_run = unfit(spec, sidecars)
+    sidecars, skipped = _without_unfit_defaults(sidecars, cannot_run, decision)
+    warnings = (*warnings, *skipped)
+    if not sidecars:  # every one was a rule's default that the pod cannot run
+        explanation = (*decision.explanation, *skipped)
+        reason = cannot_run[decision.sidecars[0]].reason
+        return Injection(pod, reason, warnings=warnings, explanation=explanation)
+    names = tuple(sidecar.name for sidecar in sidecars)
+    _check_fits(spec, sidecars, cannot_run)
     sidecars = with_app_containers(spec, sidecars)
     sidecars, identity_warnings = run_as_app_user(spec, sidecars)
     sidecars, grace_warnings = _within_grace(spec, sidecars)
-    warnings = (*warnings, *identity_warnings, *grace_warnings)
+    injected_spec, raise_warning = _raised_resources(_injected_spec(spec, sidecars), sidecars)
+    warnings = (*warnings, *identity_warnings, *grace_warnings, *raise_warning)
     status = orjson.dumps({"injected": names, "policy": policy.version}).decode()
     added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
     injected_pod = {
         **pod,
         "metadata": {**metadata, "annotations": {**annotations, **added, ann.STATUS: status}},
-        "spec": _injected_spec(spec, sidecars),
+        "spec": injected_spec,
     }
     return Injection(injected_pod, INJECTED, names, warnings, decision.explanation)
 
@@ -214,8 +218,10 @@ def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod
         key: value for key, value in _annotations(metadata).items() if not added_annotation(key)
     }
     spec = dict(_mapping(pod.get("spec"), "spec"))
+    removed: list[dict[str, Any]] = []
     for field in ("containers", "initContainers"):
         if field in spec:
+            removed += [c for c in _containers(spec, field) if c.get("name") in names]
             kept = [c for c in _containers(spec, field) if c.get("name") not in names]
             spec[field] = [without_mounts(c, added_volume) for c in kept]
     if "volumes" in spec:
@@ -226,6 +232,10 @@ def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod
     for field in ("initContainers", "volumes"):  # lists that only the injection had made
         if field in spec and not spec[field]:
             del spec[field]
+    try:  # what the injection added to the pod-level resources, as the containers hold it
+        spec = podresources.lowered(spec, removed)
+    except podresources.NotAQuantity as error:
+        raise InjectionDenied(str(error)) from None
     return {**pod, "metadata": {**metadata, "annotations": annotations}, "spec": spec}
 
 
@@ -262,16 +272,27 @@ def _added_pull_secrets(
     return [{"name": name} for name in names]
 
 
-def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> None:
-    """Deny what Kubernetes would reject later with a vaguer message, or what would not run."""
+def _check_fits(
+    spec: Mapping[str, Any],
+    sidecars: tuple[RenderedSidecar, ...],
+    cannot_run: Mapping[str, Unfit],
+) -> None:
+    """Deny what Kubernetes would reject later with a vaguer message, or what would not run.
+
+    A sidecar the pod cannot run at all (`cannot_run`) is denied for that alone: its other
+    conflicts would not matter once it is left out."""
     containers = _containers(spec, "containers")
     every = containers + _containers(spec, "initContainers")
     every += _containers(spec, "ephemeralContainers")
     names = {c.get("name") for c in every}
     volumes = {v.get("name") for v in _list(spec.get("volumes"), "spec.volumes")}
     ports = {p.get("containerPort"): c.get("name") for c in every for p in c.get("ports") or ()}
-    problems = []
+    unfit_here = [cannot_run[s.name] for s in sidecars if s.name in cannot_run]
+    problems = [u.denied for u in unfit_here]
+    problems += dict.fromkeys(u.advice for u in unfit_here if u.advice)  # each said once
     for sidecar in sidecars:
+        if sidecar.name in cannot_run:
+            continue
         if sidecar.name in names:
             problems.append(
                 f"container name {sidecar.name!r} is already used in the pod; {ann.INJECT} "
@@ -289,28 +310,38 @@ def _check_fits(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) 
                 f"{sidecar.name} mounts {mount['name']!r}{_settable(sidecar)}"
                 for name in mount_conflicts(containers, str(mount["mountPath"]))
             ]
-        problems += _port_problems(spec, sidecar, ports)
+        problems += _port_problems(sidecar, ports)
     problems += _run_to_completion_problems(spec, sidecars)
     if problems:
         raise InjectionDenied("; ".join(problems), "conflict")
 
 
-def _without_host_network_defaults(
-    sidecars: tuple[RenderedSidecar, ...], decision: Decision
-) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...], tuple[str, ...]]:
-    """A sidecar with ports that only a rule's default asks for is skipped in a hostNetwork pod
-    (a DaemonSet's, say), as Istio does: its ports would be taken on the node. One the pod asks
-    for, or a rule requires, stays, and is denied with the reason."""
-    kept, skipped = [], []
-    for sidecar in sidecars:
-        if sidecar.ports and sidecar.name in decision.defaults_only:
-            skipped.append(
-                f"{sidecar.name} (a rule's default) is not injected into this hostNetwork pod: "
-                "its ports would be taken on the node"
-            )
-        else:
-            kept.append(sidecar)
-    return tuple(kept), tuple(s.name for s in kept), tuple(skipped)
+def _without_unfit_defaults(
+    sidecars: tuple[RenderedSidecar, ...], cannot_run: Mapping[str, Unfit], decision: Decision
+) -> tuple[tuple[RenderedSidecar, ...], tuple[str, ...]]:
+    """The sidecars without those the pod cannot run (webhook.core.fit) that only a rule's
+    default asks for, and the warnings about those: the rule covers a namespace, not this pod
+    (a DaemonSet's hostNetwork pod, a Windows pod), as Istio skips them. One the pod asks for,
+    or a rule requires, stays, for `_check_fits` to deny with the reason."""
+    if not cannot_run:
+        return sidecars, ()
+    skipped = tuple(
+        s.name for s in sidecars if s.name in cannot_run and s.name in decision.defaults_only
+    )
+    kept = tuple(s for s in sidecars if s.name not in skipped)
+    return kept, tuple(cannot_run[name].skipped for name in skipped)
+
+
+def _raised_resources(
+    spec: Pod, sidecars: tuple[RenderedSidecar, ...]
+) -> tuple[Pod, tuple[str, ...]]:
+    """The injected spec with its pod-level resources raised by what the sidecars add
+    (webhook.core.podresources), which the API server would refuse otherwise; the warning."""
+    try:
+        raised, warning = podresources.raised(spec, [s.container for s in sidecars])
+    except podresources.NotAQuantity as error:
+        raise InjectionDenied(str(error)) from None
+    return dict(raised), (warning,) if warning else ()
 
 
 def _run_to_completion_problems(
@@ -377,14 +408,7 @@ def _with_pre_stop_sleep(sidecar: RenderedSidecar, seconds: int) -> RenderedSide
     return dataclasses.replace(sidecar, container=container)
 
 
-def _port_problems(
-    spec: Mapping[str, Any], sidecar: RenderedSidecar, ports: Mapping[Any, Any]
-) -> list[str]:
-    if sidecar.ports and spec.get("hostNetwork") is True:
-        return [
-            f"{sidecar.name} cannot be injected into a hostNetwork pod: its ports "
-            f"({', '.join(map(str, sorted(sidecar.ports)))}) would be taken on the node itself"
-        ]
+def _port_problems(sidecar: RenderedSidecar, ports: Mapping[Any, Any]) -> list[str]:
     twice = sorted({port for port in sidecar.ports if sidecar.ports.count(port) > 1})
     if twice:
         return [

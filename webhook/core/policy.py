@@ -395,6 +395,13 @@ class Rule(_Model):
             return False
         return self.podSelector is None or self.podSelector.matches(labels)
 
+    @property
+    def selects_by_labels(self) -> bool:
+        """Whether the pod's labels, which its creator writes, take part in matching it (an
+        empty podSelector does not: it matches every pod)."""
+        selector = self.podSelector
+        return selector is not None and bool(selector.matchLabels or selector.matchExpressions)
+
 
 class ContainerDefaults(_Model):
     resources: dict[str, Any] = Field(

@@ -2,10 +2,14 @@
 
 Precedence, from the strongest:
 1. The namespace is excluded (kube-system, kube-public, the webhook's own namespace from
-   $POD_NAMESPACE, the policy's excludedNamespaces) or a matching rule says `exclude: true`:
-   nothing is injected, whatever the pod or other rules say.
-2. Sidecars that a matching rule `require`s are always injected; the pod cannot opt out.
-3. The pod's `outrigger.dev/inject`: a list of names is injected as asked; "false" (or empty)
+   $POD_NAMESPACE, the policy's excludedNamespaces) or a matching rule that selects by
+   namespace alone says `exclude: true`: nothing is injected, whatever the pod or other rules
+   say.
+2. Sidecars that a matching rule `require`s are always injected; the pod cannot opt out, and
+   an `exclude` rule that selects by pod labels does not exempt it either: the pod's creator
+   writes its labels, and nothing a pod's creator writes may skip a required sidecar.
+3. A matching `exclude` rule that selects by pod labels: nothing else is injected.
+4. The pod's `outrigger.dev/inject`: a list of names is injected as asked; "false" (or empty)
    opts out of everything not required; absent or "true" takes the matching rules' `inject`
    defaults.
 The injected sidecars are placed in the order the policy lists them. The first matching rule
@@ -31,6 +35,10 @@ NAMESPACE_EXCLUDED = "namespace-excluded"
 RULE_EXCLUDED = "rule-excluded"
 # Only rule defaults asked, for sidecars that cannot run in a hostNetwork pod: none injected.
 HOST_NETWORK_SKIPPED = "host-network-skipped"
+_NOT_EXEMPT = (
+    "rule {rule!r} excludes the pod by its labels, which exempt it from no rule's require "
+    "(the pod's creator writes them): only the required sidecars are injected"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,27 +59,43 @@ def decide(
     """Raises `InvalidAnnotations` for an `outrigger.dev/inject` naming unknown sidecars."""
     if policy.excluded_namespace(namespace):
         return Decision((), NAMESPACE_EXCLUDED, (f"namespace {namespace!r} is excluded",))
-    rules = policy.matching_rules(namespace, labels)
-    excluding = [rule.name for rule in rules if rule.exclude]
-    if excluding:
-        return Decision((), RULE_EXCLUDED, (f"excluded by rule {excluding[0]!r}",))
-    choice = ann.parse_inject(annotations.get(ann.INJECT), policy.templates)
+    matching = policy.matching_rules(namespace, labels)
+    by_namespace = [r.name for r in matching if r.exclude and not r.selects_by_labels]
+    if by_namespace:
+        return Decision((), RULE_EXCLUDED, (f"excluded by rule {by_namespace[0]!r}",))
+    by_labels = [rule.name for rule in matching if rule.exclude]
+    rules = [rule for rule in matching if not rule.exclude]
     why: dict[str, str] = {}
     for rule in rules:
         for name in rule.require:
             why.setdefault(name, f"required by rule {rule.name!r}")
+    if by_labels and not why:
+        return Decision((), RULE_EXCLUDED, (f"excluded by rule {by_labels[0]!r}",))
+    choice = ann.parse_inject(annotations.get(ann.INJECT), policy.templates)
     defaults: set[str] = set()
-    if choice.defaults:
-        for rule in rules:
-            for name in rule.inject:
-                if name not in why:
-                    why[name] = f"default of rule {rule.name!r}"
-                    defaults.add(name)
-    for name in choice.names:
-        why.setdefault(name, f"asked for by {ann.INJECT}")
+    refused: tuple[str, ...] = ()
+    if by_labels:  # what is required, and nothing else
+        refused = tuple(name for name in choice.names if name not in why)
+    else:
+        if choice.defaults:
+            for rule in rules:
+                for name in rule.inject:
+                    if name not in why:
+                        why[name] = f"default of rule {rule.name!r}"
+                        defaults.add(name)
+        for name in choice.names:
+            why.setdefault(name, f"asked for by {ann.INJECT}")
     sidecars = tuple(sorted(why, key=policy.order.__getitem__))
     explanation = tuple(f"{name}: {why[name]}" for name in sidecars)
     warnings = _opt_out_warnings(choice, sidecars)
+    if by_labels:
+        explanation += (_NOT_EXEMPT.format(rule=by_labels[0]),)
+    if refused:
+        warnings += (
+            f"{ann.INJECT} asks for {', '.join(refused)}, which rule {by_labels[0]!r} "
+            "excludes from this pod (by its labels): only the sidecars a rule requires are "
+            "injected",
+        )
     if sidecars:
         defaults_only = tuple(name for name in sidecars if name in defaults)
         chooser = _output_rule(rules, sidecars, policy)

@@ -81,6 +81,8 @@ def contains(actual: Any, expected: Any, key: str = "") -> bool:
     """Whether `actual` is `expected` but for what the API server adds (API_DEFAULTS, a
     LimitRange's resources, the service-account token mount): every key of `expected` with
     a value it holds in turn, lists item by item."""
+    if actual is expected:  # shared with the pod as it came: held, however deep it nests
+        return True
     if isinstance(expected, dict):
         return (
             isinstance(actual, dict)

@@ -24,7 +24,7 @@ from webhook.admission.review import (
     respond_with_verdict,
 )
 from webhook.core.policy import Policy
-from webhook.serving.decisions import log_decision
+from webhook.serving.decisions import Throttled, log_decision
 from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
@@ -32,8 +32,13 @@ MUTATE_PATH = "/mutate"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Bodies past this are decoded off the event loop too (an API server's pod is a few KiB).
 INLINE_BODY_BYTES = 256 * 1024
+# The bytes of request bodies held at once, all requests together: a review's decoding and
+# answer take about three times its body, so this bounds them near 100 MiB (the chart's
+# memory limit is 256Mi). One body alone is always admitted, whatever its size.
+BODY_BUDGET_BYTES = 32 * 1024 * 1024
 _JSON = "application/json"
 _TOO_LARGE = b'{"error":"request body too large"}'
+_BUSY = b'{"error":"too many large requests at once; retry"}'
 _NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
 
 
@@ -87,6 +92,29 @@ def _fastapi_app(
     return app
 
 
+class BodyBudget:
+    """The bytes of request bodies held at once, against `BODY_BUDGET_BYTES`. A request takes
+    its share before its body is read (its Content-Length, or chunk by chunk) and gives it
+    back once answered; one that does not fit is answered 503 at once, unread."""
+
+    def __init__(self, limit: int = BODY_BUDGET_BYTES) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held and self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+class _Busy(Exception):
+    """A body that does not fit the budget."""
+
+
 class AdmissionEndpoint:
     """Answers `POST /mutate`; passes every other request (and lifespan) on to FastAPI."""
 
@@ -96,6 +124,11 @@ class AdmissionEndpoint:
         self.app = app
         self.policy = policy
         self.metrics = Metrics() if metrics is None else metrics
+        self.budget = BodyBudget()
+        self._busy_warning = Throttled(
+            "request bodies at their budget (%d bytes held at once): answered %d request(s) "
+            "503 since the last such line"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != MUTATE_PATH:
@@ -103,11 +136,19 @@ class AdmissionEndpoint:
         elif scope["method"] != "POST":
             await _respond(send, 405, _NOT_ALLOWED, ((b"allow", b"POST"),))
         else:
-            body = await _read_body(scope, receive)
-            if body is None:
-                await _respond(send, 413, _TOO_LARGE)
-            else:
-                await _respond(send, *await self._review(body))
+            taken = [0]  # what this request holds of the budget, given back once answered
+            try:
+                body = await _read_body(scope, receive, self.budget, taken)
+                if body is None:
+                    await _respond(send, 413, _TOO_LARGE)
+                else:
+                    await _respond(send, *await self._review(body))
+            except _Busy:
+                self.metrics.count_busy()
+                self._busy_warning.note(self.budget.limit)
+                await _respond(send, 503, _BUSY, ((b"retry-after", b"1"),))
+            finally:
+                self.budget.give_back(taken[0])
 
     async def _review(self, body: bytes) -> tuple[int, bytes]:
         """Small reviews on the event loop (microseconds, mostly memoised: a hop to a thread
@@ -134,11 +175,18 @@ class AdmissionEndpoint:
         return answer
 
 
-async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
-    """The body, or None past the limit (also for chunked bodies that declare no length)."""
+async def _read_body(
+    scope: Scope, receive: Receive, budget: BodyBudget, taken: list[int]
+) -> bytes | None:
+    """The body, or None past the limit (also for chunked bodies that declare no length).
+    Its bytes are taken from `budget` (and added to `taken[0]`) before they are read;
+    raises `_Busy` when they do not fit."""
     for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
-            return None
+        if name == b"content-length" and value.isdigit():
+            declared = int(value)
+            if declared > MAX_BODY_BYTES:
+                return None
+            _take(budget, declared, taken)
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -150,9 +198,17 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             return None
+        if size > taken[0]:  # chunked, or more than declared (which the parser refuses)
+            _take(budget, size - taken[0], taken)
         chunks.append(chunk)
         more = message.get("more_body", False)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _take(budget: BodyBudget, size: int, taken: list[int]) -> None:
+    if not budget.take(size):
+        raise _Busy
+    taken[0] += size
 
 
 async def _respond(

@@ -29,6 +29,9 @@ WatchRestart = Literal["renewed", "relisted", "error"]
 # A publication of the compiled policy: applied whole, applied with a part fallen back (not
 # compiled, or refused by the API server), no webhook configuration to publish to, failed.
 CompiledPolicyResult = Literal["applied", "fallback", "unpublished", "error"]
+# Why the server closed a connection on its own: to stay under the connection cap, a TLS
+# handshake not finished in time (or failed), a client pipelining too deep, an upgrade asked.
+ConnectionClosed = Literal["cap", "handshake", "pipelining", "upgrade"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
 DURATION_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -112,6 +115,25 @@ class Metrics:
             ["version", "match_conditions", "guard"],
             registry=self.registry,
         )
+        self._connections = Gauge(
+            "outrigger_connections_open",
+            "Client connections open (TLS handshakes included); see --max-connections.",
+            registry=self.registry,
+        )
+        self._connections_closed = Counter(
+            "outrigger_connections_closed",
+            "Connections the server closed on its own, by reason: cap (room made at the "
+            "connection cap), handshake (TLS not finished in time, or failed), pipelining, "
+            "upgrade.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._busy = Counter(
+            "outrigger_requests_refused_busy",
+            "Requests answered 503 because the bytes of request bodies held at once were at "
+            "their budget (large bodies only).",
+            registry=self.registry,
+        )
         # That version, for the decision log; "" until published (or when not published).
         self.compiled_version = ""
         self._review_children: dict[tuple[str, str], Any] = {}
@@ -165,6 +187,16 @@ class Metrics:
         conditions, guard = parts
         self._compiled_info.labels(version, conditions, guard).set(1)
         self.compiled_version = version
+
+    def follow_connections(self, count: Callable[[], int]) -> None:
+        """Report `count()` as the open connections at each scrape."""
+        self._connections.set_function(count)
+
+    def count_connection_closed(self, reason: ConnectionClosed) -> None:
+        self._connections_closed.labels(reason=reason).inc()
+
+    def count_busy(self) -> None:
+        self._busy.inc()
 
     def set_certificate_expiry(self, not_after: datetime.datetime) -> None:
         self._certificate_expiry.set(not_after.timestamp())

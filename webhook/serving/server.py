@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import ssl
+import resource
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,8 +16,14 @@ import uvicorn
 from webhook.core.policy import Policy, default_policy
 from webhook.serving.app import AdmissionEndpoint, Background, create_app
 from webhook.serving.certs import CertificatePaths, ensure_serving_certificates
+from webhook.serving.connections import (
+    DEFAULT_MAX_CONNECTIONS,
+    RESERVED_DESCRIPTORS,
+    ConnectionGate,
+    tls_connections,
+)
+from webhook.serving.memory import return_freed_memory
 from webhook.serving.metrics import Metrics
-from webhook.serving.protocol import WebhookHttpProtocol
 from webhook.serving.reload import PolicyFile
 from webhook.serving.tls import CertificateError, ServingCertificate
 
@@ -59,6 +65,7 @@ def serve(
     policy_source: PolicySource | None = None,
     metrics: Metrics | None = None,
     compiled_policy: Callable[[Callable[[], Policy]], Background] | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
@@ -72,7 +79,8 @@ def serve(
     its compilation in the API server. The serving certificate and key are polled at the
     same interval as the policy, and a new valid pair is swapped in without a restart
     (`ServingCertificate`). A pair that cannot be served at startup ends the process with a
-    message (exit status 1).
+    message (exit status 1). At most `max_connections` client connections are open at once
+    (`webhook.serving.connections`), fewer if the open-file limit is lower.
     """
     metrics = Metrics() if metrics is None else metrics
     policy_watch: Background | None
@@ -95,23 +103,28 @@ def serve(
     # The compiled policy follows the policy in force (`webhook.cluster.compiledpolicy`).
     publishing = compiled_policy(policy) if compiled_policy is not None else None
     background = _together(policy_watch, certificate.watching, keeping, publishing)
+    gate = ConnectionGate(_connection_limit(max_connections), metrics)
     config = _uvicorn_config(
         create_app(policy, metrics=metrics, background=background),
         host,
         port,
-        paths,
-        certificate,
+        tls_connections(certificate.ssl_context(), gate, metrics),
         log_level,
     )
     log.info(
-        "policy %s (%s) in force; serving https://%s:%d/mutate, certificate %s checked every %gs",
+        "policy %s (%s) in force; serving https://%s:%d/mutate, certificate %s checked every "
+        "%gs, at most %d connections",
         policy().version,
         source,
         host,
         port,
         paths.cert,
         poll_seconds,
+        gate.limit,
     )
+    return_freed_memory()
+    # uvicorn would announce "http://" (it sees plain connections); the line above says it.
+    logging.getLogger("uvicorn.error").addFilter(_without_uvicorn_banner)
     # Everything loaded so far lives as long as the process (a first policy that a reload
     # replaces aside): keep it out of the cyclic collector's scans, which would otherwise walk
     # it again and again under load.
@@ -150,44 +163,67 @@ def _together(*backgrounds: Background | None) -> Background:
 def _serving_certificates(cert_dir: Path) -> CertificatePaths:
     paths, created = ensure_serving_certificates(cert_dir)
     if created:
-        print(
-            f"outrigger: no certificate in {cert_dir}; generated a development CA "
-            f"({paths.ca_cert}) and a serving certificate for localhost and 127.0.0.1 "
-            f"({paths.cert}, {paths.key})",
-            file=sys.stderr,
+        log.warning(
+            "no certificate in %s; generated a development CA (%s) and a serving certificate "
+            "for localhost and 127.0.0.1 (%s, %s)",
+            cert_dir,
+            paths.ca_cert,
+            paths.cert,
+            paths.key,
         )
     return paths
+
+
+def _without_uvicorn_banner(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Uvicorn running on")
+
+
+def _connection_limit(wanted: int) -> int:
+    """`wanted`, or fewer if the open-file limit cannot hold them. The soft limit is raised to
+    the hard one first: container runtimes give 1024 soft, which a thousand silent clients
+    would exhaust, and each connection takes a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, error)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    limit = max(1, min(wanted, soft - RESERVED_DESCRIPTORS))
+    if limit < wanted:
+        log.warning(
+            "the open-file limit (%d) holds at most %d connections, not %d", soft, limit, wanted
+        )
+    return limit
 
 
 def _uvicorn_config(
     app: AdmissionEndpoint,
     host: str,
     port: int,
-    paths: CertificatePaths,
-    certificate: ServingCertificate,
+    connections: Callable[..., object],
     log_level: str,
 ) -> uvicorn.Config:
-    def tls_context(
-        _config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
-    ) -> ssl.SSLContext:
-        # The one context served with for the process's lifetime: reloads change its pair.
-        return certificate.ssl_context()
-
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        ssl_certfile=str(paths.cert),
-        ssl_keyfile=str(paths.key),
-        ssl_context_factory=tls_context,
-        # httptools, with read timeouts and a shutdown that answers what it was sent.
-        http=WebhookHttpProtocol,
+        # TLS is terminated per connection by `connections` (handshake deadline, connection
+        # cap) around httptools with read timeouts, bounded pipelining and a shutdown that
+        # answers what it was sent (`webhook.serving.connections`, `.protocol`); uvicorn
+        # itself sees plain connections.
+        http=connections,  # type: ignore[arg-type]
+        ws="none",
         loop="uvloop",
         # Idle keep-alive connections are closed after 5 s (the API server reconnects); the
         # whole shutdown, draining included, is bounded, so no client can hold the process.
         timeout_keep_alive=5,
         timeout_graceful_shutdown=SHUTDOWN_SECONDS,
         log_level=log_level,
+        # uvicorn's own lines go to the handler `outrigger serve` configured (JSON or text).
+        log_config=None,
         # The API server calls once per pod: per-request access lines would cost more than the
         # mutation itself. Injections and denials are logged by the admission layer.
         access_log=False,

@@ -1,0 +1,69 @@
+"""The server's log: one handler, JSON or escaped text, for every line the process writes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+from webhook.limits import printable
+
+# Whether `configure_logging` chose JSON lines.
+_json_lines = False
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Every line the process writes goes through one handler on stderr: one JSON object per
+    line (`--log-format json`; non-ASCII and control characters escaped by the encoder), or
+    text with every non-printable character escaped (`EscapingFormatter`), so that nothing a
+    pod creator writes (a name, an annotation key) can split a line, forge one or drive the
+    reader's terminal. uvicorn's lines, Python's warnings and uncaught exceptions included."""
+    global _json_lines
+    _json_lines = log_format == "json"
+    handler = logging.StreamHandler()
+    if _json_lines:
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = lambda hook: _log_uncaught(
+        hook.exc_type, hook.exc_value or hook.exc_type(), hook.exc_traceback
+    )
+
+
+class EscapingFormatter(logging.Formatter):
+    """Text lines with every non-printable character escaped (`webhook.limits.printable`);
+    a traceback keeps its line breaks, each of its lines escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(map(printable, super().formatException(ei).split("\n")))
+
+
+def _log_uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    logging.getLogger("outrigger").critical(
+        "uncaught %s", kind.__name__, exc_info=(kind, error, trace)
+    )
+
+
+def report(message: str) -> None:
+    """A message that ends `outrigger serve` (a bad setting, a policy that does not load):
+    with JSON logs a JSON line like any other, else the message alone on stderr, each of its
+    lines escaped (a policy's errors come one per line)."""
+    if _json_lines:
+        logging.getLogger("outrigger").error("%s", message)
+    else:
+        print("\n".join(map(printable, message.split("\n"))), file=sys.stderr)
