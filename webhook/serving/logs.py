@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from webhook.limits import printable
+from webhook.serving.decisions import write_directly
 
 # Whether `configure_logging` chose JSON lines.
 _json_lines = False
@@ -35,6 +36,7 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    write_directly(handler, _json_lines)  # the decision log's own fast path
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = lambda hook: _log_uncaught(
