@@ -393,3 +393,4 @@ def test_json_log_is_one_json_object_per_line_for_every_line_the_server_writes(
     assert malformed["level"] == "WARNING" and malformed["outcome"] == "bad_request"
     assert not [record for record in records if record["level"] in ("ERROR", "CRITICAL")]
     assert not [record for record in records if "exc_info" in record]
+    assert not [record for record in records if "color_message" in record]  # uvicorn's

@@ -33,6 +33,7 @@ def configure_logging(level: str, log_format: str) -> None:
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
+        handler.addFilter(_without_colours)
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
@@ -42,6 +43,13 @@ def configure_logging(level: str, log_format: str) -> None:
     threading.excepthook = lambda hook: _log_uncaught(
         hook.exc_type, hook.exc_value or hook.exc_type(), hook.exc_traceback
     )
+
+
+def _without_colours(record: logging.LogRecord) -> bool:
+    """uvicorn gives its lines a `color_message` (the message with terminal colour codes),
+    which the JSON formatter would write as one more field: dropped."""
+    record.__dict__.pop("color_message", None)
+    return True
 
 
 class EscapingFormatter(logging.Formatter):
