@@ -85,6 +85,12 @@ def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
 
 
 def decode_review(body: bytes) -> AdmissionRequest:
+    """The request, or `BadReview`. The common case, the creation of a pod without a status, is
+    read in one pass; anything else (another request, a status to check against the whole
+    pod, a body the typed decoder refuses) by the two passes below, which set every answer."""
+    created = _created_in_one_pass(body)
+    if created is not None:
+        return created
     try:
         review = wire.decode_review(body)
     except wire.MalformedJSON as error:
@@ -115,9 +121,41 @@ def decode_review(body: bytes) -> AdmissionRequest:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
     elif pod is not None:
         pod_json = wire.encode(pod)
+    return _admission_request(uid, request.get("namespace", ""), pod_json, metadata)
+
+
+def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
+    """The creation of a pod without a status, decoded in one pass; None for anything else."""
+    try:
+        review = wire.decode_review_with_pod(body)
+    except (wire.DecodeError, RecursionError):
+        return None
+    request = review.get("request")
+    if (
+        review.get("apiVersion") != API_VERSION
+        or review.get("kind") != KIND
+        or request is None
+        or not request.get("uid")
+        or request.get("operation") != "CREATE"
+        or request.get("subResource")
+        or request.get("kind") != _POD_KIND
+    ):
+        return None
+    pod = request.get("object")
+    metadata = (pod or {}).get("metadata") or {}
+    if pod is None or STATUS in (metadata.get("annotations") or {}):
+        return None
+    return _admission_request(
+        request["uid"], request.get("namespace", ""), wire.encode(pod), metadata
+    )
+
+
+def _admission_request(
+    uid: str, namespace: str, pod_json: bytes | None, metadata: wire.ObjectMeta
+) -> AdmissionRequest:
     return AdmissionRequest(
         uid=uid,
-        namespace=request.get("namespace", ""),
+        namespace=namespace,
         pod_json=pod_json,
         name=metadata.get("name") or metadata.get("generateName") or "",
         owner=_owner(metadata),
