@@ -19,7 +19,7 @@ from webhook.core.compiled import CompiledPolicy, Subject, compile_policy
 from webhook.core.injector import Injection, InjectionDenied
 from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
 from webhook.core.workloads import inject_workload, pod_template_metadata
-from webhook.limits import printable
+from webhook.limits import printable, printable_lines
 from webhook.serving.certs import ca_bundle, write_certificates
 
 if TYPE_CHECKING:
@@ -579,7 +579,7 @@ def _inject(args: argparse.Namespace) -> int:
         documents = list(yaml.safe_load_all(_read(args.filename)))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         # PyYAML's message quotes the input's line: escaped, line by line.
-        message = "\n".join(map(printable, f"cannot read {args.filename}: {error}".split("\n")))
+        message = printable_lines(f"cannot read {args.filename}: {error}")
         print(f"outrigger: {message}", file=sys.stderr)
         return 2
     report = _Report(args.namespace, policy, explain=args.explain)

@@ -87,6 +87,12 @@ def printable(text: str) -> str:
     )
 
 
+def printable_lines(text: str) -> str:
+    """`printable` line by line: text of several lines (a traceback, a policy's errors) keeps
+    its line breaks, and only those."""
+    return "\n".join(map(printable, text.split("\n")))
+
+
 def _escaped(character: str) -> str:
     code = ord(character)
     if code < 0x100:

@@ -136,9 +136,7 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
         or review.get("kind") != KIND
         or request is None
         or not request.get("uid")
-        or request.get("operation") != "CREATE"
-        or request.get("subResource")
-        or request.get("kind") != _POD_KIND
+        or not _creates_a_pod(request)
     ):
         return None
     pod = request.get("object")
@@ -170,15 +168,19 @@ def _owner(metadata: wire.ObjectMeta) -> str:
     return f"{controllers[0].get('kind', '')}/{controllers[0].get('name', '')}"
 
 
+def _creates_a_pod(request: wire.Request | wire.RequestWithPod) -> bool:
+    """Whether the request is a CREATE of a v1 Pod (not of a subresource)."""
+    return (
+        request.get("operation") == "CREATE"
+        and not request.get("subResource")
+        and request.get("kind") == _POD_KIND
+    )
+
+
 def _created_pod(request: wire.Request) -> wire.Pod | None:
     """The pod of a CREATE of a v1 Pod (not of a subresource); None for any other request."""
     raw = request.get("object")
-    if (
-        request.get("operation") != "CREATE"
-        or request.get("subResource")
-        or request.get("kind") != _POD_KIND
-        or raw is None
-    ):
+    if not _creates_a_pod(request) or raw is None:
         return None
     try:
         return wire.decode_pod(raw)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from webhook.core import annotations as ann
-from webhook.core.selection import HOST_NETWORK_SKIPPED
 from webhook.core.templates import RenderedSidecar
 
-# Why a pod came out without sidecars (a metric label, as those of webhook.core.selection):
-# only rule defaults asked, for sidecars that cannot run in a Windows pod.
+# Why a pod came out without sidecars (metric labels, as those of webhook.core.selection):
+# only rule defaults asked, for sidecars that cannot run in a Windows or a hostNetwork pod.
 WINDOWS_SKIPPED = "windows-skipped"
+HOST_NETWORK_SKIPPED = "host-network-skipped"
 OS_LABEL = "kubernetes.io/os"
 _WINDOWS = "windows"
 _REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"

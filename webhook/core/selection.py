@@ -33,8 +33,6 @@ NOT_REQUESTED = "not-requested"
 OPTED_OUT = "opted-out"
 NAMESPACE_EXCLUDED = "namespace-excluded"
 RULE_EXCLUDED = "rule-excluded"
-# Only rule defaults asked, for sidecars that cannot run in a hostNetwork pod: none injected.
-HOST_NETWORK_SKIPPED = "host-network-skipped"
 _NOT_EXEMPT = (
     "rule {rule!r} excludes the pod by its labels, which exempt it from no rule's require "
     "(the pod's creator writes them): only the required sidecars are injected"
@@ -47,7 +45,7 @@ class Decision:
     reason: str
     explanation: tuple[str, ...]
     warnings: tuple[str, ...] = ()
-    # Those that only a rule's default asks for: skipped where they cannot run (hostNetwork).
+    # Those that only a rule's default asks for: skipped where they cannot run (webhook.core.fit).
     defaults_only: tuple[str, ...] = ()
     # The log output the first matching rule with one picks (the pod's annotation goes first).
     log_output: str | None = None

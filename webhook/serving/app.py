@@ -24,7 +24,8 @@ from webhook.admission.review import (
     respond_with_verdict,
 )
 from webhook.core.policy import Policy
-from webhook.serving.decisions import Throttled, log_decision
+from webhook.serving.decisions import log_decision
+from webhook.serving.logs import Throttled
 from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
@@ -115,6 +116,25 @@ class _Busy(Exception):
     """A body that does not fit the budget."""
 
 
+class _Share:
+    """What one request holds of the budget: grown as its body is known, given back whole."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self._held = 0
+
+    def hold(self, size: int) -> None:
+        """Hold at least `size` bytes; raises `_Busy` when the budget has no room for them."""
+        if size > self._held:
+            if not self._budget.take(size - self._held):
+                raise _Busy
+            self._held = size
+
+    def give_back(self) -> None:
+        self._budget.give_back(self._held)
+        self._held = 0
+
+
 class AdmissionEndpoint:
     """Answers `POST /mutate`; passes every other request (and lifespan) on to FastAPI."""
 
@@ -136,9 +156,9 @@ class AdmissionEndpoint:
         elif scope["method"] != "POST":
             await _respond(send, 405, _NOT_ALLOWED, ((b"allow", b"POST"),))
         else:
-            taken = [0]  # what this request holds of the budget, given back once answered
+            share = _Share(self.budget)  # given back once answered
             try:
-                body = await _read_body(scope, receive, self.budget, taken)
+                body = await _read_body(scope, receive, share)
                 if body is None:
                     await _respond(send, 413, _TOO_LARGE)
                 else:
@@ -148,7 +168,7 @@ class AdmissionEndpoint:
                 self._busy_warning.note(self.budget.limit)
                 await _respond(send, 503, _BUSY, ((b"retry-after", b"1"),))
             finally:
-                self.budget.give_back(taken[0])
+                share.give_back()
 
     async def _review(self, body: bytes) -> tuple[int, bytes]:
         """Small reviews on the event loop (microseconds, mostly memoised: a hop to a thread
@@ -175,18 +195,16 @@ class AdmissionEndpoint:
         return answer
 
 
-async def _read_body(
-    scope: Scope, receive: Receive, budget: BodyBudget, taken: list[int]
-) -> bytes | None:
+async def _read_body(scope: Scope, receive: Receive, share: _Share) -> bytes | None:
     """The body, or None past the limit (also for chunked bodies that declare no length).
-    Its bytes are taken from `budget` (and added to `taken[0]`) before they are read;
-    raises `_Busy` when they do not fit."""
+    Its bytes are held in `share` before they are read (its Content-Length first, else as
+    they come); raises `_Busy` when they do not fit."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit():
             declared = int(value)
             if declared > MAX_BODY_BYTES:
                 return None
-            _take(budget, declared, taken)
+            share.hold(declared)
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -198,17 +216,10 @@ async def _read_body(
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             return None
-        if size > taken[0]:  # chunked, or more than declared (which the parser refuses)
-            _take(budget, size - taken[0], taken)
+        share.hold(size)  # chunked, or more than declared (which the parser refuses)
         chunks.append(chunk)
         more = message.get("more_body", False)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _take(budget: BodyBudget, size: int, taken: list[int]) -> None:
-    if not budget.take(size):
-        raise _Busy
-    taken[0] += size
 
 
 async def _respond(

@@ -27,7 +27,7 @@ from typing import Any
 
 from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]
 
-from webhook.serving.decisions import Throttled
+from webhook.serving.logs import Throttled
 from webhook.serving.metrics import Metrics
 from webhook.serving.protocol import WebhookHttpProtocol
 
@@ -68,9 +68,6 @@ class ConnectionGate:
 
     def leave(self, connection: TLSConnection) -> None:
         self._open.pop(connection, None)
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def _displaceable(self) -> TLSConnection | None:
         oldest = [connection for connection, _ in zip(self._open, range(_SEARCH), strict=False)]

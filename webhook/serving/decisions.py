@@ -186,22 +186,3 @@ def write_directly(handler: logging.StreamHandler[TextIO], json_lines: bool) -> 
     assert handler.lock is not None  # made by Handler.__init__
     _direct = DirectLines(descriptor, json_lines, handler.lock)
     atexit.register(_direct.flush)
-
-
-class Throttled:
-    """A warning about something any client can cause as often as it likes (connections
-    closed at the cap, requests refused as busy): written at most once per `seconds`, with
-    the count since the last line, so that no client can flood the log."""
-
-    def __init__(self, message: str, seconds: float = 10.0) -> None:
-        self.message = message  # %-style, with the `note` argument and the count
-        self.seconds = seconds
-        self._written_at = float("-inf")
-        self._since = 0
-
-    def note(self, argument: object) -> None:
-        self._since += 1
-        now = time.monotonic()
-        if now - self._written_at >= self.seconds:
-            logging.getLogger("outrigger.server").warning(self.message, argument, self._since)
-            self._written_at, self._since = now, 0

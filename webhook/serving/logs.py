@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from typing import Any
 
-from webhook.limits import printable
+from webhook.limits import printable, printable_lines
 from webhook.serving.decisions import write_directly
 
 # Whether `configure_logging` chose JSON lines.
@@ -60,7 +61,7 @@ class EscapingFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
     def formatException(self, ei: Any) -> str:
-        return "\n".join(map(printable, super().formatException(ei).split("\n")))
+        return printable_lines(super().formatException(ei))
 
 
 def _log_uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
@@ -76,4 +77,23 @@ def report(message: str) -> None:
     if _json_lines:
         logging.getLogger("outrigger").error("%s", message)
     else:
-        print("\n".join(map(printable, message.split("\n"))), file=sys.stderr)
+        print(printable_lines(message), file=sys.stderr)
+
+
+class Throttled:
+    """A warning about something any client can cause as often as it likes (connections
+    closed at the cap, requests refused as busy): written at most once per `seconds`, with
+    the count since the last line, so that no client can flood the log."""
+
+    def __init__(self, message: str, seconds: float = 10.0) -> None:
+        self.message = message  # %-style, with the `note` argument and the count
+        self.seconds = seconds
+        self._written_at = float("-inf")
+        self._since = 0
+
+    def note(self, argument: object) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._written_at >= self.seconds:
+            logging.getLogger("outrigger.server").warning(self.message, argument, self._since)
+            self._written_at, self._since = now, 0
