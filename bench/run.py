@@ -52,6 +52,9 @@ CERT_FILES = ("ca.crt", "tls.crt", "tls.key")
 MIN_RPS_RATIO = {"webhook": 0.6, "webhook-distinct": 0.4}
 MAX_P99_RATIO = 2.0
 MAX_LOG_COST = 0.05
+# Resident memory after this many distinct large pods (issue 22).
+LARGE_PODS = 10_000
+MAX_RSS_MB = 100
 
 
 class BenchError(Exception):
@@ -108,6 +111,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
     # The server process's CPU time (user + system) over the run, per request answered: far
     # steadier than req/s on a machine whose two cores the load generator shares.
     cpu_us_per_request: float = 0.0
@@ -179,7 +183,12 @@ def _benchmark(settings: Settings) -> int:
         body_file = work / "request.json"
         body_file.write_bytes(body)
         runs = _measure(wrk, targets, body_file, settings)
-    return _report(runs, settings, {"request_bytes": len(body), "loadavg_1m_before": load})
+        facts: dict[str, float] = {"request_bytes": len(body), "loadavg_1m_before": load}
+        if not settings.floor_only:
+            large_file = work / "large.json"
+            large_file.write_bytes(_large_request(body))
+            facts |= _memory_after_large_pods(wrk, targets[1].server, large_file, settings)
+    return _report(runs, settings, facts)
 
 
 def _find_wrk() -> str:
@@ -204,6 +213,45 @@ def _compact_request() -> bytes:
     """The request as the API server sends it: compact JSON, not the readable file."""
     review = json.loads(REQUEST_FILE.read_text(encoding="utf-8"))
     return json.dumps(review, separators=(",", ":")).encode()
+
+
+def _large_request(body: bytes) -> bytes:
+    """The request with three more containers of 120 environment variables each (about
+    34 KB): a pod too large for the webhook's memos, which must not grow it."""
+    review = json.loads(body)
+    containers = review["request"]["object"]["spec"]["containers"]
+    for index in range(3):
+        env = [{"name": f"SETTING_{index}_{n}", "value": "x" * 40} for n in range(120)]
+        containers.append({**containers[0], "name": f"worker-{index}", "env": env})
+    return json.dumps(review, separators=(",", ":")).encode()
+
+
+def _memory_after_large_pods(
+    wrk: str, server: Server, large: Path, settings: Settings
+) -> dict[str, float]:
+    """Send at least LARGE_PODS distinct large pods to the webhook (after its runs) and read
+    its resident memory: its peak and what it holds after, in MB, against MAX_RSS_MB."""
+    target = Target("webhook-large", server, distinct=True)
+    sent = 0
+    while sent < LARGE_PODS:
+        run = _parse_wrk(_wrk(wrk, target, large, settings, 5), target.name, 1, 0.0)
+        if run.errors:
+            raise BenchError(f"{run.errors} errors answering large pods")
+        sent += run.requests
+    rss, peak = _memory_mb(server.process.pid, "VmRSS"), _memory_mb(server.process.pid, "VmHWM")
+    verdict = "PASS" if peak < MAX_RSS_MB else "MISS"
+    print(
+        f"\nafter {sent} distinct {large.stat().st_size}-byte pods: RSS {rss:.0f} MB, "
+        f"peak {peak:.0f} MB (target < {MAX_RSS_MB} MB)  {verdict}"
+    )
+    return {"large_pods": sent, "rss_mb_after_large_pods": rss, "peak_rss_mb": peak}
+
+
+def _memory_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no {field} in /proc/{pid}/status")
 
 
 def _outrigger() -> Path:
@@ -446,6 +494,7 @@ def _parse_wrk(output: str, server: str, round_: int, cpu_seconds: float) -> Run
         float(p50.group(1)) * _UNIT_MS[p50.group(2)],
         float(p99.group(1)) * _UNIT_MS[p99.group(2)],
         errors,
+        int(total.group(1)),
         cpu_seconds * 1e6 / max(1, int(total.group(1))),
     )
 

@@ -277,3 +277,77 @@ def test_sigterm_under_load_answers_every_request_it_was_sent(tmp_path: Path) ->
     assert late is not None and late[0] == 200 and late[1].get("connection") == "close"
     assert returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     assert took < 20, "a stalled client kept the server alive"
+
+
+# Reviews answered in place, and the requests that still go through ASGI ---------------------
+
+
+def _exchange(
+    server: Server, raw: bytes, answers: int = 1
+) -> list[tuple[int, dict[str, str], bytes]]:
+    sock = connect(server)
+    try:
+        sock.sendall(raw)
+        responses = [read_response(sock) for _ in range(answers)]
+    finally:
+        sock.close()
+    assert all(response is not None for response in responses)
+    return [response for response in responses if response is not None]
+
+
+def test_a_review_gets_the_same_answer_whichever_way_it_is_framed(
+    running: tuple[Server, subprocess.Popen[bytes]],
+) -> None:
+    """The API server's reviews (Content-Length, a `?timeout=` query) are answered by the
+    protocol in place; chunked bodies and requests pipelined behind another go through
+    uvicorn's ASGI cycle. Both must give the same answer, framed alike."""
+    server, _ = running
+    body = review_body({"outrigger.dev/inject": "log-watcher"}, "framed")
+    plain = _exchange(server, request_bytes(body))[0]
+    with_query = _exchange(server, request_bytes(body).replace(b"/mutate", b"/mutate?timeout=10s"))[
+        0
+    ]
+    chunked_head = (
+        b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    half = len(body) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
+    chunked = _exchange(server, chunked_head + chunks + b"0\r\n\r\n")[0]
+    health = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    behind_health = _exchange(server, health + request_bytes(body), answers=2)
+    assert behind_health[0][0] == 200 and b"ok" in behind_health[0][2]
+    answers = [plain, with_query, chunked, behind_health[1]]
+    assert {status for status, _, _ in answers} == {200}
+    assert len({answer for _, _, answer in answers}) == 1
+    assert orjson.loads(plain[2])["response"]["patchType"] == "JSONPatch"
+    for _, headers, answer in answers:
+        assert headers["content-type"] == "application/json"
+        assert int(headers["content-length"]) == len(answer)
+        assert "date" in headers
+
+
+def test_an_http_1_0_review_is_answered_and_the_connection_closed(
+    running: tuple[Server, subprocess.Popen[bytes]],
+) -> None:
+    server, _ = running
+    body = review_body({"outrigger.dev/inject": "log-watcher"}, "old")
+    sock = connect(server)
+    sock.sendall(request_bytes(body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    response = read_response(sock)
+    assert response is not None and response[0] == 200
+    assert response[1].get("connection") == "close"
+    assert orjson.loads(response[2])["response"]["uid"] == "uid-old"
+    assert read_until_closed(sock) == b""  # closed after the answer
+    sock.close()
+
+
+def test_a_malformed_review_in_place_is_a_400_and_the_connection_stays_usable(
+    running: tuple[Server, subprocess.Popen[bytes]],
+) -> None:
+    server, _ = running
+    good = review_body({"outrigger.dev/inject": "log-watcher"}, "after")
+    bad, after = _exchange(server, request_bytes(b'{"kind": 7') + request_bytes(good), answers=2)
+    assert bad[0] == 400
+    assert orjson.loads(bad[2])["error"].startswith("body is not valid JSON")
+    assert after[0] == 200 and orjson.loads(after[2])["response"]["uid"] == "uid-after"

@@ -9,13 +9,13 @@ and they may quote annotation keys, which no one has validated when a mutating w
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
+import pybase64
 
 from webhook.admission import wire
 from webhook.core.annotations import STATUS
@@ -274,7 +274,7 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
             "ask for fewer upstreams or smaller values",
             "too-large",
         )
-    patch = base64.b64encode(operations).decode()
+    patch = pybase64.b64encode_as_string(operations)
     return Mutation(patch, injection.warnings, injection.injected, injection.reason)
 
 

@@ -12,12 +12,15 @@ import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from webhook.admission.review import (
+    AdmissionRequest,
+    Verdict,
     bad_request_verdict,
     is_heavy,
     parse,
@@ -39,7 +42,7 @@ INLINE_BODY_BYTES = 256 * 1024
 BODY_BUDGET_BYTES = 32 * 1024 * 1024
 _JSON = "application/json"
 _TOO_LARGE = b'{"error":"request body too large"}'
-_BUSY = b'{"error":"too many large requests at once; retry"}'
+BUSY = b'{"error":"too many large requests at once; retry"}'
 _NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
 
 
@@ -164,35 +167,75 @@ class AdmissionEndpoint:
                 else:
                     await _respond(send, *await self._review(body))
             except _Busy:
-                self.metrics.count_busy()
-                self._busy_warning.note(self.budget.limit)
-                await _respond(send, 503, _BUSY, ((b"retry-after", b"1"),))
+                self.refused_busy()
+                await _respond(send, 503, BUSY, ((b"retry-after", b"1"),))
             finally:
                 share.give_back()
 
-    async def _review(self, body: bytes) -> tuple[int, bytes]:
-        """Small reviews on the event loop (microseconds, mostly memoised: a hop to a thread
-        would cost more); large bodies and heavy pods in a thread, so that the event loop keeps
-        answering the other reviews and the probes meanwhile. Every review is counted, timed
-        and, unless it is a plain skip, logged (`webhook.serving.decisions`)."""
+    def hold_body(self, size: int) -> bool:
+        """Take `size` bytes of the body budget for a review answered without ASGI
+        (`webhook.serving.protocol`); False, counted and warned, when they do not fit. The
+        caller gives them back to `budget` once answered."""
+        if self.budget.take(size):
+            return True
+        self.refused_busy()
+        return False
+
+    def refused_busy(self) -> None:
+        self.metrics.count_busy()
+        self._busy_warning.note(self.budget.limit)
+
+    async def _review(self, body: bytes) -> Answer:
+        """The answer to a review that came through ASGI (large or chunked bodies, and the
+        rare request that is pipelined behind another): large bodies are decoded in a thread."""
+        if len(body) > INLINE_BODY_BYTES:
+            outcome = await asyncio.to_thread(self.review, body)
+        else:
+            outcome = self.review(body)
+        if callable(outcome):
+            return self.account(*await asyncio.to_thread(outcome))
+        return outcome
+
+    def review(self, body: bytes) -> Answer | Callable[[], Reviewed]:
+        """The answer to `body`, or, for a heavy pod, the work that makes it: to be run in a
+        thread (so that the event loop keeps answering the other reviews and the probes) and
+        passed to `account` back on the event loop.
+
+        Small reviews are answered on the event loop (microseconds, mostly memoised: a hop to
+        a thread would cost more). Every review is counted, timed and, unless it is a plain
+        skip, logged (`webhook.serving.decisions`)."""
         started = time.perf_counter()
         policy = self.policy()
-        if len(body) > INLINE_BODY_BYTES:
-            request = await asyncio.to_thread(parse, body)
-        else:
-            request = parse(body)
+        request = parse(body)
         if isinstance(request, tuple):
-            answer, verdict, reviewed = request, bad_request_verdict(request), None
-        elif is_heavy(request):
-            answer, verdict = await asyncio.to_thread(respond_with_verdict, request, policy)
-            reviewed = request
-        else:
-            answer, verdict = respond_with_verdict(request, policy)
-            reviewed = request
+            return self.account(request, bad_request_verdict(request), None, policy, started)
+        if is_heavy(request):
+            return partial(_reviewed, request, policy, started)
+        return self.account(*_reviewed(request, policy, started))
+
+    def account(
+        self,
+        answer: Answer,
+        verdict: Verdict,
+        request: AdmissionRequest | None,
+        policy: Policy,
+        started: float,
+    ) -> Answer:
+        """Count, time and log a review (on the event loop: the decision log's writer and the
+        metrics are not shared with threads); returns its answer."""
         seconds = time.perf_counter() - started
         self.metrics.observe_review(verdict.outcome, verdict.reason, verdict.sidecars, seconds)
-        log_decision(reviewed, verdict, policy.version, seconds, self.metrics.compiled_version)
+        log_decision(request, verdict, policy.version, seconds, self.metrics.compiled_version)
         return answer
+
+
+Answer = tuple[int, bytes]  # HTTP status and body
+Reviewed = tuple[Answer, Verdict, AdmissionRequest, Policy, float]
+
+
+def _reviewed(request: AdmissionRequest, policy: Policy, started: float) -> Reviewed:
+    answer, verdict = respond_with_verdict(request, policy)
+    return answer, verdict, request, policy, started
 
 
 async def _read_body(scope: Scope, receive: Receive, share: _Share) -> bytes | None:

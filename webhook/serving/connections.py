@@ -27,6 +27,7 @@ from typing import Any
 
 from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]
 
+from webhook.serving.app import AdmissionEndpoint
 from webhook.serving.logs import Throttled
 from webhook.serving.metrics import Metrics
 from webhook.serving.protocol import WebhookHttpProtocol
@@ -126,14 +127,17 @@ class TLSConnection(SSLProtocol):  # type: ignore[misc]
 
 
 def tls_connections(
-    context: ssl.SSLContext, gate: ConnectionGate, metrics: Metrics
+    context: ssl.SSLContext,
+    gate: ConnectionGate,
+    metrics: Metrics,
+    endpoint: AdmissionEndpoint | None = None,
 ) -> Callable[..., TLSConnection]:
     """A protocol factory for uvicorn's `http` setting (called as uvicorn calls its HTTP
     protocol class): each accepted connection becomes a `TLSConnection` around the HTTP
-    protocol uvicorn would have made."""
+    protocol uvicorn would have made, which answers reviews through `endpoint` in place."""
 
     def connection(**uvicorn_arguments: Any) -> TLSConnection:
-        app = WebhookHttpProtocol(**uvicorn_arguments, metrics=metrics)
+        app = WebhookHttpProtocol(**uvicorn_arguments, metrics=metrics, endpoint=endpoint)
         return TLSConnection(app, context, gate, metrics)
 
     return connection

@@ -17,6 +17,12 @@
   waits in the queue, at most `READ_AHEAD_BYTES` of TLS records are read ahead, and a client
   with more than `MAX_PIPELINED` requests queued is disconnected (Go's client, the API
   server's, never pipelines).
+- **Reviews answered in place.** A `POST /mutate` with a small body (the API server's every
+  review) is answered here, from the parser's callbacks, without uvicorn's ASGI cycle (a task,
+  an event, scope and message dicts per request, which cost as much as the review itself):
+  `ReviewCycle` stands for that cycle, with the fields the rest of this class reads. Anything
+  else (other paths, chunked or large bodies, a request pipelined behind one in progress)
+  goes through ASGI as before.
 - **No upgrades.** A request asking to switch protocols (`Connection: upgrade`, such as
   `h2c` or a WebSocket) is answered 400 and the connection closed: the rest of what the
   client sends, its body included, is never read as another request.
@@ -25,11 +31,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from webhook.serving.app import BUSY, INLINE_BODY_BYTES, MUTATE_PATH, AdmissionEndpoint, Answer
 from webhook.serving.metrics import ConnectionClosed, Metrics
+
+log = logging.getLogger("outrigger.server")
 
 REQUEST_READ_SECONDS = 5.0
 DRAIN_IDLE_SECONDS = 2.0
@@ -44,6 +55,10 @@ _TIMEOUT_RESPONSE = (
     b"content-length: 48\r\nconnection: close\r\n\r\n"
     b'{"error":"request not received within the time"}'
 )
+_INTERNAL_ERROR = b'{"error":"internal error"}'
+_REASONS = {200: b"OK", 400: b"Bad Request", 500: b"Internal Server Error"}
+_MUTATE = MUTATE_PATH.encode()
+_JSON_LENGTH = b"content-type: application/json\r\ncontent-length: "
 _UPGRADE_REFUSED = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
     b"content-length: 47\r\nconnection: close\r\n\r\n"
@@ -51,7 +66,33 @@ _UPGRADE_REFUSED = (
 )
 
 
+class _NoEvent:
+    """uvicorn sets its cycle's event when the connection is lost; nothing waits on ours."""
+
+    @staticmethod
+    def set() -> None:
+        pass
+
+
+class ReviewCycle:
+    """A review answered in place: what uvicorn's `RequestResponseCycle` tells the protocol
+    (and the connection gate) about a request, and the body's chunks."""
+
+    __slots__ = ("chunks", "disconnected", "held", "keep_alive", "more_body", "response_complete")
+    response_started = False  # the answer is written whole, once
+    message_event = _NoEvent()
+
+    def __init__(self, keep_alive: bool, held: int) -> None:
+        self.chunks: list[bytes] = []
+        self.held = held  # bytes of the body budget, given back once answered
+        self.keep_alive = keep_alive
+        self.more_body = True
+        self.response_complete = False
+        self.disconnected = False
+
+
 class WebhookHttpProtocol(HttpToolsProtocol):
+    cycle: RequestResponseCycle | ReviewCycle  # type: ignore[assignment]
     _read_timer: asyncio.TimerHandle | None = None
     _drain_timer: asyncio.TimerHandle | None = None
     _abort_timer: asyncio.TimerHandle | None = None
@@ -61,9 +102,16 @@ class WebhookHttpProtocol(HttpToolsProtocol):
     # Responses completed on this connection (the connection cap spares answered ones).
     answered = 0
 
-    def __init__(self, *args: Any, metrics: Metrics | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        metrics: Metrics | None = None,
+        endpoint: AdmissionEndpoint | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._metrics = metrics
+        self._endpoint = endpoint
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -74,6 +122,10 @@ class WebhookHttpProtocol(HttpToolsProtocol):
         self._arm_read_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if type(cycle) is ReviewCycle and self._endpoint is not None:
+            self._endpoint.budget.give_back(cycle.held)  # left before its body was whole
+            cycle.held = 0
         self._cancel(self._read_timer)
         self._cancel(self._drain_timer)
         self._cancel(self._abort_timer)
@@ -91,6 +143,10 @@ class WebhookHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade():
             self._refuse(_UPGRADE_REFUSED, "upgrade")
             return
+        declared = self._review_in_place()
+        if declared is not None:
+            self._begin_review(declared)
+            return
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered, then closed
@@ -98,15 +154,113 @@ class WebhookHttpProtocol(HttpToolsProtocol):
             self._refuse(None, "pipelining")
 
     def on_body(self, body: bytes) -> None:
-        if not self._refusing:
+        cycle = self.cycle
+        if type(cycle) is ReviewCycle:
+            if not cycle.response_complete:
+                cycle.chunks.append(body)
+        elif not self._refusing:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         if self._refusing:
             return
-        super().on_message_complete()
+        cycle = self.cycle
+        if type(cycle) is ReviewCycle:
+            cycle.more_body = False
+        else:
+            super().on_message_complete()
         self._cancel(self._read_timer)
         self._read_timer = None
+        if type(cycle) is ReviewCycle and not cycle.response_complete:
+            self._answer_review(cycle)
+
+    # Reviews answered in place ----------------------------------------------------------
+
+    def _review_in_place(self) -> int | None:
+        """The body's declared length when this request is a review to answer in place:
+        `POST /mutate`, a Content-Length within the inline size, nothing before it still
+        being answered on this connection (answers leave in order), no `Expect`, and the
+        client reading its answers: past the transport's write buffer, requests queue as
+        uvicorn's do, so that one pipelining without reading is disconnected."""
+        if (
+            self._endpoint is None
+            or self.expect_100_continue
+            or self.flow.write_paused
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.parser.get_method() != b"POST"
+            or self.url.partition(b"?")[0] != _MUTATE
+        ):
+            return None
+        declared = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                if declared is not None or not value.isdigit():
+                    return None  # let uvicorn's path refuse it
+                declared = int(value)
+            elif name == b"transfer-encoding":
+                return None
+        return declared if declared is not None and declared <= INLINE_BODY_BYTES else None
+
+    def _begin_review(self, declared: int) -> None:
+        assert self._endpoint is not None
+        keep_alive = (
+            not self._draining
+            and self.parser.get_http_version() != "1.0"
+            and self.parser.should_keep_alive()
+        )
+        admitted = self._endpoint.hold_body(declared)
+        cycle = ReviewCycle(keep_alive, declared if admitted else 0)
+        self.cycle = cycle
+        if not admitted:  # answered unread; the body that follows is skipped
+            self._write_answer(cycle, 503, BUSY, b"retry-after: 1\r\n")
+
+    def _answer_review(self, cycle: ReviewCycle) -> None:
+        assert self._endpoint is not None
+        body = cycle.chunks[0] if len(cycle.chunks) == 1 else b"".join(cycle.chunks)
+        cycle.chunks = []
+        try:
+            outcome = self._endpoint.review(body)
+        except Exception as error:  # a bug must not take the connection down unanswered
+            outcome = _failed(error)
+        if callable(outcome):
+            # A heavy pod: answered from a thread; nothing more is read meanwhile.
+            self.flow.pause_reading()
+            task = self.loop.create_task(self._answer_from_thread(cycle, outcome))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+        else:
+            self._write_answer(cycle, *outcome)
+
+    async def _answer_from_thread(self, cycle: ReviewCycle, work: Callable[[], Any]) -> None:
+        assert self._endpoint is not None
+        try:
+            answer = self._endpoint.account(*await asyncio.to_thread(work))
+        except Exception as error:
+            answer = _failed(error)
+        self._write_answer(cycle, *answer)
+
+    def _write_answer(
+        self, cycle: ReviewCycle, status: int, body: bytes, extra: bytes = b""
+    ) -> None:
+        """Write the whole answer (one write: one TLS record for a review's few KiB); then
+        as uvicorn after a response: close, or read on and start what is queued."""
+        if self._endpoint is not None:
+            self._endpoint.budget.give_back(cycle.held)
+            cycle.held = 0
+        cycle.response_complete = True
+        if self.transport.is_closing():
+            return
+        closing = b"" if cycle.keep_alive else b"connection: close\r\n"
+        reason = _REASONS.get(status, b"Service Unavailable")
+        # uvicorn's default headers (its `date`, updated every second), as its cycle sends.
+        defaults = b"".join([b"%s: %s\r\n" % pair for pair in self.server_state.default_headers])
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\n%s%s%d\r\n%s%s\r\n%s"
+            % (status, reason, defaults, _JSON_LENGTH, len(body), extra, closing, body)
+        )
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def on_response_complete(self) -> None:
         self.answered += 1
@@ -174,3 +328,10 @@ class WebhookHttpProtocol(HttpToolsProtocol):
     def _cancel(timer: asyncio.TimerHandle | None) -> None:
         if timer is not None:
             timer.cancel()
+
+
+def _failed(error: Exception) -> Answer:
+    """A review that raised (a bug: the admission layer answers every failure it knows):
+    a 500 with a fixed message, and an ERROR line naming the exception's type only."""
+    log.error("review failed with %s", type(error).__name__)
+    return 500, _INTERNAL_ERROR

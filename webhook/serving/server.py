@@ -104,11 +104,12 @@ def serve(
     publishing = compiled_policy(policy) if compiled_policy is not None else None
     background = _together(policy_watch, certificate.watching, keeping, publishing)
     gate = ConnectionGate(_connection_limit(max_connections), metrics)
+    endpoint = create_app(policy, metrics=metrics, background=background)
     config = _uvicorn_config(
-        create_app(policy, metrics=metrics, background=background),
+        endpoint,
         host,
         port,
-        tls_connections(certificate.ssl_context(), gate, metrics),
+        tls_connections(certificate.ssl_context(), gate, metrics, endpoint),
         log_level,
     )
     log.info(

@@ -1,0 +1,184 @@
+"""What the webhook adds to a pod creation, through a real kube-apiserver (issue 22).
+
+`make bench-apiserver` (or `.venv/bin/python bench/apiserver.py`, with OUTRIGGER_KUBE_ASSETS
+naming the Kubernetes binaries, as for the tests) starts etcd and kube-apiserver, then:
+
+- `outrigger serve` (the embedded policy), registered for one namespace;
+- `bench/replay.py`, a webhook that does no work but answers the very response Outrigger gave
+  for the benchmark pod (the same patch, so the API server applies the same change), on the
+  same uvicorn and TLS as the floor, registered for a second namespace;
+- a third namespace that no webhook selects.
+
+It creates the benchmark pod (`bench/request.json`'s) with `dryRun=All` in the three, in turn,
+ROUNDS times over one keep-alive connection, and reports per series the median and mean time
+of a creation, what each webhook adds to the creation without one, and the ratio of
+Outrigger's addition to the replay's (target <= 1.15). The pods of one series are alike (one
+workload's replicas) or, with `--distinct`, each has its own generateName.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.kube_env import ControlPlane, KubeUnavailable, find_assets, start_control_plane  # noqa: E402
+from tests.kube_webhook import LABEL, configuration, registered  # noqa: E402
+from tests.test_https import _free_port, start_server, stop_server  # noqa: E402
+from webhook.admission.review import parse, respond_with_verdict  # noqa: E402
+from webhook.core.policy import default_policy  # noqa: E402
+
+REQUEST_FILE = ROOT / "bench" / "request.json"
+MAX_RATIO = 1.15
+SERIES = ("none", "outrigger", "replay")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=300, help="creations per series")
+    parser.add_argument("--distinct", action="store_true", help="a new generateName per pod")
+    args = parser.parse_args(argv)
+    try:
+        assets = find_assets()
+    except KubeUnavailable as missing:
+        print(f"bench-apiserver: {missing}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="outrigger-bench-") as folder, ExitStack() as stack:
+        work = Path(folder)
+        plane = start_control_plane(assets, work / "kube")
+        stack.callback(plane.stop)
+        pod = json.loads(REQUEST_FILE.read_text())["request"]["object"]
+        namespaces = _namespaces(plane, stack, work, pod)
+        times = _create(plane, pod, namespaces, args.rounds, args.distinct)
+        calls = _reviews(namespaces["outrigger-url"])
+    creations = args.rounds + 20
+    print(f"Outrigger answered {calls[0] / creations:.2f} reviews per creation, in "
+          f"{calls[1] / calls[0] * 1e6:.0f} us each on average (its own measure)")  # fmt: skip
+    return _report(times, args)
+
+
+def _reviews(url: str) -> tuple[float, float]:
+    """Outrigger's count of reviews and their seconds, from its /metrics."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # loopback, our own
+    text = urllib.request.urlopen(url + "/metrics", context=context).read().decode()
+    found = {}
+    for line in text.splitlines():
+        for suffix in ("count", "sum"):
+            if line.startswith(f"outrigger_admission_review_duration_seconds_{suffix} "):
+                found[suffix] = float(line.split()[1])
+    return found["count"], found["sum"]
+
+
+def _namespaces(
+    plane: ControlPlane, stack: ExitStack, work: Path, pod: dict[str, Any]
+) -> dict[str, str]:
+    """The namespace of each series, its webhook running and registered."""
+    outrigger, process = start_server(work / "outrigger", "--log-format", "json")
+    stack.callback(stop_server, outrigger, process)
+    replay_url = stack.enter_context(_replay(work, outrigger.cert_dir, pod))
+    namespaces = {"none": plane.namespace("none"), "outrigger-url": outrigger.ip_url}
+    for name, url in (("outrigger", outrigger.ip_url), ("replay", replay_url)):
+        body = configuration(url + "/mutate", outrigger.cert_dir / "ca.crt", name, name=name)
+        stack.enter_context(registered(plane, body))
+        namespaces[name] = plane.namespace(name, {LABEL: name})
+    time.sleep(2)  # the API server's webhook configuration cache
+    return namespaces
+
+
+@contextmanager
+def _replay(work: Path, certs: Path, pod: dict[str, Any]) -> Iterator[str]:
+    """bench/replay.py answering Outrigger's response for `pod` (the embedded policy)."""
+    review = json.loads(REQUEST_FILE.read_text())
+    review["request"]["uid"] = "UID"
+    status, answer = respond_with_verdict(parse(json.dumps(review).encode()), default_policy())[0]
+    assert status == 200 and b'"patch"' in answer, answer[:200]
+    response = work / "replay.json"
+    response.write_bytes(answer)
+    port = _free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.replay:app", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--ssl-certfile", str(certs / "tls.crt")]
+    command += ["--ssl-keyfile", str(certs / "tls.key"), "--http", "httptools"]
+    command += ["--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
+    env = {**os.environ, "REPLAY_RESPONSE": str(response)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        time.sleep(2)
+        if process.poll() is not None:
+            raise SystemExit("bench-apiserver: the replay webhook did not start")
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _create(
+    plane: ControlPlane, pod: dict[str, Any], namespaces: dict[str, str], rounds: int,
+    distinct: bool,
+) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per dry-run creation, per series, the series taking turns."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", int(plane.url.rsplit(":", 1)[1]), context=plane.ssl_context()
+    )
+    times: dict[str, list[float]] = {name: [] for name in SERIES}
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    for index in range(-20, rounds):  # 20 to warm up every connection and cache
+        for name in SERIES:
+            body = dict(pod, metadata={**pod["metadata"], "namespace": namespaces[name]})
+            if distinct:
+                body["metadata"]["generateName"] = f"web-{index + 20}-"
+            data = json.dumps(body).encode()
+            path = f"/api/v1/namespaces/{namespaces[name]}/pods?dryRun=All"
+            started = time.perf_counter()
+            connection.request("POST", path, data, headers)
+            answer = connection.getresponse()
+            text = answer.read()
+            elapsed = time.perf_counter() - started
+            if answer.status != 201:
+                raise SystemExit(f"bench-apiserver: {name}: {answer.status} {text[:300]!r}")
+            injected = b"outrigger.dev/status" in text
+            if injected != (name != "none"):
+                raise SystemExit(f"bench-apiserver: {name}: injected={injected}, unexpected")
+            if index >= 0:
+                times[name].append(elapsed)
+    return times
+
+
+def _report(times: dict[str, list[float]], args: argparse.Namespace) -> int:
+    kind = "distinct pods" if args.distinct else "pods of one workload"
+    print(f"{args.rounds} dry-run creations per series, {kind}, interleaved")
+    print(f"{'series':<12}{'median ms':>11}{'mean ms':>10}{'added, median':>15}{'mean':>8}")
+    base = {f: f(times["none"]) for f in (statistics.median, statistics.fmean)}
+    added = {}
+    for name in SERIES:
+        median, mean = statistics.median(times[name]), statistics.fmean(times[name])
+        added[name] = (median - base[statistics.median], mean - base[statistics.fmean])
+        print(
+            f"{name:<12}{median * 1e3:>11.3f}{mean * 1e3:>10.3f}"
+            f"{added[name][0] * 1e3:>15.3f}{added[name][1] * 1e3:>8.3f}"
+        )
+    ratio = added["outrigger"][0] / added["replay"][0]
+    verdict = "PASS" if ratio <= MAX_RATIO else "MISS"
+    print(f"\nOutrigger adds {ratio:.2f}x what the replay webhook adds (median; target <= "
+          f"{MAX_RATIO}): {verdict}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
