@@ -170,6 +170,15 @@ def test_a_token_volume_the_api_server_added_after_the_injection_is_fine() -> No
     assert finding is not None and finding.kind == MISMATCHED
 
 
+def test_a_terminating_pod_is_not_audited() -> None:
+    """Replaced by a restart, it is on its way out: a rollout waiting for a clean audit would
+    otherwise wait out its grace period."""
+    leaving = stale("web-1")
+    assert classify(leaving, "shop", POLICY) is not None
+    leaving["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert classify(leaving, "shop", POLICY) is None
+
+
 def test_excluded_namespaces_are_not_audited() -> None:
     assert classify(pod("a", LOG, namespace="kube-system"), "kube-system", POLICY) is None
 
@@ -380,6 +389,33 @@ def test_audit_of_a_namespace_the_webhook_does_not_select_exits_0(
     result = audit(tmp_path, kube.kubeconfig, "--webhook", names["webhook"], "-n", names["lab"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nothing found" in result.stdout
+
+
+@pytest.mark.kube
+def test_audit_leaves_out_a_pod_already_terminating(kube: ControlPlane, tmp_path: Path) -> None:
+    """A finalizer holds the deleted pod in the API, terminating, as a kubelet's grace period
+    would."""
+    namespace = kube.namespace("ending")
+    _bare(kube, namespace, pod("staying", LOG))
+    held = pod("leaving", LOG)
+    held["metadata"]["finalizers"] = ["outrigger.test/hold"]
+    _bare(kube, namespace, held)
+    path = f"/api/v1/namespaces/{namespace}/pods/leaving"
+    kube.call("DELETE", path)
+    try:
+        assert kube.call("GET", path)["metadata"]["deletionTimestamp"]
+        result = audit(
+            tmp_path, kube.kubeconfig, "-n", namespace, "-o", "json",
+            "--webhook", "outrigger-absent",  # no configuration: every namespace counts
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        found = [p["name"] for w in json.loads(result.stdout)["workloads"] for p in w["pods"]]
+        assert found == ["staying"]
+    finally:
+        kube.call(
+            "PATCH", path, {"metadata": {"finalizers": None}},
+            content_type="application/merge-patch+json",
+        )  # fmt: skip
 
 
 def test_an_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:

@@ -137,6 +137,7 @@ NOT_COMPILED = [
     *("--set", "compiledPolicy.matchConditions=false"),
     *("--set", "compiledPolicy.guard=Off"),
 ]
+NO_EVENTS = ["--set", "events.enabled=false"]
 TLS_MODES: dict[str, list[str]] = {
     "self": [],
     "helm": HELM_MODE,
@@ -466,14 +467,16 @@ def _rbac_grants(docs: Docs) -> set[tuple[str, str]]:
 def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
     render: Callable[..., Docs],
 ) -> None:
-    """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself.
-    The chart grants exactly `RBAC | WATCH_RBAC | COMPILED_RBAC`. tests/test_self_tls.py,
-    tests/test_policy_watch.py and tests/test_kube_compiled.py run the server against the real
-    API server with this Role and ClusterRole (rendered there by Helm too) and check that
-    every call it makes is in that set and that none is refused. `delete` on the Secret is in
-    it though never called: the OwnerReferencesPermissionEnforcement admission plugin (on in
-    that API server, as in OpenShift) requires it to change the Secret's ownerReferences, and
-    tests/test_self_tls.py shows the update refused without it."""
+    """tls.mode=self (the default): the webhook writes the Secret and the caBundle itself. The
+    chart grants exactly `RBAC | WATCH_RBAC | COMPILED_RBAC | EVENTS_RBAC`.
+    tests/test_self_tls.py, tests/test_policy_watch.py and tests/test_kube_compiled.py (and
+    tests/test_events.py, with a ClusterRole of its own granting that set) run the server
+    against the real API server with this Role and ClusterRole (rendered there by Helm too) and
+    check that every call it makes is in that set and that none is refused. `delete` on the
+    Secret is in it though never called: the OwnerReferencesPermissionEnforcement admission
+    plugin (on in that API server, as in OpenShift) requires it to change the Secret's
+    ownerReferences, and tests/test_self_tls.py shows the update refused without it."""
+    from tests.test_events import RBAC as EVENTS_RBAC
     from tests.test_kube_compiled import RBAC as COMPILED_RBAC
     from tests.test_policy_watch import RBAC as WATCH_RBAC
     from tests.test_self_tls import RBAC
@@ -482,7 +485,7 @@ def test_self_mode_renders_no_secret_no_ca_bundle_and_least_rbac(
     assert "caBundle" not in webhook(docs)["clientConfig"]
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert not CERT_MANAGER_KINDS & set(kinds(docs))
-    assert _rbac_grants(docs) == RBAC | WATCH_RBAC | COMPILED_RBAC
+    assert _rbac_grants(docs) == RBAC | WATCH_RBAC | COMPILED_RBAC | EVENTS_RBAC
     pod = only(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is True
     assert only(docs, "ServiceAccount", FULLNAME)["automountServiceAccountToken"] is False
@@ -523,10 +526,14 @@ def test_self_mode_renders_byte_identically(helm: Path) -> None:
         (FILE_RELOAD, {"secrets"}, True, True),
         (HELM_MODE, {"configmaps"}, True, True),
         ([*HELM_MODE, *FILE_RELOAD], set(), True, True),
-        ([*HELM_MODE, *NOT_COMPILED], {"configmaps"}, False, True),
-        ([*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED], set(), False, False),
+        ([*HELM_MODE, *NOT_COMPILED], {"configmaps"}, True, True),  # Events
+        ([*HELM_MODE, *NOT_COMPILED, *NO_EVENTS], {"configmaps"}, False, True),
+        ([*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED, *NO_EVENTS], set(), False, False),
     ],
-    ids=["self-watch", "self-file", "helm-watch", "helm-file", "helm-watch-off", "helm-file-off"],
+    ids=[
+        *("self-watch", "self-file", "helm-watch", "helm-file", "helm-watch-events"),
+        *("helm-watch-off", "helm-file-off"),
+    ],
 )
 def test_rbac_and_token_follow_what_the_server_calls(
     render: Callable[..., Docs], args: list[str], role: set[str], cluster_role: bool, token: bool
@@ -633,7 +640,7 @@ def test_mounts_are_directories_without_subpath(render: Callable[..., Docs], mod
 
 
 def test_service_service_account_pdb_and_no_rbac(render: Callable[..., Docs]) -> None:
-    docs = render(*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED)
+    docs = render(*HELM_MODE, *FILE_RELOAD, *NOT_COMPILED, *NO_EVENTS)
     service = only(docs, "Service", FULLNAME)
     assert service["spec"]["ports"] == [
         {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}

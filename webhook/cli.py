@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _self_tls_arguments(serve)
     _compiled_policy_arguments(serve)
+    serve.add_argument(
+        "--events",
+        action="store_true",
+        help="record denials, warnings and policy mismatches as Kubernetes Events on the pod's "
+        "owner (at most one per owner and reason a minute; needs create and patch on events)",
+    )
     serve.set_defaults(run=_serve)
 
     inject = commands.add_parser("inject", help="inject into manifests, print the result")
@@ -252,6 +258,83 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--context", metavar="NAME", help="kubeconfig context")
     audit.set_defaults(run=_audit)
+
+    explain = commands.add_parser(
+        "explain",
+        help="say why a live workload's pods are, or are not, injected",
+        description="Read a workload, its namespace, the webhook configuration and the policy "
+        "from the cluster and say whether the API server calls the webhook for its pods, "
+        "which sidecars the policy gives them and which rule decided, whether its running "
+        "pods match, and the mistakes found. Exit status 0 when it is injected as expected "
+        "(or not injected, as the policy says), 1 when it will not be or something is "
+        "mistaken, 2 when the cluster cannot be read.",
+    )
+    explain.add_argument(
+        "target",
+        metavar="KIND/NAME",
+        help="deployment/web, statefulset/db, daemonset/, replicaset/, job/, cronjob/, pod/ "
+        "(or kubectl's short names deploy, sts, ds, rs, cj, po)",
+    )
+    explain.add_argument(
+        "-n", "--namespace", help="default: the kubeconfig context's namespace, else default"
+    )
+    explain_policy = explain.add_mutually_exclusive_group()
+    explain_policy.add_argument("--policy", type=Path, help="policy file (default: embedded)")
+    explain_policy.add_argument(
+        "--from-cluster",
+        metavar="NAMESPACE/NAME",
+        help="the policy the cluster runs, from the chart's ConfigMap",
+    )
+    explain.add_argument(
+        "--webhook", default="outrigger", help="MutatingWebhookConfiguration (default: outrigger)"
+    )
+    explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    _cluster_arguments(explain)
+    explain.set_defaults(run=_explain_live)
+
+    rollout = commands.add_parser(
+        "rollout",
+        help="restart the workloads audit finds, wave by wave (only a plan without --apply)",
+        description="Bring the workloads `audit` finds (missing, stale, mismatched) up to the "
+        "policy in force: Deployments, StatefulSets and DaemonSets get the change `kubectl "
+        "rollout restart` makes (their own strategy paces the replacement), bare pods an "
+        "eviction with --include-pods; Jobs, CronJobs and other pods are listed, left alone. "
+        "At most --max-workloads at once: the next wave starts when every pod of the last is "
+        "Ready and audits clean. Prints the plan and changes nothing without --apply. Exit "
+        "status 1 when a wave fails or times out, 2 when the cluster cannot be read.",
+    )
+    rollout.add_argument("-n", "--namespace", help="one namespace (default: every namespace)")
+    rollout.add_argument(
+        "-l", "--selector", metavar="SELECTOR", help="only pods with these labels (app=web)"
+    )
+    source = rollout.add_mutually_exclusive_group()
+    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    source.add_argument(
+        "--from-cluster", metavar="NAMESPACE/NAME", help="the policy from the chart's ConfigMap"
+    )
+    rollout.add_argument(
+        "--webhook",
+        default="outrigger",
+        help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
+        "(default: outrigger; every namespace if it does not exist)",
+    )
+    rollout.add_argument(
+        "--max-workloads", type=int, default=1, metavar="N", help="restarted at once (default: 1)"
+    )
+    rollout.add_argument(
+        "--timeout", type=parse_duration, default="10m", help="for one wave (default: 10m)"
+    )
+    rollout.add_argument(
+        "--include-pods",
+        action="store_true",
+        help="evict bare pods too: they do not come back unless something creates them again",
+    )
+    rollout.add_argument("--apply", action="store_true", help="run the plan (default: print it)")
+    rollout.add_argument(
+        "-o", "--output", choices=["table", "json"], default="table", help="json: a line per event"
+    )
+    _cluster_arguments(rollout)
+    rollout.set_defaults(run=_rollout)
     return parser
 
 
@@ -451,6 +534,10 @@ def _serving(args: argparse.Namespace) -> int:
         keeping = _compiled_policy(args, configuration, metrics)
     else:
         keeping = None
+    try:
+        decisions = _recorded_events(args, metrics) if args.events else None
+    except ValueError as error:
+        raise _ServeRefused(str(error)) from None
     serve(
         args.host,
         args.port,
@@ -463,8 +550,18 @@ def _serving(args: argparse.Namespace) -> int:
         metrics=metrics,
         compiled_policy=keeping,
         max_connections=args.max_connections,
+        decisions=decisions,
     )
     return 0
+
+
+def _recorded_events(args: argparse.Namespace, metrics: Metrics) -> Any:
+    """`--events`: the decisions worth an Event, sent beside the server (DecisionSink)."""
+    from webhook.cluster.events import EventRecorder, EventSender
+    from webhook.serving.server import DecisionSink
+
+    recorder = EventRecorder(EventSender(_api_configuration(args)), metrics)
+    return DecisionSink(recorder.observe, recorder.running)
 
 
 def _compiled_policy(args: argparse.Namespace, configuration: Any, metrics: Metrics) -> Any:
@@ -772,6 +869,53 @@ def _audit(args: argparse.Namespace) -> int:
     render = audit.render_json if args.output == "json" else audit.render_table
     sys.stdout.write(render(policy, groups))
     return 1 if groups else 0
+
+
+def _explain_live(args: argparse.Namespace) -> int:
+    """`outrigger explain KIND/NAME`: the live counterpart of `inject --explain`."""
+    from webhook.cluster import explain  # the kubernetes client is only needed here
+    from webhook.core.explain import render_json, render_text
+
+    if args.from_cluster is not None and "/" not in args.from_cluster:
+        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy) if args.policy else None
+    request = explain.Request(args.target, args.namespace, args.webhook, policy, args.from_cluster)
+    try:
+        result = explain.run_explain(args.kubeconfig, args.context, request)
+    except explain.ExplainError as error:
+        print(f"outrigger: {printable(str(error))}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_json(result) if args.output == "json" else render_text(result))
+    return result.exit_status
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from webhook.cluster import audit, rollout  # the kubernetes client is only needed here
+
+    if args.max_workloads < 1:
+        print("outrigger: --max-workloads must be at least 1", file=sys.stderr)
+        return 2
+    if args.from_cluster is not None and "/" not in args.from_cluster:
+        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy) if args.policy else None
+    scope = audit.Scope(args.namespace, args.webhook, selector=args.selector)
+    options = rollout.Options(
+        args.apply, args.include_pods, args.max_workloads, args.timeout.total_seconds()
+    )
+    try:
+        finished = rollout.run_rollout(
+            args.kubeconfig, args.context, scope, policy, args.from_cluster, options,
+            rollout.reporter_for(args.output),
+        )  # fmt: skip
+    except audit.AuditError as error:
+        print(f"outrigger: {printable(str(error))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("outrigger: interrupted: what was restarted keeps rolling out", file=sys.stderr)
+        return 130
+    return 0 if finished else 1
 
 
 class _Dumper(yaml.SafeDumper):

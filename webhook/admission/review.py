@@ -56,6 +56,17 @@ class AdmissionRequest:
     pod_json: bytes | None
     name: str
     owner: str = ""  # Kind/name of the controlling owner, for the decision log
+    # The controlling owner, for Kubernetes Events about the pod (which may never exist).
+    owner_reference: OwnerReference | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerReference:
+    api_version: str
+    kind: str
+    name: str
+    uid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +88,7 @@ class Verdict:
     reason: str
     sidecars: tuple[str, ...] = ()
     message: str = ""  # a denial's or a refusal's, bounded
+    warnings: tuple[str, ...] = ()  # those returned to the client, escaped
 
 
 def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
@@ -121,7 +133,7 @@ def decode_review(body: bytes) -> AdmissionRequest:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
     elif pod is not None:
         pod_json = wire.encode(pod)
-    return _admission_request(uid, request.get("namespace", ""), pod_json, metadata)
+    return _admission_request(uid, request, pod_json, metadata)
 
 
 def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
@@ -143,29 +155,41 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
     metadata = (pod or {}).get("metadata") or {}
     if pod is None or STATUS in (metadata.get("annotations") or {}):
         return None
-    return _admission_request(
-        request["uid"], request.get("namespace", ""), wire.encode(pod), metadata
-    )
+    return _admission_request(request["uid"], request, wire.encode(pod), metadata)
 
 
 def _admission_request(
-    uid: str, namespace: str, pod_json: bytes | None, metadata: wire.ObjectMeta
+    uid: str,
+    request: wire.Request | wire.RequestWithPod,
+    pod_json: bytes | None,
+    metadata: wire.ObjectMeta,
 ) -> AdmissionRequest:
+    owner = _owner(metadata)
     return AdmissionRequest(
         uid=uid,
-        namespace=namespace,
+        namespace=request.get("namespace", ""),
         pod_json=pod_json,
         name=metadata.get("name") or metadata.get("generateName") or "",
-        owner=_owner(metadata),
+        owner=f"{owner.get('kind', '')}/{owner.get('name', '')}" if owner else "",
+        owner_reference=_reference(owner) if owner else None,
+        dry_run=bool(request.get("dryRun")),
     )
 
 
-def _owner(metadata: wire.ObjectMeta) -> str:
+def _owner(metadata: wire.ObjectMeta) -> wire.OwnerReference | None:
+    """The controlling owner (else the first owner), as the pod names it."""
     references = metadata.get("ownerReferences") or []
     controllers = [r for r in references if r.get("controller")] or references
-    if not controllers:
-        return ""
-    return f"{controllers[0].get('kind', '')}/{controllers[0].get('name', '')}"
+    return controllers[0] if controllers else None
+
+
+def _reference(owner: wire.OwnerReference) -> OwnerReference | None:
+    """The owner as an Event names it; None when the pod names it incompletely."""
+    api_version, kind = owner.get("apiVersion", ""), owner.get("kind", "")
+    name, uid = owner.get("name", ""), owner.get("uid", "")
+    if not (api_version and kind and name and uid):
+        return None
+    return OwnerReference(api_version, kind, name, uid)
 
 
 def _creates_a_pod(request: wire.Request | wire.RequestWithPod) -> bool:
@@ -243,8 +267,9 @@ def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], V
         message = "internal error while injecting; see the webhook's logs"
         return denied(request, message, 500), Verdict("error", "internal", message=message)
     outcome = "injected" if result.patch else "unchanged"
-    verdict = Verdict(outcome, result.reason, result.injected)
-    return allowed(request, result.patch, result.warnings), verdict
+    warnings = tuple(printable(warning) for warning in result.warnings)
+    verdict = Verdict(outcome, result.reason, result.injected, warnings=warnings)
+    return allowed(request, result.patch, warnings), verdict
 
 
 @cache_small(1024, lambda pod_json, *_: len(pod_json))
@@ -286,7 +311,7 @@ def allowed(
         response["patchType"] = _PATCH_TYPE
         response["patch"] = patch
     if warnings:
-        response["warnings"] = [printable(warning) for warning in warnings]
+        response["warnings"] = list(warnings)  # escaped by the caller
     return _envelope(response)
 
 

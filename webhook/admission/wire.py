@@ -106,8 +106,10 @@ class PodSpec(TypedDict, total=False):
 
 
 class OwnerReference(TypedDict, total=False):
+    apiVersion: str
     kind: str
     name: str
+    uid: str
     controller: bool | None
 
 
@@ -137,6 +139,7 @@ class Request(TypedDict, total=False):
     operation: str
     namespace: str
     subResource: str
+    dryRun: bool | None
     # Kept as raw JSON (`null` included): decoded, partially, only for a pod to mutate.
     object: msgspec.Raw
 
@@ -155,6 +158,7 @@ class RequestWithPod(TypedDict, total=False):
     operation: str
     namespace: str
     subResource: str
+    dryRun: bool | None
     object: Pod | None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Scope:
     namespace: str | None  # None: all namespaces
     webhook: str
     chunk_size: int = CHUNK_SIZE
+    selector: str | None = None  # a label selector on the pods (`app=web,tier!=db`)
 
 
 def run_audit(
@@ -57,6 +59,15 @@ def run_audit(
     policy: Policy | None,
     from_cluster: str | None,
 ) -> tuple[Policy, list[WorkloadFindings]]:
+    # A read-only report: fail fast on an unreachable server.
+    with connected(kubeconfig, context, retries=1) as api:
+        return audit_cluster(api, scope, policy, from_cluster)
+
+
+@contextmanager
+def connected(kubeconfig: Path | None, context: str | None, *, retries: int) -> Iterator[Any]:
+    """An ApiClient for the kubeconfig; what the API refuses or an unreachable server raise
+    AuditError from the block, saying which."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -64,12 +75,10 @@ def run_audit(
         configuration = client_configuration(kubeconfig, context)
     except RegistrationError as error:
         raise AuditError(str(error)) from None
-    configuration.retries = 1  # a read-only report: fail fast on an unreachable server
+    configuration.retries = retries
     api: Any = client.ApiClient(configuration)
     try:
-        if policy is None:
-            policy = _cluster_policy(client.CoreV1Api(api), from_cluster)
-        return policy, _findings(api, scope, policy)
+        yield api
     except ApiException as error:
         raise AuditError(f"the API server refused: {api_error(error)}") from None
     except (OSError, urllib3.exceptions.HTTPError) as error:  # unreachable, TLS
@@ -78,15 +87,28 @@ def run_audit(
         api.close()
 
 
+def audit_cluster(
+    api: Any, scope: Scope, policy: Policy | None, from_cluster: str | None
+) -> tuple[Policy, list[WorkloadFindings]]:
+    """The policy (`policy`, else the ConfigMap `from_cluster`, else the embedded one) and
+    the findings under it, by workload."""
+    from kubernetes import client
+
+    if policy is None:
+        policy = _cluster_policy(client.CoreV1Api(api), from_cluster)
+    return policy, _findings(api, scope, policy)
+
+
 def _findings(api: Any, scope: Scope, policy: Policy) -> list[WorkloadFindings]:
     from kubernetes import client
 
     core, apps, batch = client.CoreV1Api(api), client.AppsV1Api(api), client.BatchV1Api(api)
     selected = _selected_namespaces(api, core, scope)
+    only = {"label_selector": scope.selector} if scope.selector else {}
     if scope.namespace is None:
-        pods = _paged(core.list_pod_for_all_namespaces, scope.chunk_size)
+        pods = paged(core.list_pod_for_all_namespaces, scope.chunk_size, **only)
     else:
-        pods = _paged(core.list_namespaced_pod, scope.chunk_size, namespace=scope.namespace)
+        pods = paged(core.list_namespaced_pod, scope.chunk_size, namespace=scope.namespace, **only)
     findings: list[Finding] = []
     owners: dict[tuple[str, str], tuple[str, str]] = {}
     pending: dict[tuple[str, str], dict[str, Any]] = {}
@@ -108,9 +130,9 @@ def _selected_namespaces(api: Any, core: Any, scope: Scope) -> set[str]:
     """Namespaces the webhook configuration's namespaceSelector matches (all, without one)."""
     selectors = _namespace_selectors(api, scope.webhook)
     if scope.namespace is not None:
-        namespaces = [_raw(core.read_namespace, scope.namespace)]
+        namespaces = [raw(core.read_namespace, scope.namespace)]
     else:
-        namespaces = list(_paged(core.list_namespace, scope.chunk_size))
+        namespaces = list(paged(core.list_namespace, scope.chunk_size))
     selected = set()
     for namespace in namespaces:
         labels = namespace["metadata"].get("labels") or {}
@@ -125,7 +147,7 @@ def _namespace_selectors(api: Any, name: str) -> list[LabelSelector] | None:
 
     registration = client.AdmissionregistrationV1Api(api)
     try:
-        configuration = _raw(registration.read_mutating_webhook_configuration, name)
+        configuration = raw(registration.read_mutating_webhook_configuration, name)
     except ApiException as error:
         if error.status == 404:
             return None  # not installed under this name: every namespace counts
@@ -153,7 +175,7 @@ def _parents(
     parents = {}
     for namespace in sorted(namespaces):
         for kind, listing in listings:
-            for item in _paged(listing, chunk_size, namespace=namespace):
+            for item in paged(listing, chunk_size, namespace=namespace):
                 controller = controller_of(item)
                 if controller is not None:
                     parents[(namespace, kind, str(item["metadata"]["name"]))] = controller
@@ -166,29 +188,38 @@ def _cluster_policy(core: Any, from_cluster: str | None) -> Policy:
     if from_cluster is None:
         return default_policy()
     namespace, _, name = from_cluster.partition("/")
-    config_map = _raw(core.read_namespaced_config_map, name, namespace)
-    text = (config_map.get("data") or {}).get(POLICY_KEY)
-    if text is None:
-        raise AuditError(f"ConfigMap {from_cluster} has no {POLICY_KEY}")
+    config_map = raw(core.read_namespaced_config_map, name, namespace)
     try:
-        return parse_policy(yaml.safe_load(text), f"ConfigMap {from_cluster}")
-    except (PolicyError, yaml.YAMLError) as error:
+        return policy_in_config_map(config_map, from_cluster)
+    except ValueError as error:
         raise AuditError(str(error)) from None
 
 
-def _paged(call: Callable[..., Any], chunk_size: int, **arguments: Any) -> Iterator[dict[str, Any]]:
+def policy_in_config_map(config_map: dict[str, Any], origin: str) -> Policy:
+    """The policy in the chart's ConfigMap (its POLICY_KEY); ValueError, with a message that
+    names `origin` (NAMESPACE/NAME), when it holds none or an invalid one."""
+    text = (config_map.get("data") or {}).get(POLICY_KEY)
+    if text is None:
+        raise ValueError(f"ConfigMap {origin} has no {POLICY_KEY}")
+    try:
+        return parse_policy(yaml.safe_load(text), f"ConfigMap {origin}")
+    except (PolicyError, yaml.YAMLError) as error:
+        raise ValueError(str(error)) from None
+
+
+def paged(call: Callable[..., Any], chunk_size: int, **arguments: Any) -> Iterator[dict[str, Any]]:
     """Every item of a list, page by page (`limit`, then `continue` until the API gives none)."""
     token: str | None = None
     while True:
         extra = {"_continue": token} if token else {}
-        page = _raw(call, limit=chunk_size, **arguments, **extra)
+        page = raw(call, limit=chunk_size, **arguments, **extra)
         yield from page.get("items") or []
         token = (page.get("metadata") or {}).get("continue")
         if not token:
             return
 
 
-def _raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+def raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The API's own JSON (camelCase, as admission sees objects), not the client's models."""
     response = call(*args, _preload_content=False, **kwargs)
     document: dict[str, Any] = json.loads(response.data)

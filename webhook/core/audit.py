@@ -9,6 +9,8 @@ runs) says what the pod should hold under the policy in force:
 - **mismatched**: a status of the current version that the pod does not hold (edited after
   admission, or forged).
 
+A pod that is terminating (`metadata.deletionTimestamp`) is none of these: it is going away.
+
 Findings are grouped by the workload that owns the pods, each group with the command that
 fixes it (new pods are injected as the policy says).
 """
@@ -62,6 +64,10 @@ class WorkloadFindings:
 def classify(pod: Mapping[str, Any], namespace: str, policy: Policy) -> Finding | None:
     """The pod's finding, or None when it holds what the policy says (or is not ours)."""
     metadata = pod.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        # Already on its way out (a restart replaced it): no fix applies, and a rollout
+        # waiting for a clean audit would otherwise wait out its grace period.
+        return None
     name = str(metadata.get("name", ""))
     status = (metadata.get("annotations") or {}).get(ann.STATUS)
     try:

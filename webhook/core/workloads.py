@@ -36,10 +36,16 @@ def inject_workload(
     return _replace(document, path, injection.pod), injection
 
 
+def pod_template(document: dict[str, Any]) -> dict[str, Any] | None:
+    """The workload's pod (template), the Pod itself for a Pod; None for other kinds, or
+    where the object holds none."""
+    path = TEMPLATE_PATHS.get(str(document.get("kind")))
+    return _get(document, path) if path is not None else None
+
+
 def pod_template_metadata(document: dict[str, Any]) -> dict[str, Any]:
     """The metadata of the workload's pod (template); {} for other kinds."""
-    path = TEMPLATE_PATHS.get(str(document.get("kind")))
-    template = _get(document, path) if path is not None else None
+    template = pod_template(document)
     metadata = template.get("metadata") if template is not None else None
     return metadata if isinstance(metadata, dict) else {}
 

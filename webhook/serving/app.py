@@ -50,20 +50,28 @@ _NOT_ALLOWED = b'{"error":"method not allowed; use POST"}'
 Background = Callable[[], AbstractAsyncContextManager[None]]
 
 
+# Told of every review once answered (request, verdict, policy version, the compiled policy's
+# version), on the event loop: must return at once (`webhook.cluster.events` queues).
+DecisionObserver = Callable[[AdmissionRequest | None, Verdict, str, str], None]
+
+
 def create_app(
     policy: Callable[[], Policy],
     *,
     metrics: Metrics | None = None,
     background: Background | None = None,
+    observer: DecisionObserver | None = None,
 ) -> AdmissionEndpoint:
     """`policy` returns the policy in force, so a reload takes effect on the next request.
 
     `metrics` (a fresh set by default) is served at `/metrics` and reports `policy()`'s version;
-    `background` is entered at startup and left at shutdown (the ASGI lifespan).
+    `background` is entered at startup and left at shutdown (the ASGI lifespan); `observer`
+    is told of each decision after the decision log.
     """
     metrics = Metrics() if metrics is None else metrics
     metrics.follow_policy(policy)
-    return AdmissionEndpoint(_fastapi_app(policy, metrics, background), policy, metrics)
+    app = _fastapi_app(policy, metrics, background)
+    return AdmissionEndpoint(app, policy, metrics, observer)
 
 
 def _fastapi_app(
@@ -142,11 +150,16 @@ class AdmissionEndpoint:
     """Answers `POST /mutate`; passes every other request (and lifespan) on to FastAPI."""
 
     def __init__(
-        self, app: ASGIApp, policy: Callable[[], Policy], metrics: Metrics | None = None
+        self,
+        app: ASGIApp,
+        policy: Callable[[], Policy],
+        metrics: Metrics | None = None,
+        observer: DecisionObserver | None = None,
     ) -> None:
         self.app = app
         self.policy = policy
         self.metrics = Metrics() if metrics is None else metrics
+        self.observer = observer
         self.budget = BodyBudget()
         self._busy_warning = Throttled(
             "request bodies at their budget (%d bytes held at once): answered %d request(s) "
@@ -225,7 +238,10 @@ class AdmissionEndpoint:
         metrics are not shared with threads); returns its answer."""
         seconds = time.perf_counter() - started
         self.metrics.observe_review(verdict.outcome, verdict.reason, verdict.sidecars, seconds)
-        log_decision(request, verdict, policy.version, seconds, self.metrics.compiled_version)
+        compiled = self.metrics.compiled_version
+        log_decision(request, verdict, policy.version, seconds, compiled)
+        if self.observer is not None:
+            self.observer(request, verdict, policy.version, compiled)
         return answer
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import InfoMetricFamily, Metric
@@ -32,6 +32,8 @@ CompiledPolicyResult = Literal["applied", "fallback", "unpublished", "error"]
 # Why the server closed a connection on its own: to stay under the connection cap, a TLS
 # handshake not finished in time (or failed), a client pipelining too deep, an upgrade asked.
 ConnectionClosed = Literal["cap", "handshake", "pipelining", "upgrade"]
+# What became of a decision worth a Kubernetes Event (`webhook.cluster.events`).
+EventResult = Literal["sent", "aggregated", "dropped", "failed"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
 DURATION_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -134,6 +136,18 @@ class Metrics:
             "their budget (large bodies only).",
             registry=self.registry,
         )
+        self._events = Counter(
+            "outrigger_events",
+            "Decisions worth a Kubernetes Event on the pod's owner, by what became of them: "
+            "sent (created or updated), aggregated (the same reason for the same owner within "
+            "a minute: counted in the next one), dropped (the queue full: the API slow), "
+            "failed (the API refused or was unreachable).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._event_children = {
+            result: self._events.labels(result=result) for result in get_args(EventResult)
+        }
         # That version, for the decision log; "" until published (or when not published).
         self.compiled_version = ""
         self._review_children: dict[tuple[str, str], Any] = {}
@@ -197,6 +211,9 @@ class Metrics:
 
     def count_busy(self) -> None:
         self._busy.inc()
+
+    def count_event(self, result: EventResult) -> None:
+        self._event_children[result].inc()
 
     def set_certificate_expiry(self, not_after: datetime.datetime) -> None:
         self._certificate_expiry.set(not_after.timestamp())

@@ -14,7 +14,7 @@ from pathlib import Path
 import uvicorn
 
 from webhook.core.policy import Policy, default_policy
-from webhook.serving.app import AdmissionEndpoint, Background, create_app
+from webhook.serving.app import AdmissionEndpoint, Background, DecisionObserver, create_app
 from webhook.serving.certs import CertificatePaths, ensure_serving_certificates
 from webhook.serving.connections import (
     DEFAULT_MAX_CONNECTIONS,
@@ -44,6 +44,15 @@ class CertificateSource:
 
 
 @dataclass(frozen=True)
+class DecisionSink:
+    """What is told of each decision after it is answered (`observe`, on the event loop),
+    and what runs beside the server for it (`keeping`): `webhook.cluster.events`."""
+
+    observe: DecisionObserver
+    keeping: Background
+
+
+@dataclass(frozen=True)
 class PolicySource:
     """A policy kept current by something other than a file poll (`--policy-configmap`):
     what is in force now, what keeps it so while the server runs, and where it comes from."""
@@ -66,6 +75,7 @@ def serve(
     metrics: Metrics | None = None,
     compiled_policy: Callable[[Callable[[], Policy]], Background] | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    decisions: DecisionSink | None = None,
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
@@ -102,9 +112,11 @@ def serve(
     keeping = certificate_source.keeping if certificate_source else None
     # The compiled policy follows the policy in force (`webhook.cluster.compiledpolicy`).
     publishing = compiled_policy(policy) if compiled_policy is not None else None
-    background = _together(policy_watch, certificate.watching, keeping, publishing)
+    recording = decisions.keeping if decisions is not None else None
+    background = _together(policy_watch, certificate.watching, keeping, publishing, recording)
     gate = ConnectionGate(_connection_limit(max_connections), metrics)
-    endpoint = create_app(policy, metrics=metrics, background=background)
+    observer = decisions.observe if decisions is not None else None
+    endpoint = create_app(policy, metrics=metrics, background=background, observer=observer)
     config = _uvicorn_config(
         endpoint,
         host,
