@@ -86,6 +86,18 @@ def outrigger_executable() -> str:
     return found
 
 
+def run_against_cluster(
+    command: str, home: Path, kubeconfig: Path, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`outrigger COMMAND --kubeconfig KUBECONFIG ARGS` through the entry point, with a bare
+    environment (no $KUBECONFIG, HOME a test folder), as a user would run it."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    return subprocess.run(
+        [outrigger_executable(), command, "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )  # fmt: skip
+
+
 def largest_admissible_config() -> str:
     """An `ambassador-config` at every bound at once: the costliest review still admitted."""
     upstreams = {

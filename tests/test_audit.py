@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, ROOT, outrigger_executable
+from tests.conftest import FIXTURES, ROOT, run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
 from tests.kube_webhook import LABEL, configuration, new_selector, registered, running_webhook
@@ -330,11 +330,7 @@ def cluster(
 
 
 def audit(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run(
-        [outrigger_executable(), "audit", "--kubeconfig", str(kubeconfig), *args],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
-    )  # fmt: skip
+    return run_against_cluster("audit", tmp_path, kubeconfig, *args)
 
 
 @pytest.mark.kube

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, outrigger_executable
+from tests.conftest import ROOT, run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
 from tests.kube_webhook import LABEL, configuration, new_selector, registered, running_webhook
@@ -539,11 +539,7 @@ def cluster(
 
 
 def run_explain(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run(
-        [outrigger_executable(), "explain", "--kubeconfig", str(kubeconfig), *args],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
-    )  # fmt: skip
+    return run_against_cluster("explain", tmp_path, kubeconfig, *args)
 
 
 @pytest.mark.kube

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, outrigger_executable
+from tests.conftest import ROOT, outrigger_executable, run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
 from tests.kube_webhook import (
@@ -482,11 +482,7 @@ def kubelet_double(kube: ControlPlane, namespace: str, selector: str) -> Iterato
 
 
 def rollout(tmp_path: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run(
-        [outrigger_executable(), "rollout", "--kubeconfig", str(kubeconfig), *args],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
-    )  # fmt: skip
+    return run_against_cluster("rollout", tmp_path, kubeconfig, *args, timeout=300)
 
 
 def events(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

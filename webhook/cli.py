@@ -235,20 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "-A", "--all-namespaces", action="store_true", help="every namespace (the default)"
     )
-    source = audit.add_mutually_exclusive_group()
-    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
-    source.add_argument(
-        "--from-cluster",
-        metavar="NAMESPACE/NAME",
-        help="the policy the cluster runs, from the chart's ConfigMap "
-        "(e.g. outrigger-system/outrigger-policy)",
-    )
-    audit.add_argument(
-        "--webhook",
-        default="outrigger",
-        help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
-        "(default: outrigger; every namespace if it does not exist)",
-    )
+    _cluster_policy_arguments(audit)
     audit.add_argument("-o", "--output", choices=["table", "json"], default="table")
     audit.add_argument(
         "--chunk-size", type=int, default=500, help="items per list request (default: 500)"
@@ -278,16 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "-n", "--namespace", help="default: the kubeconfig context's namespace, else default"
     )
-    explain_policy = explain.add_mutually_exclusive_group()
-    explain_policy.add_argument("--policy", type=Path, help="policy file (default: embedded)")
-    explain_policy.add_argument(
-        "--from-cluster",
-        metavar="NAMESPACE/NAME",
-        help="the policy the cluster runs, from the chart's ConfigMap",
-    )
-    explain.add_argument(
-        "--webhook", default="outrigger", help="MutatingWebhookConfiguration (default: outrigger)"
-    )
+    _cluster_policy_arguments(explain)
     explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
     _cluster_arguments(explain)
     explain.set_defaults(run=_explain_live)
@@ -307,17 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     rollout.add_argument(
         "-l", "--selector", metavar="SELECTOR", help="only pods with these labels (app=web)"
     )
-    source = rollout.add_mutually_exclusive_group()
-    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
-    source.add_argument(
-        "--from-cluster", metavar="NAMESPACE/NAME", help="the policy from the chart's ConfigMap"
-    )
-    rollout.add_argument(
-        "--webhook",
-        default="outrigger",
-        help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
-        "(default: outrigger; every namespace if it does not exist)",
-    )
+    _cluster_policy_arguments(rollout)
     rollout.add_argument(
         "--max-workloads", type=int, default=1, metavar="N", help="restarted at once (default: 1)"
     )
@@ -336,6 +304,32 @@ def _parser() -> argparse.ArgumentParser:
     _cluster_arguments(rollout)
     rollout.set_defaults(run=_rollout)
     return parser
+
+
+def _cluster_policy_arguments(command: argparse.ArgumentParser) -> None:
+    """Which policy and webhook configuration `audit`, `explain` and `rollout` judge by."""
+    source = command.add_mutually_exclusive_group()
+    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    source.add_argument(
+        "--from-cluster",
+        type=_namespaced_name,
+        metavar="NAMESPACE/NAME",
+        help="the policy the cluster runs, from the chart's ConfigMap "
+        "(e.g. outrigger-system/outrigger-policy)",
+    )
+    command.add_argument(
+        "--webhook",
+        default="outrigger",
+        help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
+        "(default: outrigger; every namespace if it does not exist)",
+    )
+
+
+def _namespaced_name(text: str) -> str:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError("takes NAMESPACE/NAME")
+    return text
 
 
 def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
@@ -854,9 +848,6 @@ def _audit(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         print("outrigger: --chunk-size must be at least 1", file=sys.stderr)
         return 2
-    if args.from_cluster is not None and "/" not in args.from_cluster:
-        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
-        return 2
     policy = load_policy(args.policy) if args.policy else None
     scope = audit.Scope(args.namespace, args.webhook, args.chunk_size)
     try:
@@ -876,9 +867,6 @@ def _explain_live(args: argparse.Namespace) -> int:
     from webhook.cluster import explain  # the kubernetes client is only needed here
     from webhook.core.explain import render_json, render_text
 
-    if args.from_cluster is not None and "/" not in args.from_cluster:
-        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
-        return 2
     policy = load_policy(args.policy) if args.policy else None
     request = explain.Request(args.target, args.namespace, args.webhook, policy, args.from_cluster)
     try:
@@ -895,9 +883,6 @@ def _rollout(args: argparse.Namespace) -> int:
 
     if args.max_workloads < 1:
         print("outrigger: --max-workloads must be at least 1", file=sys.stderr)
-        return 2
-    if args.from_cluster is not None and "/" not in args.from_cluster:
-        print("outrigger: --from-cluster takes NAMESPACE/NAME", file=sys.stderr)
         return 2
     policy = load_policy(args.policy) if args.policy else None
     scope = audit.Scope(args.namespace, args.webhook, selector=args.selector)
