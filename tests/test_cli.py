@@ -424,6 +424,9 @@ def test_inject_explain_says_why(tmp_path: Path) -> None:
         "  API server: calls the webhook "
         "(outrigger.dev/namespace-not-excluded, outrigger.dev/policy-applies hold)",
         "  log-watcher: asked for by outrigger.dev/inject",
+        "  log-watcher resources: cpu request 10m (template); ephemeral-storage request 64Mi "
+        "(template); memory request 32Mi (template); cpu limit 200m (template); memory limit "
+        "128Mi (template); Fluent Bit mem_buf_limit 16MB",
         "  warning: annotation outrigger.dev/logpath is not an Outrigger annotation and is ignored",
         "  warning: log-watcher reads the app's files as user 65534, as the pod does not set the "
         "app's runAsUser: files not readable by all (umask 027, 077) are not shipped; set "

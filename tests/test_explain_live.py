@@ -330,7 +330,8 @@ def test_a_rule_that_requires_a_sidecar_is_named() -> None:
         }
     )
     result = ex.explain(deployment(), namespace(labels=SELECTED), CONFIG, "outrigger", policy, [])
-    assert result.sidecars.explanation == ("log-watcher: required by rule 'shop-logs'",)
+    assert result.sidecars.explanation[0] == "log-watcher: required by rule 'shop-logs'"
+    assert result.sidecars.explanation[1].startswith("log-watcher resources: cpu request 10m")
     assert result.verdict == ex.INJECTED
 
 

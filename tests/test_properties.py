@@ -93,6 +93,13 @@ annotation_values = st.fixed_dictionaries(
         "outrigger.dev/ambassador-stop-delay": st.sampled_from(["5", "60", "-1"]),
         "outrigger.dev/log-volume-size": st.sampled_from(["1Gi", "200Mi", "0Mi"]),
         "outrigger.dev/log-output": st.sampled_from(["loki", "stdout", "loki", "splunk"]),
+        # Per-sidecar resources (issue 24): within the bounds, past them, removed, odd units.
+        "outrigger.dev/log-watcher-memory-limit": st.sampled_from(
+            ["96Mi", "1024Mi", "300M", "32Mi", "none"]
+        ),
+        "outrigger.dev/log-watcher-cpu-limit": st.sampled_from(["none", "0.5", "1500m", "9"]),
+        "outrigger.dev/ambassador-cpu-limit": st.sampled_from(["2500m", "none", "250m"]),
+        "outrigger.dev/ambassador-memory-request": st.sampled_from(["100M", "512Mi", "4Gi"]),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
     },

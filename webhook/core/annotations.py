@@ -21,6 +21,14 @@ from webhook.core.parameters import (
     parse_value,
     typed_default,
 )
+from webhook.core.sidecarresources import (
+    KINDS,
+    RESOURCES,
+    Override,
+    annotation_key,
+    annotation_keys,
+    parse_override,
+)
 from webhook.limits import MAX_ANNOTATION_BYTES, echo, has_control_characters
 
 if TYPE_CHECKING:
@@ -125,6 +133,33 @@ def parse_parameters(
     return values
 
 
+def parse_resource_overrides(
+    annotations: Mapping[str, str], templates: Iterable[SidecarTemplate]
+) -> dict[str, tuple[Override, ...]]:
+    """Each injected template's resources the pod sets (`webhook.core.sidecarresources`)."""
+    problems: list[str] = []
+    overrides: dict[str, tuple[Override, ...]] = {}
+    for template in templates:
+        found = []
+        for resource in RESOURCES:
+            for kind in KINDS:
+                raw = annotations.get(annotation_key(template.name, resource, kind))
+                if raw is None:
+                    continue
+                try:
+                    found.append(
+                        parse_override(
+                            template.name, resource, kind, raw, template.resourceOverrides
+                        )
+                    )
+                except ValueError as error:
+                    problems.append(str(error))
+        overrides[template.name] = tuple(found)
+    if problems:
+        raise InvalidAnnotations(problems)
+    return overrides
+
+
 def unused(
     annotations: Mapping[str, str], injected: Collection[str], templates: Iterable[SidecarTemplate]
 ) -> tuple[list[str], list[str]]:
@@ -133,6 +168,8 @@ def unused(
     for template in templates:
         for parameter in template.parameters.values():
             owners.setdefault(parameter.annotation, []).append(template.name)
+        for key in annotation_keys(template.name):
+            owners.setdefault(key, []).append(template.name)
     unknown, idle = [], []
     for key in annotations:
         if not key.startswith(PREFIX) or key in (INJECT, STATUS):

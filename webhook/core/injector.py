@@ -21,7 +21,8 @@ from webhook.core import annotations as ann
 from webhook.core import podresources
 from webhook.core.fit import Unfit, unfit
 from webhook.core.identity import run_as_app_user
-from webhook.core.policy import Policy
+from webhook.core.parameters import ParameterValue
+from webhook.core.policy import Policy, SidecarTemplate
 from webhook.core.selection import (
     ALREADY_INJECTED,
     INJECTED,
@@ -30,6 +31,7 @@ from webhook.core.selection import (
     Decision,
     decide,
 )
+from webhook.core.sidecarresources import Override
 from webhook.core.templates import RenderedSidecar, TemplateError, render, with_app_containers
 from webhook.core.volumes import contains, mount_conflicts, with_mounts, without_mounts
 from webhook.limits import MAX_ANNOTATION_BYTES, cache_small, echo
@@ -139,7 +141,9 @@ def _inject(
         "metadata": {**metadata, "annotations": {**annotations, **added, ann.STATUS: status}},
         "spec": injected_spec,
     }
-    return Injection(injected_pod, INJECTED, names, warnings, decision.explanation)
+    resources = (f"{s.name} resources: {'; '.join(s.resource_sources)}" for s in sidecars)
+    explanation = (*decision.explanation, *resources)
+    return Injection(injected_pod, INJECTED, names, warnings, explanation)
 
 
 @cache_small(1024, lambda _namespace, labels, ours, _policy: _size(labels) + _size(ours))
@@ -167,7 +171,7 @@ def _sidecars(
     """
     annotations = dict(ours)
     templates = [policy.templates[name] for name in names]
-    values = ann.parse_parameters(annotations, templates, policy.image_problem)
+    values, overrides = _parsed(annotations, templates, policy)
     unknown, idle = ann.unused(annotations, names, policy.sidecars)
     if unknown and policy.unknownAnnotations == "Deny":
         raise ann.InvalidAnnotations(
@@ -188,12 +192,34 @@ def _sidecars(
                 native=policy.native(t),
                 outputs=policy.logOutputs,
                 rule_output=rule_output,
+                overrides=overrides[t.name],
             )
             for t in templates
         )
     except TemplateError as error:
         raise ann.InvalidAnnotations([str(error)]) from None
     return rendered, (*warnings, *idle)
+
+
+def _parsed(
+    annotations: dict[str, str], templates: list[SidecarTemplate], policy: Policy
+) -> tuple[dict[str, dict[str, ParameterValue]], dict[str, tuple[Override, ...]]]:
+    """The templates' parameter values and resource overrides; every invalid annotation of
+    either kind reported at once."""
+    problems: list[str] = []
+    values: dict[str, dict[str, ParameterValue]] = {}
+    overrides: dict[str, tuple[Override, ...]] = {}
+    try:
+        values = ann.parse_parameters(annotations, templates, policy.image_problem)
+    except ann.InvalidAnnotations as error:
+        problems += error.problems
+    try:
+        overrides = ann.parse_resource_overrides(annotations, templates)
+    except ann.InvalidAnnotations as error:
+        problems += error.problems
+    if problems:
+        raise ann.InvalidAnnotations(problems)
+    return values, overrides
 
 
 def _size(pairs: tuple[tuple[str, str], ...]) -> int:

@@ -30,6 +30,7 @@ from webhook.core.logwatcher import (
     LogWatcherSettings,
 )
 from webhook.core.parameters import Parameter, valid_default
+from webhook.core.sidecarresources import Resource, ResourceOverride, check_template
 
 API_VERSION = "outrigger.dev/v1alpha1"
 KIND = "InjectionPolicy"
@@ -122,6 +123,9 @@ class SidecarTemplate(_Model):
     # Secrets (of the pod's namespace) that pull this template's image from a private
     # registry: merged into the pod's spec.imagePullSecrets, each name once.
     imagePullSecrets: tuple[Annotated[str, Field(pattern=DNS_NAME, max_length=253)], ...] = ()
+    # What a pod may set of this sidecar's resources, per resource, within which bounds
+    # (`webhook.core.sidecarresources`); none: the template's resources, always.
+    resourceOverrides: dict[Resource, ResourceOverride] = Field(default_factory=dict)
 
     @field_validator("parameters")
     @classmethod
@@ -450,6 +454,13 @@ class Policy(_Model):
                         f"sidecars[{index}].parameters.{name}.annotation: "
                         f"{parameter.annotation} is reserved"
                     )
+        for index, template in enumerate(self.sidecars):
+            resources = {
+                **self.containerDefaults.resources,
+                **template.container.get("resources", {}),
+            }
+            for problem in check_template(template.name, resources, template.resourceOverrides):
+                raise ValueError(f"sidecars[{index}].resourceOverrides.{problem}")
         for index, template in enumerate(self.sidecars):
             envoy = template.envoy
             if envoy is not None and envoy.healthPort is None and self.native(template):

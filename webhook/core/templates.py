@@ -41,7 +41,10 @@ from webhook.core.logwatcher import (
     config_yaml,
     pattern_problem,
 )
+from webhook.core.podresources import quantity
 from webhook.core.policy import ContainerDefaults, EnvoySettings, SidecarTemplate
+from webhook.core.sidecarresources import Override
+from webhook.core.sidecarresources import apply as apply_overrides
 from webhook.limits import echo
 
 _REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
@@ -80,6 +83,8 @@ class RenderedSidecar:
     # A log-watcher's configuration, for `with_app_containers` to name the pod's containers in.
     watcher: WatcherConfig | None = None
     config_annotation: str = ""
+    # Each resource value and where it came from, and what follows from them (inject --explain).
+    resource_sources: tuple[str, ...] = ()
 
     @property
     def native(self) -> bool:
@@ -95,12 +100,21 @@ def render(
     native: bool,
     outputs: LogOutputs | None = None,
     rule_output: str | None = None,
+    overrides: tuple[Override, ...] = (),
 ) -> RenderedSidecar:
     """`native`: a native sidecar (an init container that keeps running, Kubernetes 1.29+).
     A log-watcher ships to one of `outputs` (stdout alone when None): the pod's choice, else
-    `rule_output` (a rule's), else their default."""
+    `rule_output` (a rule's), else their default. `overrides`: the resources the pod sets
+    (checked against the template's bounds by `webhook.core.annotations`)."""
     references = _references(template, values)
     container = {"name": template.name, **_substitute(template.container, references)}
+    try:
+        resources, sources = apply_overrides(
+            {**defaults.resources, **container.get("resources", {})}, overrides, template.name
+        )
+    except ValueError as error:
+        raise TemplateError(str(error)) from None
+    container["resources"] = resources
     if native:
         container["restartPolicy"] = "Always"
         if template.envoy is not None and template.envoy.healthPort is not None:
@@ -108,7 +122,8 @@ def render(
     watcher = None
     if template.logWatcher is not None:
         output = chosen_output(template, references, outputs or LogOutputs(), rule_output)
-        watcher = _watcher_config(template, references, output)
+        watcher = _watcher_config(template, references, output, resources)
+        sources += (f"Fluent Bit mem_buf_limit {watcher.settings.memBufLimit}",)
     sleep = _substitute(
         template.nativePreStopSleep if native else template.classicPreStopSleep, references
     )
@@ -117,7 +132,6 @@ def render(
     if sleep:
         lifecycle = {**container.get("lifecycle", {}), "preStop": {"sleep": {"seconds": sleep}}}
         container["lifecycle"] = lifecycle
-    container["resources"] = {**defaults.resources, **container.get("resources", {})}
     container["securityContext"] = {
         **defaults.securityContext,
         **container.get("securityContext", {}),
@@ -127,7 +141,7 @@ def render(
     pod_annotations: list[tuple[str, str]] = []
     if template.envoy is not None:
         ports += [template.envoy.adminPort, template.envoy.healthPort]
-        _add_concurrency(container)
+        sources += _add_concurrency(container)
         pairs = _secret_volumes(template, references[_SECRETS])
         sds = references[_SDS]
         if sds:
@@ -159,6 +173,7 @@ def render(
         run_as_app_user=template.runAsAppUser,
         watcher=watcher,
         config_annotation=template.config_annotation if watcher else "",
+        resource_sources=sources,
     )
 
 
@@ -225,23 +240,31 @@ def _log_writers(
     )
 
 
-def _add_concurrency(container: dict[str, Any]) -> None:
-    """Envoy starts a worker per node CPU unless told; size it for its own CPU limit.
+def _add_concurrency(container: dict[str, Any]) -> tuple[str, ...]:
+    """Envoy starts a worker per node CPU unless told; size it for its own CPU: the limit,
+    else the request (a pod may remove the limit), rounded up. Returns what was decided.
 
     Connection and circuit-breaker limits apply per worker, so fewer workers also keep them
     meaningful. The template may set `--concurrency` itself.
     """
     args = [str(arg) for arg in container.get("args", ())]
     if "--concurrency" in args:
-        return
-    limit = container["resources"].get("limits", {}).get("cpu")
-    container["args"] = [*args, "--concurrency", str(envoy_concurrency(limit))]
+        return ("Envoy --concurrency as the template sets it",)
+    resources = container["resources"]
+    for kind in ("limits", "requests"):
+        cpu = (resources.get(kind) or {}).get("cpu")
+        if cpu is not None:
+            workers = envoy_concurrency(cpu)
+            container["args"] = [*args, "--concurrency", str(workers)]
+            return (f"Envoy --concurrency {workers} (from the cpu {kind[:-1]} {cpu})",)
+    container["args"] = [*args, "--concurrency", str(_DEFAULT_CONCURRENCY)]
+    return (f"Envoy --concurrency {_DEFAULT_CONCURRENCY} (no cpu limit or request)",)
 
 
-def envoy_concurrency(cpu_limit: object) -> int:
-    """Worker threads for a CPU limit ("500m", "1", "2.5"): rounded up, at least 1; 2 when
-    there is no limit (or one this cannot read)."""
-    match = _CPU.fullmatch(str(cpu_limit)) if cpu_limit is not None else None
+def envoy_concurrency(cpu: object) -> int:
+    """Worker threads for a CPU quantity ("500m", "1", "2.5"): rounded up, at least 1; 2 for
+    one this cannot read."""
+    match = _CPU.fullmatch(str(cpu)) if cpu is not None else None
     if match is None:
         return _DEFAULT_CONCURRENCY
     cores = Decimal(match.group(1)) / (1000 if match.group(2) else 1)
@@ -270,11 +293,19 @@ def _annotation_files(
 
 
 def _watcher_config(
-    template: SidecarTemplate, references: dict[str, Any], output: LogOutput
+    template: SidecarTemplate,
+    references: dict[str, Any],
+    output: LogOutput,
+    resources: Mapping[str, Any],
 ) -> WatcherConfig:
-    """The pod's watcher: the template's settings with the pod's parameter values in."""
+    """The pod's watcher: the template's settings with the pod's parameter values in, its
+    buffer within its memory limit."""
     settings = template.logWatcher
     assert settings is not None
+    memory = (resources.get("limits") or {}).get("memory")
+    buffer = mem_buf_limit(settings.memBufLimit, memory)
+    if buffer != settings.memBufLimit:
+        settings = settings.model_copy(update={"memBufLimit": buffer})
     files = _substitute(settings.files, references) if settings.files else DEFAULT_FILES
     if not isinstance(files, tuple):  # the policy checks the reference's type at load
         raise TypeError(f"logWatcher.files of {template.name} is not a list of patterns")
@@ -290,6 +321,16 @@ def _watcher_config(
         format=str(_substitute(settings.format, references)),
         output=output,
     )
+
+
+def mem_buf_limit(template_value: str, memory_limit: object) -> str:
+    """Fluent Bit's `mem_buf_limit` (the tail input's buffer, which pauses reading when full)
+    for a memory limit: the template's, at most a quarter of the limit (the process itself,
+    its per-file buffers and the output's copy take the rest), at least 1MB."""
+    if memory_limit is None:
+        return template_value
+    quarter_mb = int(quantity(memory_limit, "memory limit") / 4 / (1 << 20))
+    return f"{max(1, min(int(template_value.removesuffix('MB')), quarter_mb))}MB"
 
 
 def _with_config_args(container: dict[str, Any]) -> dict[str, Any]:
