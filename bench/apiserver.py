@@ -13,7 +13,8 @@ It creates the benchmark pod (`bench/request.json`'s) with `dryRun=All` in the t
 ROUNDS times over one keep-alive connection, and reports per series the median and mean time
 of a creation, what each webhook adds to the creation without one, and the ratio of
 Outrigger's addition to the replay's (target <= 1.15). The pods of one series are alike (one
-workload's replicas) or, with `--distinct`, each has its own generateName.
+workload's replicas) or, with `--distinct`, each has its own pod-template-hash label
+(pods of distinct workloads).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ SERIES = ("none", "outrigger", "replay")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=300, help="creations per series")
-    parser.add_argument("--distinct", action="store_true", help="a new generateName per pod")
+    parser.add_argument(
+        "--distinct", action="store_true", help="a new pod-template-hash label per pod"
+    )
     args = parser.parse_args(argv)
     try:
         assets = find_assets()
@@ -142,7 +145,8 @@ def _create(
         for name in SERIES:
             body = dict(pod, metadata={**pod["metadata"], "namespace": namespaces[name]})
             if distinct:
-                body["metadata"]["generateName"] = f"web-{index + 20}-"
+                labels = {**body["metadata"]["labels"], "pod-template-hash": f"h{index + 20}"}
+                body["metadata"] = {**body["metadata"], "labels": labels}
             data = json.dumps(body).encode()
             path = f"/api/v1/namespaces/{namespaces[name]}/pods?dryRun=All"
             started = time.perf_counter()

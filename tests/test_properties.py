@@ -181,7 +181,25 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     spec.update(draw(st.sampled_from([{}] * 16 + PLATFORMS)))
     if not draw(st.integers(0, 2)):  # raised by what the sidecars add
         spec["resources"] = draw(pod_resources())
+    if draw(st.booleans()):  # the ServiceAccount plugin's, before the webhook sees the pod
+        add_token_volume(spec, draw(TOKEN_SUFFIXES))
     return {"metadata": metadata, "spec": spec}
+
+
+TOKEN_SUFFIXES = st.sampled_from(["abcde", "x7k2p", "zz9qq"] * 4 + ["*"])
+
+
+def add_token_volume(spec: dict[str, Any], suffix: str) -> None:
+    """The token volume and its mounts, as the ServiceAccount admission plugin adds them (a
+    random five-character suffix; "*", the placeholder the webhook normalises to, as a
+    hostile pod could name it)."""
+    name = f"kube-api-access-{suffix}"
+    volume = {"name": name, "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}
+    spec["volumes"] = [*spec.get("volumes", ()), volume]
+    mount = {"name": name, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    for container in [*spec["containers"], *spec.get("initContainers", ())]:
+        if isinstance(container, dict):
+            container["volumeMounts"] = [*(container.get("volumeMounts") or ()), dict(mount)]
 
 
 def answer_for(pod: dict[str, Any], namespace: str, policy: Policy) -> dict[str, Any]:

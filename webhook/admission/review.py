@@ -9,9 +9,13 @@ and they may quote annotation keys, which no one has validated when a mutating w
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, cast
 
 import orjson
@@ -19,9 +23,19 @@ import pybase64
 
 from webhook.admission import wire
 from webhook.core.annotations import STATUS
-from webhook.core.injector import InjectionDenied, RequestContext, inject
+from webhook.core.injector import (
+    TOKEN_VOLUME_PLACEHOLDER,
+    InjectionDenied,
+    RequestContext,
+    checked_form,
+    inject,
+    normalises_token_volumes,
+    with_token_volume_normalised,
+    with_volume_renamed,
+)
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
+from webhook.core.selection import ALREADY_INJECTED
 from webhook.limits import cache_small, printable
 
 log = logging.getLogger("outrigger.admission")
@@ -30,6 +44,8 @@ API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 _POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 _PATCH_TYPE = "JSONPatch"
+_NAMED = TOKEN_VOLUME_PLACEHOLDER
+_PLACEHOLDER = orjson.dumps(TOKEN_VOLUME_PLACEHOLDER)[1:-1]  # as it is written in a patch
 # The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
 MAX_PATCH_BYTES = 512 * 1024
 # Pods whose part the injector reads is larger than this are answered off the event loop.
@@ -59,6 +75,12 @@ class AdmissionRequest:
     # The controlling owner, for Kubernetes Events about the pod (which may never exist).
     owner_reference: OwnerReference | None = None
     dry_run: bool = False
+    # A pod with a status: a digest of what `inject` reads of it (`checked_form`), under
+    # which an earlier check that it holds what the policy renders is remembered.
+    checked: bytes | None = None
+    # The name of the pod's token volume, where `pod_json` holds it as the placeholder
+    # (`with_token_volume_normalised`), so that pods of one workload share their answer.
+    token_volume: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +99,7 @@ class Mutation:
     warnings: tuple[str, ...]
     injected: tuple[str, ...]
     reason: str  # the selection's reason (webhook.core.selection), or `reinjected`
+    names_placeholder: bool = False  # the patch or a warning holds TOKEN_VOLUME_PLACEHOLDER
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +151,14 @@ def decode_review(body: bytes) -> AdmissionRequest:
         # are not UTF-8, a number past a double) is refused here, not found there.
         pod_json = bytes(request["object"])
         try:
-            orjson.loads(pod_json)
+            whole = orjson.loads(pod_json)
         except orjson.JSONDecodeError as error:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
-    elif pod is not None:
-        pod_json = wire.encode(pod)
+        form = checked_form(whole)
+        checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
+        return replace(_admission_request(uid, request, pod_json, metadata), checked=checked)
+    if pod is not None:
+        return _with_pod(_admission_request(uid, request, None, metadata), pod)
     return _admission_request(uid, request, pod_json, metadata)
 
 
@@ -155,7 +181,16 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
     metadata = (pod or {}).get("metadata") or {}
     if pod is None or STATUS in (metadata.get("annotations") or {}):
         return None
-    return _admission_request(request["uid"], request, wire.encode(pod), metadata)
+    return _with_pod(_admission_request(request["uid"], request, None, metadata), pod)
+
+
+def _with_pod(request: AdmissionRequest, pod: wire.Pod) -> AdmissionRequest:
+    """`request` with the pod to inject into as `mutation` takes it: without what the
+    injector never reads but the API server makes different in every pod (its name, and
+    its token volume's name, normalised), so that the pods of one workload share an answer.
+    The name and owner stay in `request` for the decision log and the Events."""
+    normal, token = with_token_volume_normalised(cast(dict[str, Any], _unnamed(pod)))
+    return replace(request, pod_json=wire.encode(cast(wire.Pod, normal)), token_volume=token)
 
 
 def _admission_request(
@@ -244,17 +279,24 @@ def respond_with_verdict(
     return (200, orjson.dumps(response)), verdict
 
 
-def is_heavy(request: AdmissionRequest) -> bool:
+def is_heavy(request: AdmissionRequest, policy: Policy) -> bool:
     """Whether answering may take milliseconds: a pod with large outrigger.dev/ values (or
-    the whole pod, to check a status), which the caches do not keep."""
-    return request.pod_json is not None and len(request.pod_json) > HEAVY_POD_BYTES
+    the whole pod, to check a status, unless a pod of its form was checked already), which
+    the caches do not keep."""
+    return (
+        request.pod_json is not None
+        and len(request.pod_json) > HEAVY_POD_BYTES
+        and not _VERIFIED.holds(request, policy)
+    )
 
 
 def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], Verdict]:
     if request.pod_json is None:
         return allowed(request), Verdict("unchanged", NOT_A_POD_CREATION)
+    if _VERIFIED.holds(request, policy):
+        return allowed(request), Verdict("unchanged", ALREADY_INJECTED)
     try:
-        result = mutation(request.pod_json, request.namespace, policy)
+        result = _mutation(request, request.pod_json, policy)
     except InjectionDenied as error:
         message = printable(str(error))  # logged by the decision log (webhook.serving.decisions)
         verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
@@ -266,10 +308,87 @@ def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], V
         )
         message = "internal error while injecting; see the webhook's logs"
         return denied(request, message, 500), Verdict("error", "internal", message=message)
+    if result.reason == ALREADY_INJECTED and not result.patch and not result.warnings:
+        _VERIFIED.remember(request, policy)
     outcome = "injected" if result.patch else "unchanged"
     warnings = tuple(printable(warning) for warning in result.warnings)
     verdict = Verdict(outcome, result.reason, result.injected, warnings=warnings)
     return allowed(request, result.patch, warnings), verdict
+
+
+def _mutation(request: AdmissionRequest, pod_json: bytes, policy: Policy) -> Mutation:
+    """`mutation` of the pod with its token volume normalised, shared by the pods of one
+    workload; of the pod as sent where the policy's templates could mind the name, or where
+    the answer names the placeholder (it never should: the token mounts are not ours)."""
+    if request.token_volume is None:
+        return mutation(pod_json, request.namespace, policy)
+    if _normalises(policy):
+        try:
+            result = mutation(pod_json, request.namespace, policy)
+        except InjectionDenied as error:
+            if TOKEN_VOLUME_PLACEHOLDER not in str(error):
+                raise
+        else:
+            if not result.names_placeholder:
+                return result
+    pod = orjson.loads(pod_json)
+    spec = with_volume_renamed(pod["spec"], TOKEN_VOLUME_PLACEHOLDER, request.token_volume)
+    return mutation(orjson.dumps({**pod, "spec": spec}), request.namespace, policy)
+
+
+def _unnamed(pod: wire.Pod) -> wire.Pod:
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, dict):
+        return pod
+    kept = {key: value for key, value in metadata.items() if key in _READ_METADATA}
+    return cast(wire.Pod, {**pod, "metadata": kept})
+
+
+# Of the metadata the wire format decodes, what the injector reads.
+_READ_METADATA = frozenset({"labels", "annotations"})
+
+
+class VerifiedForms:
+    """The checked forms of injected pods found to hold what the policy renders, per policy
+    version and namespace, as digests: at most `size` (the oldest forgotten first). Read
+    from the event loop and the worker threads alike, hence the lock."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._forms: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def holds(self, request: AdmissionRequest, policy: Policy) -> bool:
+        key = _verified_key(request, policy)
+        if key is None:
+            return False
+        with self._lock:
+            if key not in self._forms:
+                return False
+            self._forms.move_to_end(key)
+            return True
+
+    def remember(self, request: AdmissionRequest, policy: Policy) -> None:
+        key = _verified_key(request, policy)
+        if key is not None:
+            with self._lock:
+                self._forms[key] = None
+                if len(self._forms) > self._size:
+                    self._forms.popitem(last=False)
+
+
+def _verified_key(request: AdmissionRequest, policy: Policy) -> tuple[str, str, bytes] | None:
+    if request.checked is None or not _normalises(policy):
+        return None
+    return policy.version, request.namespace, request.checked
+
+
+@lru_cache(maxsize=8)
+def _normalises(policy: Policy) -> bool:
+    return normalises_token_volumes(policy)
+
+
+_VERIFIED = VerifiedForms()
 
 
 @cache_small(1024, lambda pod_json, *_: len(pod_json))
@@ -284,7 +403,8 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     pod = cast(dict[str, Any], orjson.loads(pod_json))
     injection = inject(pod, RequestContext(namespace), policy)
     if injection.pod is pod:
-        return Mutation(None, injection.warnings, (), injection.reason)
+        named = any(_NAMED in warning for warning in injection.warnings)
+        return Mutation(None, injection.warnings, (), injection.reason, named)
     try:
         operations = orjson.dumps(diff(pod, injection.pod))
     except orjson.JSONEncodeError:  # orjson writes 254 levels; a Pod's fields nest a dozen
@@ -300,7 +420,8 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
             "too-large",
         )
     patch = pybase64.b64encode_as_string(operations)
-    return Mutation(patch, injection.warnings, injection.injected, injection.reason)
+    named = _PLACEHOLDER in operations or any(_NAMED in w for w in injection.warnings)
+    return Mutation(patch, injection.warnings, injection.injected, injection.reason, named)
 
 
 def allowed(

@@ -222,7 +222,7 @@ class AdmissionEndpoint:
         request = parse(body)
         if isinstance(request, tuple):
             return self.account(request, bad_request_verdict(request), None, policy, started)
-        if is_heavy(request):
+        if is_heavy(request, policy):
             return partial(_reviewed, request, policy, started)
         return self.account(*_reviewed(request, policy, started))
 

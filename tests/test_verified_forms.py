@@ -1,0 +1,137 @@
+"""The check of an injected pod is made once per form (`checked_form`, `VerifiedForms`).
+
+The API server asks again about every injected pod once its own plugins have run (the
+reinvocation), each pod with its own name, uid and token volume: the answer for a pod whose
+form was found to hold what the policy renders is remembered, and it must be the answer a
+full check gives, for every pod of that form and for no other.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import admission_review
+from tests.test_properties import pods
+from webhook.admission import review as envelope
+from webhook.admission.review import is_heavy, parse, respond_with_verdict
+from webhook.core.injector import InjectionDenied, RequestContext, checked_form, inject
+from webhook.core.policy import default_policy, parse_policy
+
+POLICY = default_policy()
+TOKEN = {
+    "name": "kube-api-access-abcde",
+    "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
+}
+ANNOTATIONS = {
+    "outrigger.dev/inject": "log-watcher,ambassador",
+    "outrigger.dev/ambassador-upstream": "api.example.com:443",
+}
+
+
+def stored(pod: dict[str, Any], suffix: str, name: str) -> dict[str, Any]:
+    """`pod` injected, then as the API server keeps it: named, with a uid and its own token
+    volume mounted into every container."""
+    result: dict[str, Any] = copy.deepcopy(inject(pod, RequestContext("shop"), POLICY).pod)
+    result["metadata"].update({"name": name, "uid": f"uid-{name}", "resourceVersion": "1"})
+    token = {**TOKEN, "name": f"kube-api-access-{suffix}"}
+    result["spec"]["volumes"] = [*result["spec"].get("volumes", ()), token]
+    mount = {"name": token["name"], "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    for field in ("initContainers", "containers"):
+        for container in result["spec"].get(field, ()):
+            container["volumeMounts"] = [*container.get("volumeMounts", ()), mount]
+    return result
+
+
+def app() -> dict[str, Any]:
+    return {
+        "metadata": {"generateName": "web-", "annotations": dict(ANNOTATIONS)},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+    }
+
+
+def request(pod: dict[str, Any]) -> Any:
+    parsed = parse(orjson.dumps(admission_review(pod, namespace="shop", uid="u1")))
+    assert not isinstance(parsed, tuple), parsed
+    return parsed
+
+
+def answer(pod: dict[str, Any]) -> tuple[str, str]:
+    (_, body), verdict = respond_with_verdict(request(pod), POLICY)
+    return orjson.loads(body)["response"].get("patch", ""), verdict.reason
+
+
+def fresh() -> None:
+    envelope._VERIFIED = envelope.VerifiedForms()
+
+
+def test_pods_of_one_workload_share_a_form_and_the_second_is_answered_at_once() -> None:
+    fresh()
+    first, second = stored(app(), "abcde", "web-1"), stored(app(), "fghij", "web-2")
+    assert checked_form(first) == checked_form(second)
+    assert is_heavy(request(second), POLICY)  # the whole pod to check, in a thread
+    assert answer(first) == ("", "already-injected")
+    assert not is_heavy(request(second), POLICY)  # a pod of its form was checked
+    assert answer(second) == ("", "already-injected")
+
+
+def test_a_pod_that_differs_in_what_inject_reads_is_checked_in_full() -> None:
+    fresh()
+    assert answer(stored(app(), "abcde", "web-1"))[1] == "already-injected"
+    tampered = stored(app(), "fghij", "web-2")
+    tampered["spec"]["initContainers"][0]["image"] = "cr.fluentbit.io/fluent/fluent-bit:4.1.0"
+    assert checked_form(tampered) != checked_form(stored(app(), "abcde", "web-1"))
+    patch, reason = answer(tampered)
+    assert reason == "reinjected" and patch
+
+
+def test_a_forged_status_is_never_remembered() -> None:
+    fresh()
+    forged = app()
+    forged["metadata"]["annotations"]["outrigger.dev/status"] = orjson.dumps(
+        {"injected": ["log-watcher", "ambassador"], "policy": POLICY.version}
+    ).decode()
+    for _ in range(2):
+        patch, reason = answer(forged)
+        assert reason == "reinjected" and patch
+
+
+def test_the_form_is_per_namespace_and_per_policy() -> None:
+    fresh()
+    pod = stored(app(), "abcde", "web-1")
+    assert answer(pod)[1] == "already-injected"
+    other = request(pod)
+    assert envelope._VERIFIED.holds(other, POLICY)
+    assert not envelope._VERIFIED.holds(envelope.replace(other, namespace="lab"), POLICY)
+    changed = parse_policy({**POLICY.model_dump(mode="json"), "unknownAnnotations": "Deny"})
+    assert not envelope._VERIFIED.holds(other, changed)
+
+
+def test_two_token_volumes_have_no_form() -> None:
+    pod = stored(app(), "abcde", "web-1")
+    pod["spec"]["volumes"].append({**TOKEN, "name": "kube-api-access-zzzzz"})
+    assert checked_form(pod) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(pod=pods(), suffixes=st.permutations(["abcde", "x7k2p", "q0q0q"]))
+def test_a_remembered_answer_is_the_full_check_s_answer(
+    pod: dict[str, Any], suffixes: list[str]
+) -> None:
+    """Generated pods, stored twice with different names and token volumes: the second pod's
+    answer, with the first one's check remembered, is what a full check of it answers."""
+    try:
+        first, second = (stored(pod, suffix, f"p-{suffix}") for suffix in suffixes[:2])
+    except InjectionDenied:
+        event("denied")
+        return
+    fresh()
+    full = answer(second)
+    event(full[1])
+    fresh()
+    answer(first)
+    assert answer(second) == full
