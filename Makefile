@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Real Helm (v4) for the chart tests, taken from a PyPI wheel: see charts/fetch-helm.py.
 HELM := .cache/bin/helm
 
-.PHONY: run test lint bench bench-apiserver certs clean
+.PHONY: run test lint docs bench bench-apiserver certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,16 +21,21 @@ run: $(STAMP)
 	$(BIN)/outrigger serve --host 0.0.0.0 --port 8443 --cert-dir certs
 
 test: $(STAMP) $(HELM)
-	$(BIN)/ruff check webhook tests bench charts
+	$(BIN)/ruff check webhook tests bench charts tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check webhook tests bench charts
-	$(BIN)/ruff format --check webhook tests bench charts
+	$(BIN)/ruff check webhook tests bench charts tools
+	$(BIN)/ruff format --check webhook tests bench charts tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The references in docs/reference/, generated from the code (tests/test_docs_reference.py
+# fails when one is out of date).
+docs: $(STAMP)
+	$(BIN)/python -m tools.reference
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -292,7 +292,7 @@ def test_literals_quote_exactly(text: str) -> None:
     assert literal(cel.quote(text)) == text
 
 
-def test_the_platform_policy_compiles_to_what_the_readme_shows() -> None:
+def test_the_platform_policy_compiles_to_what_the_docs_show() -> None:
     policy = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
     compiled = compile_policy(policy, OWN)
     assert compiled.match_conditions is not None

@@ -466,7 +466,7 @@ def create_cronjob(kube: ControlPlane, namespace: str, name: str) -> None:
     )
 
 
-# The least rights `explain` needs (the README lists them).
+# The least rights `explain` needs (docs/platform/upgrades.md lists them).
 EXPLAIN_RULES = [
     {"apiGroups": [""], "resources": ["namespaces", "configmaps"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},

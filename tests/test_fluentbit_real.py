@@ -101,7 +101,7 @@ def test_steady_writing_is_shipped_once(pod: Pod) -> None:
 
 
 def test_rotation_by_rename_loses_nothing(pod: Pod) -> None:
-    """The README's rotation: app.log renamed out of `*.log` (app.log.1), the app still
+    """The documented rotation: app.log renamed out of `*.log` (app.log.1), the app still
     writing to its open descriptor for a while (read for `rotate_wait`), then a new app.log
     (found by the next scan)."""
     log = pod.logs / "app.log"
@@ -127,7 +127,7 @@ def test_a_long_line_is_truncated_and_the_file_read_on(pod: Pod) -> None:
     log = pod.logs / "app.log"
     run = started(pod, log)
     longest_whole = "whole " + "w" * (limit - len("whole "))
-    too_long = "cut " + "x" * (300 * 1024)  # over 256 KiB too, what the README said
+    too_long = "cut " + "x" * (300 * 1024)  # over 256 KiB too, what the docs once said
     lines = [*numbered("pre", 100), longest_whole, too_long, *numbered("post", 1000)]
     write(log, lines)
     run.wait_for(1 + len(lines))
@@ -322,7 +322,7 @@ JAVA_TRACE = [
 def test_a_java_stack_trace_is_one_record(spec: WatcherSpec) -> None:
     """outrigger.dev/log-multiline: java: the 38 lines of a trace ship as one record, the
     single lines around it one record each. Fluent Bit's multiline core keeps each line's
-    newline in `log` (the README says so)."""
+    newline in `log` (the docs say so)."""
     assert len(JAVA_TRACE) == 38
     watcher = watcher_spec(injected_pod(default_policy(), annotations={MULTILINE: "java"}))
     with pod_of(watcher) as pod:

@@ -7,7 +7,7 @@ a second pass changes nothing; every ambassador's bootstrap passes the real `env
 with the container's exact arguments. Regenerate after an intended change with
 `OUTRIGGER_REGENERATE=1 make test` and review the diff; a golden without a request fails.
 Requests named `classic-*` run under the default policy in classic placement
-(`nativeSidecars: false`), `platform-*` under the README's platform policy, the others under
+(`nativeSidecars: false`), `platform-*` under the docs' platform policy, the others under
 the default policy itself.
 """
 

@@ -2,7 +2,7 @@
 control character in a pod, never a path the runtime refuses, never an unbounded echo.
 
 Through the whole envelope (`review`), as the HTTP route calls it, under the default policy
-and the README's platform policy.
+and the platform team's example policy (docs/platform/policy.md).
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_a_pod_injected_by_the_cli_then_created_is_fine(
 
 
 def test_a_stored_pod_shipping_to_loki_is_injected_already(kube: ControlPlane) -> None:
-    """Under the README's platform policy, a pod picking its Loki output (env from the
+    """Under the docs' platform policy, a pod picking its Loki output (env from the
     downward API and a Secret, the CA Secret's volume) as the API server stores it: valid, and
     what the policy renders once the API server's defaults are allowed for."""
     namespace = kube.namespace()

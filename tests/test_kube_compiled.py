@@ -7,7 +7,7 @@ ValidatingAdmissionPolicy and binding), and the API server acts on them.
   `CompiledPolicy.decides` says so.
 - The webhook down with failurePolicy Ignore: a pod a `require` rule covers is refused by the
   guard, naming the rule and the sidecar; others are created at once, an opted-in one without
-  its sidecar (the trade-off the README states).
+  its sidecar (the trade-off docs/platform/compiled-policy.md states).
 - Another mutating webhook that strips the native sidecar's restartPolicy: refused.
 - A policy change through the ConfigMap: conditions and guard follow within seconds.
 - With the chart's own RBAC (rendered by the real Helm, a ServiceAccount token): every call is

@@ -1,4 +1,4 @@
-"""End to end: a pod of the README's platform policy picks its Loki output, the webhook
+"""End to end: a pod of the docs' platform policy picks its Loki output, the webhook
 injects the log-watcher, and the real Fluent Bit runs it exactly as injected (command, mounts
 including the projected configuration and the CA Secret, user, and the env the kubelet
 resolves: the pod's name, namespace and node, the credentials from the Secret) against a
@@ -46,7 +46,7 @@ LINES = 500
 
 
 def platform_policy(port: int) -> Policy:
-    """The README's platform policy, its Loki output on this machine."""
+    """The docs' platform policy, its Loki output on this machine."""
     document: dict[str, Any] = yaml.safe_load(
         (FIXTURES / "policies" / "good-platform-team.yaml").read_text()
     )

@@ -1,4 +1,4 @@
-"""The log-watcher's generated Fluent Bit configuration, as the default and the README's
+"""The log-watcher's generated Fluent Bit configuration, as the default and the docs' example
 policies write it, and the annotations that choose its files and multiline parser.
 
 Fluent Bit accepts misspelt keys in its configuration (and `--dry-run` passes them), so a
@@ -66,7 +66,7 @@ DOCUMENTED = {
     "stdout": {"name", "match", "format", "json_date_key", "json_date_format"},
 }
 SERVICE = {"flush", "grace", "log_level", "daemon", "parsers_file", "http_server"}
-# What keeps the watcher from losing lines or shipping them twice (see the README).
+# What keeps the watcher from losing lines or shipping them twice (docs/app-teams/log-watcher.md).
 REQUIRED = {
     "tail": {
         "db",

@@ -275,7 +275,7 @@ def test_pinned_images(image: str, pinned: bool) -> None:
     assert is_pinned_image(image) is pinned
 
 
-def test_readme_shows_the_platform_team_policy() -> None:
-    readme = (FIXTURES.parent.parent / "README.md").read_text()
+def test_docs_show_the_platform_team_policy() -> None:
+    page = (FIXTURES.parent.parent / "docs" / "platform" / "policy.md").read_text()
     policy = (POLICIES / "good-platform-team.yaml").read_text()
-    assert f"```yaml\n{policy}```" in readme
+    assert f"```yaml\n{policy}```" in page

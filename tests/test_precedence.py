@@ -27,7 +27,7 @@ from webhook.core.policy import Policy, load_policy, parse_policy
 from webhook.core.selection import INJECTED, RULE_EXCLUDED, decide
 
 TEAM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
-# The README's platform policy: `frontends-ship-logs` requires log-watcher of tier=frontend
+# The docs' platform policy: `frontends-ship-logs` requires log-watcher of tier=frontend
 # pods in prod-*; `payments-egress` injects ambassador by default in payments;
 # `no-sidecars-for-operators` excludes app.kubernetes.io/component=operator pods.
 OPERATOR = {"app.kubernetes.io/component": "operator"}

@@ -650,7 +650,7 @@ def test_bare_pods_are_evicted_when_asked_and_a_budget_refusal_is_retried_until_
     assert "loose" not in pods_by_name(kube, namespace)
 
 
-# The least rights of `outrigger rollout` (the README lists them): audit's reading, the
+# The least rights of `outrigger rollout` (docs/platform/upgrades.md has them): audit's reading, the
 # workloads read and patched, bare pods evicted.
 ROLLOUT_RULES = [
     {"apiGroups": [""], "resources": ["namespaces", "pods"], "verbs": ["get", "list"]},

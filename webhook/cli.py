@@ -1,4 +1,6 @@
-"""`outrigger` command line: serve, inject, certs. A thin layer over the core and the server."""
+"""`outrigger` command line: serve the webhook, inject into manifests, check and compile
+policies, make certificates, register the webhook, audit, explain and roll out what runs. A
+thin layer over the core and the server."""
 
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve the admission webhook over HTTPS")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    serve.add_argument("--port", type=int, default=8443, help="HTTPS port (default: 8443)")
     serve.add_argument(
         "--cert-dir",
         type=Path,
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_from.add_argument(
         "--policy",
         type=Path,
+        metavar="FILE",
         help="policy file, reloaded when its content changes (default: the embedded policy)",
     )
     policy_from.add_argument(
@@ -83,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         "(default: 5)",
     )
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="info: one line per decision that is not a plain skip (default: info)",
     )
     serve.add_argument(
         "--log-format",
@@ -113,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument(
         "-f", "--filename", required=True, help="multi-document YAML file, or - for standard input"
     )
-    inject.add_argument("--policy", type=Path, help="policy file (default: the embedded policy)")
+    inject.add_argument(
+        "--policy", type=Path, metavar="FILE", help="policy file (default: the embedded policy)"
+    )
     inject.add_argument(
         "-n",
         "--namespace",
@@ -130,14 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(required=True, metavar="COMMAND")
     check = policy_commands.add_parser("check", help="validate a policy file offline")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the policy file")
     check.set_defaults(run=_policy_check)
     compile_ = policy_commands.add_parser(
         "compile",
         help="print the policy compiled for the API server: the webhook configuration's "
         "matchConditions and the guard (a ValidatingAdmissionPolicy and its binding), as YAML",
     )
-    compile_.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    compile_.add_argument(
+        "--policy", type=Path, metavar="FILE", help="policy file (default: the embedded one)"
+    )
     compile_.add_argument(
         "--webhook-name",
         default="outrigger",
@@ -190,7 +200,12 @@ def _parser() -> argparse.ArgumentParser:
         help="PEM CA of the serving certificate (default: certs/ca.crt)",
     )
     ca.add_argument("--ca-bundle", metavar="BASE64", help="the CA as base64 of the PEM")
-    register.add_argument("--failure-policy", choices=["Fail", "Ignore"], default="Fail")
+    register.add_argument(
+        "--failure-policy",
+        choices=["Fail", "Ignore"],
+        default="Fail",
+        help="what the API server does when it cannot call the webhook (default: Fail)",
+    )
     register.add_argument(
         "--timeout-seconds",
         type=int,
@@ -236,9 +251,19 @@ def _parser() -> argparse.ArgumentParser:
         "-A", "--all-namespaces", action="store_true", help="every namespace (the default)"
     )
     _cluster_policy_arguments(audit)
-    audit.add_argument("-o", "--output", choices=["table", "json"], default="table")
     audit.add_argument(
-        "--chunk-size", type=int, default=500, help="items per list request (default: 500)"
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table for people, json for tools (default: table)",
+    )
+    audit.add_argument(
+        "--chunk-size",
+        type=int,
+        default=500,
+        metavar="N",
+        help="items per list request (default: 500)",
     )
     audit.add_argument(
         "--kubeconfig", type=Path, metavar="PATH", help="default: $KUBECONFIG or ~/.kube/config"
@@ -266,7 +291,13 @@ def _parser() -> argparse.ArgumentParser:
         "-n", "--namespace", help="default: the kubeconfig context's namespace, else default"
     )
     _cluster_policy_arguments(explain)
-    explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    explain.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text for people, json for tools (default: text)",
+    )
     _cluster_arguments(explain)
     explain.set_defaults(run=_explain_live)
 
@@ -290,7 +321,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-workloads", type=int, default=1, metavar="N", help="restarted at once (default: 1)"
     )
     rollout.add_argument(
-        "--timeout", type=parse_duration, default="10m", help="for one wave (default: 10m)"
+        "--timeout",
+        type=parse_duration,
+        default="10m",
+        metavar="DURATION",
+        help="for one wave (default: 10m)",
     )
     rollout.add_argument(
         "--include-pods",
@@ -309,7 +344,9 @@ def _parser() -> argparse.ArgumentParser:
 def _cluster_policy_arguments(command: argparse.ArgumentParser) -> None:
     """Which policy and webhook configuration `audit`, `explain` and `rollout` judge by."""
     source = command.add_mutually_exclusive_group()
-    source.add_argument("--policy", type=Path, help="policy file (default: the embedded one)")
+    source.add_argument(
+        "--policy", type=Path, metavar="FILE", help="policy file (default: the embedded one)"
+    )
     source.add_argument(
         "--from-cluster",
         type=_namespaced_name,
@@ -320,6 +357,7 @@ def _cluster_policy_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--webhook",
         default="outrigger",
+        metavar="NAME",
         help="MutatingWebhookConfiguration whose namespaceSelector says which namespaces count "
         "(default: outrigger; every namespace if it does not exist)",
     )
@@ -352,7 +390,12 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="NAMESPACE",
         help="namespace of the Secret and of the Service (default: $POD_NAMESPACE)",
     )
-    tls.add_argument("--self-tls-secret", default="outrigger-self-tls", metavar="NAME")
+    tls.add_argument(
+        "--self-tls-secret",
+        default="outrigger-self-tls",
+        metavar="NAME",
+        help="the Secret holding the CA and the certificate (default: outrigger-self-tls)",
+    )
     tls.add_argument(
         "--self-tls-webhook",
         default="outrigger",
@@ -374,7 +417,11 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
     )
     for flag, default, meaning in durations:
         tls.add_argument(
-            flag, type=parse_duration, default=default, help=f"{meaning} (default: {default})"
+            flag,
+            type=parse_duration,
+            default=default,
+            metavar="DURATION",
+            help=f"{meaning} (default: {default})",
         )
     tls.add_argument(
         "--self-tls-sync-seconds",

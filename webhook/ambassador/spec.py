@@ -82,6 +82,7 @@ def _duration(minimum_exclusive: Decimal | None) -> AfterValidator:
             raise ValueError(f"{duration!r} is out of range: expected {accepted}")
         return duration
 
+    check.__doc__ = accepted  # what the configuration reference shows the field accepts
     return AfterValidator(check)
 
 
@@ -105,71 +106,151 @@ class _Model(BaseModel):
 
 
 class Timeouts(_Model):
+    """How long Envoy waits for the upstream."""
+
+    # Time allowed to open a connection to the upstream.
+    # Envoy: the cluster's connect_timeout.
     connect: PositiveDuration = "5s"
-    # The whole request, retries included (Envoy's route timeout); "0s" waits forever.
+    # The whole request, retries included; None: Envoy's 15 s; "0s" waits forever. http
+    # upstreams only.
+    # Envoy: the route's timeout.
     request: Duration | None = None
+    # None: Envoy's 1 h. http: closes an app-to-Envoy connection with no request in flight
+    # (on the upstream's own listener only, not on routing's), once the idle time has passed
+    # and after Envoy's drain and delayed-close windows, so a few seconds later than the
+    # value; tcp: closes a proxied connection with no bytes either way.
+    # Envoy: common_http_protocol_options.idle_timeout of the listener's connection manager;
+    # tcp_proxy idle_timeout.
     idle: Duration | None = None
 
 
 class Retries(_Model):
+    """Retries of failed requests (http upstreams only)."""
+
+    # Retries after the first attempt.
+    # Envoy: the route's retry_policy.num_retries.
     count: Annotated[int, Field(ge=0, le=10)]
-    # Not `on`: YAML 1.1 reads that key as the boolean true.
+    # When to retry. Not `on`: YAML 1.1 reads that key as the boolean true.
+    # Envoy: retry_policy.retry_on, comma-separated.
     retryOn: Annotated[tuple[RetryOn, ...], Field(max_length=MAX_NAMES)] = (
         "5xx",
         "connect-failure",
         "reset",
     )
+    # The limit for each attempt.
+    # Envoy: retry_policy.per_try_timeout.
     perTryTimeout: Duration | None = None
 
 
 class CircuitBreaker(_Model):
-    # Per Envoy worker thread (see --concurrency), as Envoy applies them.
+    """Limits on what is in flight to the upstream, each per Envoy worker thread (see
+    --concurrency), as Envoy applies them; past one, Envoy fails the request at once.
+    Envoy: the cluster's circuit_breakers.thresholds[0] (priority DEFAULT)."""
+
+    # Connections to the upstream; None: Envoy's 1024.
+    # Envoy: max_connections.
     maxConnections: Count | None = None
+    # Requests waiting for a connection; None: Envoy's 1024.
+    # Envoy: max_pending_requests.
     maxPendingRequests: Count | None = None
+    # Requests in flight; None: Envoy's 1024.
+    # Envoy: max_requests.
     maxRequests: Count | None = None
+    # Retries in flight, over all requests; None: Envoy's 3.
+    # Envoy: max_retries.
     maxRetries: Annotated[int, Field(ge=0, le=UINT32_MAX)] | None = None
 
 
 class OutlierDetection(_Model):
+    """Ejects misbehaving hosts from the balancing for a while; `{}` turns it on with the
+    defaults. Envoy: the cluster's outlier_detection."""
+
+    # Errors in a row that eject a host.
+    # Envoy: consecutive_5xx.
     consecutive5xx: Count = 5
+    # How often ejections are evaluated.
+    # Envoy: interval.
     interval: PositiveDuration = "10s"
+    # The ejection time, multiplied by the number of times the host was ejected.
+    # Envoy: base_ejection_time.
     baseEjectionTime: PositiveDuration = "30s"
+    # The most hosts ejected at once (Envoy ejects at least one).
+    # Envoy: max_ejection_percent.
     maxEjectionPercent: Annotated[int, Field(ge=1, le=MAX_EJECTION_PERCENT)] = 10
 
 
 class Discovery(_Model):
+    """How the upstream's DNS name is resolved (ignored for an IP address)."""
+
     # STRICT_DNS balances over every address of a name (Kubernetes headless Services);
     # LOGICAL_DNS connects to the first (large external services). Default: LOGICAL_DNS for a
     # name, STATIC for an IP address.
+    # Envoy: DnsCluster all_addresses_in_single_endpoint: false for STRICT_DNS, true
+    # otherwise.
     type: Literal["STRICT_DNS", "LOGICAL_DNS"] | None = None
+    # How often the name is resolved again.
+    # Envoy: DnsCluster dns_refresh_rate.
     refreshRate: DnsRefreshDuration = "5s"
+    # Which addresses of the name are used.
+    # Envoy: DnsCluster dns_lookup_family.
     lookupFamily: Literal["V4_ONLY", "V6_ONLY", "V4_PREFERRED", "AUTO", "ALL"] = "V4_PREFERRED"
 
 
 class TLS(_Model):
-    """TLS origination: verify the upstream against a CA from a Secret, send SNI, maybe mTLS."""
+    """TLS origination: verify the upstream against a CA from a Secret, send SNI, maybe mTLS.
+    The app still speaks plain HTTP (or TCP) to localhost. Envoy: the cluster's
+    transport_socket envoy.transport_sockets.tls (UpstreamTlsContext)."""
 
+    # A Secret of the pod's namespace whose ca.crt verifies the upstream's certificate;
+    # reloaded when the Secret changes. The policy's envoy.allowedSecrets names those allowed.
+    # Envoy: combined_validation_context.validation_context_sds_secret_config: the SDS file
+    # /etc/outrigger/sds/tls-<i>-ca.json naming /etc/outrigger/secrets/<secret>/ca.crt.
     caSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)]
-    # A DNS name (TLS sends no IP address as a server name); default: the upstream's name.
+    # The server name sent in the handshake: a DNS name (TLS sends no IP address as a server
+    # name); default: the upstream's name, required for an IP address.
+    # Envoy: sni.
     sni: Annotated[str, Field(pattern=DNS_NAME, max_length=SNI_MAX_BYTES)] | None = None
-    # DNS names the certificate must carry, `*.` wildcards allowed; default: the SNI name.
+    # DNS names the certificate must carry one of, `*.` wildcards allowed; default: the SNI
+    # name.
+    # Envoy: match_typed_subject_alt_names (san_type DNS, exact) in
+    # combined_validation_context.default_validation_context.
     subjectAltNames: Annotated[
         tuple[Annotated[str, Field(pattern=_SAN, max_length=253)], ...],
         Field(max_length=MAX_NAMES),
     ] = ()
+    # A Secret whose tls.crt and tls.key Envoy presents (mutual TLS; cert-manager's layout);
+    # reloaded when the Secret changes.
+    # Envoy: tls_certificate_sds_secret_configs[0]: the SDS file
+    # /etc/outrigger/sds/tls-<i>-cert.json naming /etc/outrigger/secrets/<secret>/tls.crt and
+    # tls.key.
     clientCertSecret: Annotated[str, Field(pattern=_SECRET, max_length=253)] | None = None
 
 
 class UpstreamSpec(_Model):
+    """An external service. Envoy: the cluster <name>; with a port, the listener
+    upstream-<name> (its stat_prefix is <name>)."""
+
+    # host:port: a DNS name or an IP address ([v6]:port), port 1-65535 without leading zeros.
+    # Envoy: the cluster's one endpoint; a DNS name makes a DNS cluster (cluster_type
+    # envoy.cluster.dns), an IP address a STATIC one.
     address: str
-    port: LocalPort | None = None  # its own local listener; None: reached through routing only
+    # The local port the app calls (localhost:<port>), its own listener; None: the upstream
+    # is reached through routing only.
+    # Envoy: a listener on 127.0.0.1:<port> (the policy's listenAddress).
+    port: LocalPort | None = None
+    # http: requests, routed, retried and timed; tcp: bytes, proxied as they come.
+    # Envoy: http_connection_manager with one route `prefix: /`, or tcp_proxy.
     protocol: Literal["http", "tcp"] = "http"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries | None = None
     circuitBreaker: CircuitBreaker | None = None
+    # None: off.
     outlierDetection: OutlierDetection | None = None
+    # Over the upstream's hosts.
+    # Envoy: the cluster's lb_policy.
     loadBalancing: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"] = "ROUND_ROBIN"
     discovery: Discovery = Field(default_factory=Discovery)
+    # None: plain text.
     tls: TLS | None = None
 
     @field_validator("address")
@@ -198,10 +279,19 @@ class UpstreamSpec(_Model):
 
 
 class Route(_Model):
+    """Each route has an upstream and exactly one of pathPrefix and host; path prefixes are
+    tried in the order given."""
+
+    # An http upstream of upstreams.
+    # Envoy: the route's cluster.
     upstream: str
-    # Printable ASCII without spaces: what an HTTP request path can hold (others arrive
-    # percent-encoded).
+    # A path prefix starting with /, printable ASCII without spaces: what an HTTP request
+    # path can hold (others arrive percent-encoded).
+    # Envoy: the route's match.prefix, in the virtual host `paths` (domain *).
     pathPrefix: Annotated[str, Field(pattern=r"^/[!-~]*$", max_length=1024)] | None = None
+    # A Host header: a lowercase name, optionally with a leading wildcard (*.example.com),
+    # and an optional :port.
+    # Envoy: a virtual host host-<n> with domains [<host>] and one route `prefix: /`.
     host: Annotated[str, Field(pattern=r"^[a-z0-9*]([-a-z0-9.*]*[a-z0-9])?(:[0-9]+)?$")] | None = (
         None
     )
@@ -214,8 +304,11 @@ class Route(_Model):
 
 
 class Routing(_Model):
-    """HTTP routing on one local port, by path prefix or Host header, in the order given."""
+    """HTTP routing on one local port, by path prefix or Host header, in the order given.
+    Envoy: the listener `routing`."""
 
+    # The local port the app calls.
+    # Envoy: a listener on 127.0.0.1:<port>.
     port: LocalPort
     routes: Annotated[tuple[Route, ...], Field(min_length=1, max_length=MAX_ROUTES)]
 
@@ -232,8 +325,15 @@ class Routing(_Model):
 
 
 class AmbassadorSpec(_Model):
+    """The value of `outrigger.dev/ambassador-config`: YAML, validated field by field."""
+
+    # The external services, by name: lowercase letters, digits and '-', at most 50
+    # characters. SERVICE_HOST and SERVICE_PORT are set to the first one's address.
     upstreams: Annotated[dict[str, UpstreamSpec], Field(min_length=1, max_length=MAX_UPSTREAMS)]
     routing: Routing | None = None
+    # One JSON line per request (http) or connection (tcp) on Envoy's stdout.
+    # Envoy: access_log envoy.access_loggers.stdout with json_format, on every listener but
+    # health.
     accessLog: bool = True
 
     def __hash__(self) -> int:

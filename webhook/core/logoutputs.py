@@ -134,10 +134,12 @@ class _Model(BaseModel):
 class OutputTLS(_Model):
     """TLS to the receiver; the CA, when not a public one, from a Secret's `caKey`."""
 
-    enabled: bool = False
-    verify: bool = True  # the certificate chain and the host name
+    enabled: bool = False  # TLS to the receiver
+    verify: bool = True  # the certificate chain and the host name (which must be a DNS name)
+    # A Secret of the pod's namespace holding the CA, when it is not a public one (needs
+    # enabled and verify); mounted read-only into the watcher.
     caSecret: _SECRET_NAME | None = None
-    caKey: _SECRET_KEY = CA_FILE
+    caKey: _SECRET_KEY = CA_FILE  # the CA's key in caSecret
 
     @model_validator(mode="after")
     def _consistent(self) -> OutputTLS:
@@ -154,10 +156,13 @@ class Credentials(_Model):
     forward shared key (`sharedKeyKey`, with a username and password where the receiver has
     users)."""
 
-    secret: _SECRET_NAME
-    usernameKey: _SECRET_KEY | None = None
-    passwordKey: _SECRET_KEY | None = None
+    secret: _SECRET_NAME  # in the pod's namespace, within logOutputs.allowedSecrets
+    usernameKey: _SECRET_KEY | None = None  # basic auth, with passwordKey
+    passwordKey: _SECRET_KEY | None = None  # basic auth, with usernameKey
+    # A bearer token (Elasticsearch: an API key); alone, without the other keys.
     tokenKey: _SECRET_KEY | None = None
+    # forward's shared key (secure forward), with usernameKey and passwordKey where the
+    # receiver has users.
     sharedKeyKey: _SECRET_KEY | None = None
 
     @model_validator(mode="after")
@@ -185,19 +190,29 @@ class Credentials(_Model):
 
 
 class LogOutput(_Model):
-    """One named destination in the policy."""
+    """One named destination in the policy. A setting for another type, or credentials the
+    type cannot present, is an error at load."""
 
+    # The receiver's kind, and the Fluent Bit output plugin that ships to it.
     type: OutputType
-    host: str | None = None  # a DNS name or an IP address; required except for stdout
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None  # None: the type's default
+    # A lowercase DNS name or an IP address (no scheme, port or path); required except for
+    # stdout.
+    host: str | None = None
+    # None: the type's default (loki 3100, elasticsearch and opensearch 9200, opentelemetry
+    # 4318, forward 24224, http 80, or 443 with TLS).
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
     tls: OutputTLS = Field(default_factory=OutputTLS)
+    # As whom: keys of a Secret, as the type takes them (loki, elasticsearch, opensearch,
+    # opentelemetry and http: basic auth; the same but opensearch: a token; forward: a
+    # shared key).
     credentials: Credentials | None = None
     # loki: static stream labels (namespace, pod and container are labels too, from the record)
     labels: dict[str, str] = Field(default_factory=lambda: {"job": "outrigger"})
     tenantId: str | None = None  # loki: X-Scope-OrgID
     index: str = "outrigger"  # elasticsearch, opensearch
     uri: str | None = None  # http (default /), opentelemetry (default /v1/logs), loki
-    # Fluent Bit's retry_limit: a number of retries, or no_limits (tail pauses while full).
+    # Fluent Bit's retry_limit: a number of retries (1 to 1000), or no_limits (tail pauses
+    # while the buffer is full).
     retryLimit: int | str = "no_limits"
 
     @field_validator("host")
@@ -332,9 +347,13 @@ class LogOutput(_Model):
 class LogOutputs(_Model):
     """The policy's outputs: what a rule or a pod's annotation may pick from."""
 
+    # The outputs by name (a DNS label); `stdout` is always there, and may only be stdout.
     outputs: dict[str, LogOutput] = Field(default_factory=dict)
+    # The output of pods that neither their annotation nor a rule gives one: stdout, or a
+    # name of outputs.
     default: str = STDOUT
-    # Secret names (globs) an output may read credentials or a CA from.
+    # Secret names (globs) an output may read credentials or a CA from, in the pod's
+    # namespace; an output reading another is an error at load, naming the output and Secret.
     allowedSecrets: tuple[str, ...] = ()
 
     @field_validator("outputs")

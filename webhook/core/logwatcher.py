@@ -64,27 +64,42 @@ class LogWatcherSettings(BaseModel):
     """The template's `logWatcher:` block: what a platform team tunes, as data.
 
     `logPath`, `files`, `multiline` and `format` are literals or one `${parameter}` (checked
-    at policy load, in `SidecarTemplate`); the rest are the pipeline's guarantees (see the
-    README's "The log-watcher's limits").
+    at policy load, in `SidecarTemplate`); the rest are the pipeline's guarantees: no line
+    lost, none shipped twice, a bounded buffer.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Where the logs are read: one ${parameter} of type path, or a literal; the mountPath of
+    # one of the container's volumeMounts.
     logPath: str
-    files: str | None = None  # None: *.log
+    # Which files below logPath: one ${parameter} of type globs, or a literal. None: *.log.
+    files: str | None = None
+    # Fluent Bit's multiline parser: none, java, python, go, ruby, docker or cri, or one
+    # ${parameter} whose enum lists only those.
     multiline: str = NO_MULTILINE
+    # The stdout output's format: json_lines, json, json_stream or msgpack, or one such
+    # ${parameter}.
     format: str = "json_lines"
-    # Read positions: a writable volume of the watcher's own, kept across its restarts.
+    # Read positions (tail.db): the mountPath of a writable volumeMount of a volume of the
+    # template's own (not one of appVolumeMounts), kept across the watcher's restarts.
     stateDir: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/var/lib/log-watcher"
+    # Seconds between looks for new files matching the patterns.
     refreshInterval: Annotated[int, Field(ge=1, le=60)] = 1
+    # Seconds a rotated (renamed) file is still read, for the lines written before the rename.
     rotateWait: Annotated[int, Field(ge=1, le=3600)] = 30
+    # The input's buffer: past it, tail pauses instead of growing past the memory limit. A
+    # quarter of the container's memory limit at most, whatever this says.
     memBufLimit: Annotated[str, Field(pattern=f"^{_SIZE_MB}$")] = "16MB"
+    # The longest line read whole; a longer one is truncated, not the file skipped.
     bufferMaxSize: Annotated[str, Field(pattern=f"^{_SIZE_KB}$")] = "256k"
     # Native placement with a multiline parser: the preStop sleep is at least this. Fluent
     # Bit holds a record's last lines until more come or ~5 s pass, and drops them at
     # SIGTERM: a Job's final stack trace needs 7 s from its write (new file) to be shipped.
     multilinePreStopSleep: Annotated[int, Field(ge=0, le=300)] = 10
+    # The most patterns outrigger.dev/log-files may list: a policy may only lower it.
     maxFilePatterns: Annotated[int, Field(ge=1, le=MAX_FILE_PATTERNS)] = MAX_FILE_PATTERNS
+    # The longest pattern outrigger.dev/log-files may hold: a policy may only lower it.
     maxPatternLength: Annotated[int, Field(ge=1, le=MAX_PATTERN_CHARS)] = MAX_PATTERN_CHARS
     # Which of the policy's logOutputs: one ${parameter} of type string (the pod's choice,
     # no default, so that a rule's or the policy's default applies without it), or a literal

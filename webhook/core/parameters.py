@@ -26,20 +26,29 @@ _KERNEL_FILESYSTEMS = frozenset({"proc", "sys"})
 
 
 class Parameter(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     """A value an annotation may set in a template, with its type and validation."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The annotation that sets it: an outrigger.dev/ key other than inject and status.
     annotation: Annotated[str, Field(pattern=r"^outrigger\.dev/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+    # How the value is read: string (within enum or pattern), integer (within minimum and
+    # maximum), boolean (true or false), path (an absolute directory), hostport (host:port;
+    # the template may also refer to ${name.host} and ${name.port}), image (a pinned
+    # reference within images.allowed), ambassador (an ambassador configuration, YAML),
+    # globs (file patterns, as outrigger.dev/log-files takes them).
     type: Literal[
         "string", "integer", "boolean", "path", "hostport", "image", "ambassador", "globs"
     ] = "string"
+    # The value when the pod does not set the annotation; checked as a pod's value would be.
     default: str | int | bool | None = None
+    # The pod must set the annotation when the sidecar is injected, or it is denied.
     required: bool = False
-    enum: tuple[str, ...] | None = None
-    pattern: str | None = None
-    minimum: int | None = None
-    maximum: int | None = None
+    enum: tuple[str, ...] | None = None  # type string: the values accepted
+    pattern: str | None = None  # type string: a regular expression the whole value matches
+    minimum: int | None = None  # type integer: the least value accepted
+    maximum: int | None = None  # type integer: the greatest value accepted
+    # What it sets, shown in the annotation reference.
     description: str = ""
 
     @field_validator("pattern")
@@ -113,6 +122,16 @@ def _path(text: str) -> str | None:
 
 
 def accepted(parameter: Parameter) -> str:
+    """The values the parameter accepts, and its default: what a denial tells the pod."""
+    text = accepted_values(parameter)
+    default = parameter.default
+    if default is not None:
+        text += f" (default {str(default).lower() if isinstance(default, bool) else default})"
+    return text
+
+
+def accepted_values(parameter: Parameter) -> str:
+    """The values the parameter accepts, in words (also the annotation reference's)."""
     match parameter.type:
         case "integer":
             low = "" if parameter.minimum is None else f" from {parameter.minimum}"
@@ -132,7 +151,7 @@ def accepted(parameter: Parameter) -> str:
         case "image":
             text = "an image reference allowed by the cluster policy"
         case "ambassador":
-            text = "an ambassador configuration (YAML; see the README)"
+            text = "an ambassador configuration (YAML; see the ambassador configuration reference)"
         case _:
             text = (
                 f"one of: {', '.join(parameter.enum)}"
@@ -141,7 +160,4 @@ def accepted(parameter: Parameter) -> str:
                 if parameter.pattern
                 else "a printable string"
             )
-    default = parameter.default
-    if default is not None:
-        text += f" (default {str(default).lower() if isinstance(default, bool) else default})"
     return text

@@ -70,16 +70,24 @@ class _Model(BaseModel):
 
 
 class EnvoySettings(_Model):
-    """Renders an Envoy bootstrap for the ambassador (see `webhook.ambassador`).
+    """Renders an Envoy bootstrap for the ambassador (see `webhook.ambassador`) into
+    `${envoy.bootstrap}`, and appends `--concurrency` (from the CPU limit) to its args.
 
     The pod sets either `upstream` (one host:port, on `listenPort`) or `config` (a full
     ambassador configuration); each names a parameter of the template.
     """
 
+    # One ${parameter} of type hostport: the one upstream, served on listenPort.
     upstream: str | None = None
+    # The local port the app calls with `upstream`: a number, or one ${parameter} of type
+    # integer.
     listenPort: str | int = 8081
+    # One ${parameter} of type ambassador: the full configuration (several upstreams,
+    # routing, TLS...), instead of upstream and listenPort.
     config: str | None = None
+    # Where the app's listeners bind: the pod's loopback, out of other pods' reach.
     listenAddress: str = "127.0.0.1"
+    # Envoy's admin API, on 127.0.0.1 only; no container of the pod may take the port.
     adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
     # Envoy's readiness endpoint (GET /ready) on all addresses, for the kubelet's probes; a
     # native ambassador's startupProbe calls it, so that the app starts once Envoy listens.
@@ -96,35 +104,63 @@ class EnvoySettings(_Model):
 
 
 class SidecarTemplate(_Model):
+    """A sidecar the policy offers: its container, what it brings to the pod, and what a
+    pod's annotations may set in it. Injected sidecars are placed in the policy's order."""
+
+    # The name `outrigger.dev/inject` lists, and the injected container's.
     name: Annotated[str, Field(pattern=_NAME, max_length=63)]
+    # What the sidecar is for, for the people who read the policy and its references.
     description: str = ""
-    # Placement: None follows the policy's nativeSidecars.
+    # Placement: true, native (in initContainers, restartPolicy: Always); false, classic (in
+    # containers); None follows the policy's nativeSidecars.
     native: bool | None = None
+    # What annotations may set, by parameter name (lowercase letters, digits and '-'); the
+    # template refers to a parameter as ${name}.
     parameters: dict[str, Parameter] = Field(default_factory=dict)
+    # A container spec (image, command, args, env, ports, probes, resources, securityContext,
+    # volumeMounts...) without `name`, which is the template's. Its image must be pinned (a
+    # tag other than latest, or a digest) and in images.allowed. A ${parameter} is replaced
+    # with the parameter's value: a value that is exactly ${name} takes the parameter's type
+    # (a number for an integer), except in command, args and env[].value, which are strings;
+    # a hostport parameter also offers ${name.host} and ${name.port}, an envoy block
+    # ${envoy.bootstrap}, ${envoy.container-ports}, ${envoy.service-host},
+    # ${envoy.service-port} and ${envoy.health-port}. Any other reference is an error at load.
     container: dict[str, Any]
+    # Pod volumes the sidecar brings (no two templates may add volumes of the same name).
     volumes: tuple[dict[str, Any], ...] = ()
+    # Mounts added to every app container, such as the shared log directory.
     appVolumeMounts: tuple[dict[str, Any], ...] = ()
     envoy: EnvoySettings | None = None
-    # Renders the log-watcher's Fluent Bit configuration file, which replaces container.args.
+    # Renders the log-watcher's Fluent Bit configuration into a pod annotation
+    # `<name>.outrigger.dev/fluent-bit.yaml`, projected read-only at
+    # /etc/log-watcher/fluent-bit.yaml (a downwardAPI volume `<name>-config`), and sets
+    # container.args to `-c` and that path: the template has no args. Checked at load. A
+    # template without it runs its own args.
     logWatcher: LogWatcherSettings | None = None
     # Classic placement only: seconds the sidecar sleeps in preStop, so that it outlives the
     # app's shutdown (the kubelet signals every classic container at once). An integer or one
-    # ${parameter} of type integer; 0 or None: no preStop. Native sidecars get none: the
-    # kubelet stops them after the app by itself, and a sleep would only delay a Job's end.
+    # ${parameter} of type integer bounded 0 to 300; 0 or None: no preStop. Not together with
+    # container.lifecycle.preStop. Native sidecars get none: the kubelet stops them after the
+    # app by itself, and a sleep would only delay a Job's end.
     classicPreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
     # Native placement only: seconds the sidecar sleeps in preStop once the app has exited,
     # before its SIGTERM. For a reader of the app's files: what the app wrote last, in a file
     # the reader has not found yet, is read then (Fluent Bit stops reading at SIGTERM). Same
-    # forms as classicPreStopSleep; the time comes out of the pod's grace period.
+    # forms as classicPreStopSleep; the time comes out of the pod's grace period, and delays
+    # a Job's end by as much.
     nativePreStopSleep: Annotated[int, Field(ge=0, le=CLASSIC_PRE_STOP_MAX)] | str | None = None
     # Run as the user and group the app containers run as, where the pod sets them (not
     # root): a reader of the app's files then reads those a restrictive umask keeps private.
+    # Where the pod does not set them: the template's own user, with a warning.
     runAsAppUser: bool = False
     # Secrets (of the pod's namespace) that pull this template's image from a private
-    # registry: merged into the pod's spec.imagePullSecrets, each name once.
+    # registry or mirror: merged into the pod's spec.imagePullSecrets after the pod's own,
+    # each name once.
     imagePullSecrets: tuple[Annotated[str, Field(pattern=DNS_NAME, max_length=253)], ...] = ()
-    # What a pod may set of this sidecar's resources, per resource, within which bounds
-    # (`webhook.core.sidecarresources`); none: the template's resources, always.
+    # What a pod may set of this sidecar's resources with
+    # `outrigger.dev/<sidecar>-<resource>-<request|limit>`, per resource, within which bounds
+    # (`webhook.core.sidecarresources`); the template's own values must lie within them.
+    # Absent or empty: no pod sizes this sidecar, the template's resources apply.
     resourceOverrides: dict[Resource, ResourceOverride] = Field(default_factory=dict)
 
     @field_validator("parameters")
@@ -366,13 +402,20 @@ class SidecarTemplate(_Model):
 
 
 class LabelSelectorRequirement(_Model):
-    key: str
+    """One requirement on a pod's label, as in a Kubernetes label selector."""
+
+    key: str  # the label's name
+    # In, NotIn: the label's value is (not) one of values; Exists, DoesNotExist: the label
+    # is (not) set.
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()  # for In and NotIn
 
 
 class LabelSelector(_Model):
-    matchLabels: dict[str, str] = Field(default_factory=dict)
+    """A Kubernetes label selector: the pod matches when every pair of matchLabels and every
+    requirement of matchExpressions holds."""
+
+    matchLabels: dict[str, str] = Field(default_factory=dict)  # labels with these values
     matchExpressions: tuple[LabelSelectorRequirement, ...] = ()
 
     def matches(self, labels: Mapping[str, str]) -> bool:
@@ -384,11 +427,19 @@ class LabelSelector(_Model):
 class Rule(_Model):
     """Which pods get which sidecars without asking, or must have them, or never get any."""
 
+    # Named wherever Outrigger says which rule decided (`--explain`, warnings, messages).
     name: Annotated[str, Field(min_length=1)]
     namespaces: tuple[str, ...] = ()  # exact names or globs; empty: every namespace
+    # The pods' labels (matchLabels, matchExpressions as in Kubernetes); none: every pod.
     podSelector: LabelSelector | None = None
+    # Sidecars the pods it matches get by default: when their outrigger.dev/inject is absent
+    # or true (false opts out of them).
     inject: tuple[str, ...] = ()
+    # Sidecars the pods it matches always get, whatever they say (an opt-out gets a warning).
     require: tuple[str, ...] = ()
+    # The pods it matches get nothing. By namespace alone (no podSelector, or an empty one)
+    # not even a required sidecar; by podSelector, nothing but the required ones: whoever
+    # creates a pod writes its labels, and may not skip what the platform requires.
     exclude: bool = False
     # The log output (a name in logOutputs) of the pods it matches, unless the pod's
     # annotation picks one; the first matching rule that sets it decides.
@@ -408,33 +459,59 @@ class Rule(_Model):
 
 
 class ContainerDefaults(_Model):
+    """What every injected container gets unless its template sets the field: the
+    restricted Pod Security Standard settings, and modest resources."""
+
+    # requests and limits; a template's own requests (or limits) replace these whole.
     resources: dict[str, Any] = Field(
         default_factory=lambda: {
             "requests": {"cpu": "10m", "memory": "32Mi"},
             "limits": {"cpu": "500m", "memory": "256Mi"},
         }
     )
+    # Merged key by key under a template's own: non-root, no privilege escalation, every
+    # capability dropped, a read-only root filesystem, the RuntimeDefault seccomp profile.
     securityContext: dict[str, Any] = Field(
         default_factory=lambda: dict(RESTRICTED_SECURITY_CONTEXT)
     )
 
 
 class Images(_Model):
-    # Prefixes an image reference must start with, e.g. "docker.io/envoyproxy/".
+    """The images sidecars may run: every template's image and every `image` parameter's
+    value is checked."""
+
+    # Prefixes an image reference must start with, e.g. "registry.example.com/mirror/"; it
+    # must also be pinned (a tag other than latest, or a sha256 digest).
     allowed: tuple[str, ...]
 
 
 class Policy(_Model):
-    apiVersion: Literal["outrigger.dev/v1alpha1"]
-    kind: Literal["InjectionPolicy"]
+    """The cluster policy, `kind: InjectionPolicy`: a YAML file, usually kept in a ConfigMap
+    (`outrigger serve --policy FILE` or `--policy-configmap NAMESPACE/NAME`). Unknown keys
+    are errors at every level, each naming its path."""
+
+    apiVersion: Literal["outrigger.dev/v1alpha1"]  # the version of this format
+    kind: Literal["InjectionPolicy"]  # what the document is
     images: Images
+    # The sidecar templates, in the order injected sidecars are placed in a pod.
     sidecars: tuple[SidecarTemplate, ...]
+    # Which pods get which sidecars without asking, must have them, or never get any.
     rules: tuple[Rule, ...] = ()
+    # Names or globs of namespaces never injected into, besides kube-system, kube-public and
+    # the webhook's own ($POD_NAMESPACE).
     excludedNamespaces: tuple[str, ...] = ()
+    # true: native sidecars (Kubernetes 1.29+), placed first in initContainers with
+    # restartPolicy: Always, in the policy's order, so that Jobs complete and the ambassador
+    # runs (and listens, through its startupProbe) before the app and its init containers
+    # start; the embedded default policy sets it. false: appended to containers, for clusters
+    # without native sidecars (no start order, and Jobs are denied classic sidecars).
     nativeSidecars: bool = False
+    # What becomes of an outrigger.dev/ annotation no template declares (a typo): Warn
+    # admits the pod with a warning, Deny refuses it.
     unknownAnnotations: Literal["Warn", "Deny"] = "Warn"
     containerDefaults: ContainerDefaults = Field(default_factory=ContainerDefaults)
-    # Where log-watchers may ship records; stdout alone when absent.
+    # Where log-watchers may ship records, by name (a pod's annotation, a rule's logOutput
+    # or logOutputs.default picks one); stdout alone when absent or empty.
     logOutputs: LogOutputs = Field(default_factory=LogOutputs)
 
     @model_validator(mode="after")

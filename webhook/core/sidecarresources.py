@@ -44,8 +44,8 @@ class Bound(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min: str | None = None
-    max: str | None = None
+    min: str | None = None  # a quantity (250m, 1.5, 96Mi, 1Gi); None: no lower bound
+    max: str | None = None  # a quantity; None: no upper bound
 
     @model_validator(mode="after")
     def _ordered(self) -> Bound:
@@ -80,8 +80,11 @@ class ResourceOverride(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The request a pod may set, `{min, max}`; None: the pod may not set it.
     request: Bound | None = None
+    # The limit a pod may set, `{min, max}`; None: the pod may not set it.
     limit: Bound | None = None
+    # A pod may remove the limit, with the value `none`.
     removableLimit: bool = False
 
 
@@ -122,14 +125,14 @@ def parse_override(
     text = raw.strip()
     if text == REMOVE and removable:
         return Override(resource, kind, None, key)
-    accepted = _accepted(resource, bound, removable)
+    expected = accepted(resource, bound, removable)
     if bound is None or not _VALUE.fullmatch(text):
-        raise ValueError(f"annotation {key}: {echo(raw)} is not accepted; expected {accepted}")
+        raise ValueError(f"annotation {key}: {echo(raw)} is not accepted; expected {expected}")
     value = quantity(text, key)
     if not bound.holds(value):
         raise ValueError(
             f"annotation {key}: {echo(raw)} is outside the cluster policy's bounds; "
-            f"expected {accepted}"
+            f"expected {expected}"
         )
     return Override(resource, kind, canonical_quantity(text), key)
 
@@ -230,7 +233,8 @@ def _bound_value(text: str, which: str) -> Decimal:
         raise ValueError(str(error)) from None
 
 
-def _accepted(resource: str, bound: Bound | None, removable: bool) -> str:
+def accepted(resource: str, bound: Bound | None, removable: bool) -> str:
+    """What a resource annotation accepts, in words (also the annotation reference's)."""
     units = _UNITS.get(resource, _UNITS["memory"])
     parts = [] if bound is None else [f"{units}, {bound.describe()}"]
     if removable:

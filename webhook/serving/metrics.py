@@ -4,7 +4,7 @@ injected, the reviews' own duration, policy reloads, the policy in force, the ce
 Each `Metrics` has a registry of its own rather than prometheus-client's global one, so that
 several apps (tests, or an embedding program) never clash over metric names and each `/metrics`
 shows exactly its app's state. Per review the cost is a dictionary lookup of a pre-bound child
-and two increments (`observe_review`), measured with `make bench` (README, "Performance").
+and two increments (`observe_review`), measured with `make bench` (docs/operators/performance.md).
 Label sets are bounded: outcomes and reasons are fixed words, sidecars the policy's templates.
 """
 
