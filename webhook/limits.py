@@ -7,6 +7,7 @@ process (`cache_small`). Messages echo at most a prefix of a bad value (`echo`).
 
 from __future__ import annotations
 
+import re
 import reprlib
 from collections.abc import Callable
 from functools import lru_cache, wraps
@@ -70,7 +71,11 @@ def _shown(value: Any) -> str:
 
 
 def has_control_characters(text: str) -> bool:
-    return any(ord(character) < 32 or 127 <= ord(character) < 160 for character in text)
+    return _CONTROL.search(text) is not None
+
+
+# C0 controls, DEL and the C1 controls (8-bit CSI and friends).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
