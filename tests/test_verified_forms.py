@@ -9,6 +9,7 @@ full check gives, for every pod of that form and for no other.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import orjson
@@ -72,7 +73,7 @@ def fresh() -> None:
 def test_pods_of_one_workload_share_a_form_and_the_second_is_answered_at_once() -> None:
     fresh()
     first, second = stored(app(), "abcde", "web-1"), stored(app(), "fghij", "web-2")
-    assert checked_form(first) == checked_form(second)
+    assert checked_form(copy.deepcopy(first)) == checked_form(copy.deepcopy(second))
     assert is_heavy(request(second), POLICY)  # the whole pod to check, in a thread
     assert answer(first) == ("", "already-injected")
     assert not is_heavy(request(second), POLICY)  # a pod of its form was checked
@@ -84,7 +85,7 @@ def test_a_pod_that_differs_in_what_inject_reads_is_checked_in_full() -> None:
     assert answer(stored(app(), "abcde", "web-1"))[1] == "already-injected"
     tampered = stored(app(), "fghij", "web-2")
     tampered["spec"]["initContainers"][0]["image"] = "cr.fluentbit.io/fluent/fluent-bit:4.1.0"
-    assert checked_form(tampered) != checked_form(stored(app(), "abcde", "web-1"))
+    assert checked_form(copy.deepcopy(tampered)) != checked_form(stored(app(), "abcde", "web-1"))
     patch, reason = answer(tampered)
     assert reason == "reinjected" and patch
 
@@ -106,7 +107,7 @@ def test_the_form_is_per_namespace_and_per_policy() -> None:
     assert answer(pod)[1] == "already-injected"
     other = request(pod)
     assert envelope._VERIFIED.holds(other, POLICY)
-    assert not envelope._VERIFIED.holds(envelope.replace(other, namespace="lab"), POLICY)
+    assert not envelope._VERIFIED.holds(dataclasses.replace(other, namespace="lab"), POLICY)
     changed = parse_policy({**POLICY.model_dump(mode="json"), "unknownAnnotations": "Deny"})
     assert not envelope._VERIFIED.holds(other, changed)
 

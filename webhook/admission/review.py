@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
@@ -30,8 +30,8 @@ from webhook.core.injector import (
     checked_form,
     inject,
     normalises_token_volumes,
-    with_token_volume_normalised,
-    with_volume_renamed,
+    rename_volume,
+    token_volume,
 )
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
@@ -79,7 +79,7 @@ class AdmissionRequest:
     # which an earlier check that it holds what the policy renders is remembered.
     checked: bytes | None = None
     # The name of the pod's token volume, where `pod_json` holds it as the placeholder
-    # (`with_token_volume_normalised`), so that pods of one workload share their answer.
+    # (`rename_volume`), so that pods of one workload share their answer.
     token_volume: str | None = None
 
 
@@ -156,10 +156,10 @@ def decode_review(body: bytes) -> AdmissionRequest:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
         form = checked_form(whole)
         checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
-        return replace(_admission_request(uid, request, pod_json, metadata), checked=checked)
+        return _admission_request(uid, request, metadata, pod_json, checked=checked)
     if pod is not None:
-        return _with_pod(_admission_request(uid, request, None, metadata), pod)
-    return _admission_request(uid, request, pod_json, metadata)
+        return _admission_request(uid, request, metadata, *_pod_to_inject(pod))
+    return _admission_request(uid, request, metadata, pod_json)
 
 
 def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
@@ -181,23 +181,28 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
     metadata = (pod or {}).get("metadata") or {}
     if pod is None or STATUS in (metadata.get("annotations") or {}):
         return None
-    return _with_pod(_admission_request(request["uid"], request, None, metadata), pod)
+    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod))
 
 
-def _with_pod(request: AdmissionRequest, pod: wire.Pod) -> AdmissionRequest:
-    """`request` with the pod to inject into as `mutation` takes it: without what the
+def _pod_to_inject(pod: wire.Pod) -> tuple[bytes, str | None]:
+    """The pod as `mutation` takes it, and its token volume's name: without what the
     injector never reads but the API server makes different in every pod (its name, and
     its token volume's name, normalised), so that the pods of one workload share an answer.
-    The name and owner stay in `request` for the decision log and the Events."""
-    normal, token = with_token_volume_normalised(cast(dict[str, Any], _unnamed(pod)))
-    return replace(request, pod_json=wire.encode(cast(wire.Pod, normal)), token_volume=token)
+    The name and owner stay in the request for the decision log and the Events."""
+    unnamed = _unnamed(pod)
+    token = token_volume(unnamed)
+    if token is not None:
+        rename_volume(cast(dict[str, Any], unnamed), token, TOKEN_VOLUME_PLACEHOLDER)
+    return wire.encode(unnamed), token
 
 
 def _admission_request(
     uid: str,
     request: wire.Request | wire.RequestWithPod,
-    pod_json: bytes | None,
     metadata: wire.ObjectMeta,
+    pod_json: bytes | None,
+    token_volume: str | None = None,
+    checked: bytes | None = None,
 ) -> AdmissionRequest:
     owner = _owner(metadata)
     return AdmissionRequest(
@@ -208,6 +213,8 @@ def _admission_request(
         owner=f"{owner.get('kind', '')}/{owner.get('name', '')}" if owner else "",
         owner_reference=_reference(owner) if owner else None,
         dry_run=bool(request.get("dryRun")),
+        checked=checked,
+        token_volume=token_volume,
     )
 
 
@@ -332,8 +339,8 @@ def _mutation(request: AdmissionRequest, pod_json: bytes, policy: Policy) -> Mut
             if not result.names_placeholder:
                 return result
     pod = orjson.loads(pod_json)
-    spec = with_volume_renamed(pod["spec"], TOKEN_VOLUME_PLACEHOLDER, request.token_volume)
-    return mutation(orjson.dumps({**pod, "spec": spec}), request.namespace, policy)
+    rename_volume(pod, TOKEN_VOLUME_PLACEHOLDER, request.token_volume)
+    return mutation(orjson.dumps(pod), request.namespace, policy)
 
 
 def _unnamed(pod: wire.Pod) -> wire.Pod:

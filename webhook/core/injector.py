@@ -508,33 +508,51 @@ TOKEN_VOLUME_PREFIX = "kube-api-access-"
 TOKEN_VOLUME_PLACEHOLDER = TOKEN_VOLUME_PREFIX + "*"  # not a volume name anyone can give
 
 
-def with_token_volume_normalised(pod: Pod) -> tuple[Pod, str | None]:
-    """`pod` with its one token volume, and the containers' mounts of it, named
-    TOKEN_VOLUME_PLACEHOLDER, and the name it had; `pod` and None where there is no such
-    single volume (none, several, not objects, one named as the placeholder).
+def token_volume(pod: Any) -> str | None:
+    """The name of the pod's one token volume, where it has exactly one (and it is not
+    named as the placeholder); None otherwise."""
+    spec = pod.get("spec") if isinstance(pod, dict) else None
+    volumes = spec.get("volumes") if isinstance(spec, dict) else None
+    if not isinstance(volumes, list):
+        return None
+    tokens = [
+        name
+        for volume in volumes
+        if isinstance(volume, dict)
+        and isinstance(name := volume.get("name"), str)
+        and name.startswith(TOKEN_VOLUME_PREFIX)
+    ]
+    return tokens[0] if len(tokens) == 1 and tokens[0] != TOKEN_VOLUME_PLACEHOLDER else None
 
-    `inject` reads only the prefix of that name (the token mounts are the API server's:
+
+def rename_volume(pod: Pod, old: str, new: str) -> None:
+    """Rename, in place, the volume `old` of a pod decoded for this request alone (no one
+    else holds its objects) and the containers' mounts of it.
+
+    With `old` the pod's token volume and `new` TOKEN_VOLUME_PLACEHOLDER: `inject` reads only
+    the prefix of that name (the token mounts are the API server's:
     `webhook.core.volumes.contains`), so two pods that differ in it alone get the same
     answer, as long as no template adds a volume of that prefix (`normalises_token_volumes`):
     the pods of one workload then share one memoised answer, which the API server's random
-    name would otherwise keep from them."""
-    spec = pod.get("spec")
-    volumes = spec.get("volumes") if isinstance(spec, dict) else None
-    if not isinstance(volumes, list) or not all(isinstance(v, dict) for v in volumes):
-        return pod, None
-    names = [str(v.get("name", "")) for v in volumes]
-    tokens = [name for name in names if name.startswith(TOKEN_VOLUME_PREFIX)]
-    if len(tokens) != 1 or tokens[0] == TOKEN_VOLUME_PLACEHOLDER:
-        return pod, None
-    assert isinstance(spec, dict)
-    renamed = with_volume_renamed(spec, tokens[0], TOKEN_VOLUME_PLACEHOLDER)
-    return {**pod, "spec": renamed}, tokens[0]
+    name would otherwise keep from them. In place, because copying the spec to rename two
+    fields cost as much as the rest of decoding a review."""
+    spec = pod["spec"]
+    for item in spec["volumes"]:
+        if isinstance(item, dict) and item.get("name") == old:
+            item["name"] = new
+    for field in ("containers", "initContainers", "ephemeralContainers"):
+        for container in spec.get(field) or ():
+            mounts = container.get("volumeMounts") if isinstance(container, dict) else None
+            for mount in mounts if isinstance(mounts, list) else ():
+                if isinstance(mount, dict) and mount.get("name") == old:
+                    mount["name"] = new
 
 
 def checked_form(pod: Any) -> bytes | None:
-    """A pod that carries a status, as `inject` sees it: its labels, annotations and spec,
-    its token volume's name made the same for every pod (`with_token_volume_normalised`);
-    None where that cannot be said plainly (not objects, several token volumes).
+    """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
+    labels, annotations and spec, its token volume renamed to the placeholder (in place:
+    `rename_volume`); None where that cannot be said plainly (not objects, several token
+    volumes, nested past what orjson writes).
 
     `inject` reads nothing else of a pod: name, uid, owners, managed fields and status only
     pass through. So the check of an injected pod, which the API server asks for again after
@@ -542,43 +560,21 @@ def checked_form(pod: Any) -> bytes | None:
     metadata, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (0, 0)
     if not isinstance(metadata, dict) or not isinstance(spec, dict):
         return None
-    volumes = spec.get("volumes") or []
-    tokens = (
-        [
-            v
-            for v in volumes
-            if isinstance(v, dict) and str(v.get("name", "")).startswith(TOKEN_VOLUME_PREFIX)
-        ]
-        if isinstance(volumes, list)
-        else []
+    volumes = spec.get("volumes")
+    tokens = sum(
+        isinstance(v, dict) and str(v.get("name", "")).startswith(TOKEN_VOLUME_PREFIX)
+        for v in (volumes if isinstance(volumes, list) else ())
     )
-    normal, name = with_token_volume_normalised(pod)
-    if tokens and name is None:
+    name = token_volume(pod)
+    if tokens != (name is not None):  # several, or one named as the placeholder
         return None
+    if name is not None:
+        rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
     form = {"labels": metadata.get("labels"), "annotations": metadata.get("annotations")}
     try:
-        return orjson.dumps({**form, "spec": normal["spec"]})
-    except orjson.JSONEncodeError:  # nested past what orjson writes: no form, a full check
+        return orjson.dumps({**form, "spec": spec})
+    except orjson.JSONEncodeError:
         return None
-
-
-def with_volume_renamed(spec: dict[str, Any], old: str, new: str) -> dict[str, Any]:
-    """`spec` with the volume `old`, and the containers' mounts of it, named `new`."""
-
-    def renamed(item: Any) -> Any:
-        return {**item, "name": new} if isinstance(item, dict) and item.get("name") == old else item
-
-    result = {**spec, "volumes": [renamed(volume) for volume in spec["volumes"]]}
-    for field in ("containers", "initContainers", "ephemeralContainers"):
-        containers = spec.get(field)
-        if isinstance(containers, list):
-            result[field] = [
-                {**c, "volumeMounts": [renamed(m) for m in c["volumeMounts"]]}
-                if isinstance(c, dict) and isinstance(c.get("volumeMounts"), list)
-                else c
-                for c in containers
-            ]
-    return result
 
 
 def normalises_token_volumes(policy: Policy) -> bool:
