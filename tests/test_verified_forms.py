@@ -49,9 +49,14 @@ def stored(pod: dict[str, Any], suffix: str, name: str) -> dict[str, Any]:
 
 
 def app() -> dict[str, Any]:
+    """A pod with 400 environment variables: large enough (about 40 KB) that checking it
+    in full is work for a thread (`is_heavy`)."""
+    env = [{"name": f"SETTING_{n}", "value": "x" * 64} for n in range(400)]
     return {
         "metadata": {"generateName": "web-", "annotations": dict(ANNOTATIONS)},
-        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+        "spec": {
+            "containers": [{"name": "app", "image": "registry.example.com/app:1", "env": env}]
+        },
     }
 
 
