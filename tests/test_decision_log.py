@@ -115,3 +115,37 @@ def test_lines_below_the_level_are_not_written(pipe: Pipe) -> None:
     log_decision(None, Verdict("bad_request", "malformed", message="not JSON"), "v", 0.001)
     (line,) = b"".join(pipe.written()).decode().splitlines()
     assert json.loads(line)["level"] == "WARNING"
+
+
+def test_every_review_is_accounted_for_on_the_event_loop() -> None:
+    """Large bodies are decoded, and heavy pods answered, in a thread; what is decided is
+    counted, logged and handed to the observer (the Events' queue, not thread-safe) back on
+    the event loop's thread, whichever way the review came."""
+    from tests.conftest import admission_review
+    from webhook.core.policy import default_policy
+    from webhook.serving.app import INLINE_BODY_BYTES, create_app
+
+    seen: list[int] = []
+    policy = default_policy()
+    endpoint = create_app(lambda: policy, observer=lambda *_: seen.append(threading.get_ident()))
+    pod = {
+        "metadata": {"name": "p", "annotations": {"outrigger.dev/inject": "log-watcher"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+    }
+    small = json.dumps(admission_review(pod)).encode()
+    heavy = json.loads(small)
+    heavy["request"]["object"]["metadata"]["annotations"]["padding"] = "x" * INLINE_BODY_BYTES
+    # Large, but the part the injector reads is small: decoded in a thread, answered there.
+    env = [{"name": f"E{n}", "value": "x" * 100} for n in range(INLINE_BODY_BYTES // 100)]
+    large = json.loads(small)
+    large["request"]["object"]["spec"]["containers"][0]["env"] = env
+    bodies = [small, json.dumps(heavy).encode(), json.dumps(large).encode()]
+    bodies.append(b"[" + b" " * INLINE_BODY_BYTES + b"not json")
+
+    async def reviews() -> list[int]:
+        answers = [await endpoint._review(body) for body in bodies]
+        assert [status for status, _ in answers] == [200, 200, 200, 400]
+        return [threading.get_ident()] * len(answers)
+
+    loop_thread = asyncio.run(reviews())
+    assert seen == loop_thread

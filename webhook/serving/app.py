@@ -202,29 +202,40 @@ class AdmissionEndpoint:
         """The answer to a review that came through ASGI (large or chunked bodies, and the
         rare request that is pipelined behind another): large bodies are decoded in a thread."""
         if len(body) > INLINE_BODY_BYTES:
-            outcome = await asyncio.to_thread(self.review, body)
-        else:
-            outcome = self.review(body)
-        if callable(outcome):
-            return self.account(*await asyncio.to_thread(outcome))
-        return outcome
+            return await self.answer_in_thread(partial(self._reviewed_in_full, body))
+        outcome = self.review(body)
+        return await self.answer_in_thread(outcome) if callable(outcome) else outcome
 
     def review(self, body: bytes) -> Answer | Callable[[], Reviewed]:
         """The answer to `body`, or, for a heavy pod, the work that makes it: to be run in a
-        thread (so that the event loop keeps answering the other reviews and the probes) and
-        passed to `account` back on the event loop.
+        thread (so that the event loop keeps answering the other reviews and the probes) by
+        `answer_in_thread`.
 
         Small reviews are answered on the event loop (microseconds, mostly memoised: a hop to
         a thread would cost more). Every review is counted, timed and, unless it is a plain
         skip, logged (`webhook.serving.decisions`)."""
+        outcome = self._decided(body)
+        return outcome if callable(outcome) else self.account(*outcome)
+
+    async def answer_in_thread(self, work: Callable[[], Reviewed]) -> Answer:
+        """`work` done in a thread, then accounted for back on the event loop."""
+        return self.account(*await asyncio.to_thread(work))
+
+    def _decided(self, body: bytes) -> Reviewed | Callable[[], Reviewed]:
+        """What was decided about `body`, or the work that decides it (a heavy pod)."""
         started = time.perf_counter()
         policy = self.policy()
         request = parse(body)
         if isinstance(request, tuple):
-            return self.account(request, bad_request_verdict(request), None, policy, started)
+            return request, bad_request_verdict(request), None, policy, started
         if is_heavy(request, policy):
             return partial(_reviewed, request, policy, started)
-        return self.account(*_reviewed(request, policy, started))
+        return _reviewed(request, policy, started)
+
+    def _reviewed_in_full(self, body: bytes) -> Reviewed:
+        """`_decided`, heavy or not (in a thread already)."""
+        outcome = self._decided(body)
+        return outcome() if callable(outcome) else outcome
 
     def account(
         self,
@@ -234,8 +245,9 @@ class AdmissionEndpoint:
         policy: Policy,
         started: float,
     ) -> Answer:
-        """Count, time and log a review (on the event loop: the decision log's writer and the
-        metrics are not shared with threads); returns its answer."""
+        """Count, time and log a review, and tell the observer (on the event loop: the
+        decision log's writer and the Events' queue are not shared with threads); returns
+        its answer."""
         seconds = time.perf_counter() - started
         self.metrics.observe_review(verdict.outcome, verdict.reason, verdict.sidecars, seconds)
         compiled = self.metrics.compiled_version
@@ -246,7 +258,7 @@ class AdmissionEndpoint:
 
 
 Answer = tuple[int, bytes]  # HTTP status and body
-Reviewed = tuple[Answer, Verdict, AdmissionRequest, Policy, float]
+Reviewed = tuple[Answer, Verdict, AdmissionRequest | None, Policy, float]
 
 
 def _reviewed(request: AdmissionRequest, policy: Policy, started: float) -> Reviewed:

@@ -37,7 +37,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from webhook.serving.app import BUSY, INLINE_BODY_BYTES, MUTATE_PATH, AdmissionEndpoint, Answer
+from webhook.serving.app import (
+    BUSY,
+    INLINE_BODY_BYTES,
+    MUTATE_PATH,
+    AdmissionEndpoint,
+    Answer,
+    Reviewed,
+)
 from webhook.serving.metrics import ConnectionClosed, Metrics
 
 log = logging.getLogger("outrigger.server")
@@ -56,7 +63,12 @@ _TIMEOUT_RESPONSE = (
     b'{"error":"request not received within the time"}'
 )
 _INTERNAL_ERROR = b'{"error":"internal error"}'
-_REASONS = {200: b"OK", 400: b"Bad Request", 500: b"Internal Server Error"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
 _MUTATE = MUTATE_PATH.encode()
 _JSON_LENGTH = b"content-type: application/json\r\ncontent-length: "
 _UPGRADE_REFUSED = (
@@ -231,10 +243,10 @@ class WebhookHttpProtocol(HttpToolsProtocol):
         else:
             self._write_answer(cycle, *outcome)
 
-    async def _answer_from_thread(self, cycle: ReviewCycle, work: Callable[[], Any]) -> None:
+    async def _answer_from_thread(self, cycle: ReviewCycle, work: Callable[[], Reviewed]) -> None:
         assert self._endpoint is not None
         try:
-            answer = self._endpoint.account(*await asyncio.to_thread(work))
+            answer = await self._endpoint.answer_in_thread(work)
         except Exception as error:
             answer = _failed(error)
         self._write_answer(cycle, *answer)
@@ -251,7 +263,7 @@ class WebhookHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         closing = b"" if cycle.keep_alive else b"connection: close\r\n"
-        reason = _REASONS.get(status, b"Service Unavailable")
+        reason = _REASONS.get(status, b"")  # the phrase is optional; the code says it
         # uvicorn's default headers (its `date`, updated every second), as its cycle sends.
         defaults = b"".join([b"%s: %s\r\n" % pair for pair in self.server_state.default_headers])
         self.transport.write(
