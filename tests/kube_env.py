@@ -35,16 +35,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+T = TypeVar("T")
 ASSETS_VARIABLE = "OUTRIGGER_KUBE_ASSETS"
 SKIP_REASON = (
     f"no Kubernetes binaries: set {ASSETS_VARIABLE} to a folder holding kube-apiserver "
@@ -300,6 +301,19 @@ class ControlPlane:
             raise AssertionError(f"{method} {path}: {status} {answer}")
         return answer
 
+    def wait_for_pods(
+        self, namespace: str, selector: str, count: int = 1, seconds: float = 60
+    ) -> list[Any]:
+        """The pods a controller made (`selector`, a label selector), once there are at least
+        `count` (bounded wait)."""
+        path = f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"
+
+        def enough() -> list[Any] | None:
+            items: list[Any] = self.call("GET", path)["items"]
+            return items if len(items) >= count else None
+
+        return poll(enough, seconds, f"{count} pods {selector} in {namespace}")
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         result = subprocess.run(
             [str(self.assets.kubectl), "--kubeconfig", str(self.kubeconfig), *args],
@@ -422,6 +436,18 @@ class ControlPlane:
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+
+
+def poll(found: Callable[[], T | None], seconds: float, what: str) -> T:
+    """What `found` returns once it is not None (or empty), asked every 0.2 s for at most
+    `seconds`: the API server acts on what the tests create in the background."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        answer = found()
+        if answer:
+            return answer
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not there within {seconds:g} s")
 
 
 def start_control_plane(assets: Assets, folder: Path) -> ControlPlane:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,18 +216,6 @@ def test_findings_are_grouped_by_workload_with_the_fix() -> None:
 # End to end, against a real API server and controller manager -------------------------------
 
 
-def _wait_for_pods(kube: ControlPlane, namespace: str, selector: str, count: int) -> list[Any]:
-    """The pods a controller made, once there are `count` (bounded wait)."""
-    deadline = time.monotonic() + 60
-    path = f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"
-    while time.monotonic() < deadline:
-        items: list[Any] = kube.call("GET", path)["items"]
-        if len(items) >= count:
-            return items
-        time.sleep(0.2)
-    raise AssertionError(f"{count} pods {selector} in {namespace} not created within 60 s")
-
-
 def _template(app: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
     return {
         "metadata": {"labels": {"app": app}, "annotations": annotations},
@@ -306,8 +293,8 @@ def cluster(
     forged_status = json.dumps({"injected": ["log-watcher"], "policy": POLICY.version})
     _bare(kube, shop, pod("forged", {**LOG, "outrigger.dev/status": forged_status}))
     _bare(kube, lab, pod("lab-1", LOG))
-    _wait_for_pods(kube, shop, "app=web", 2)
-    _wait_for_pods(kube, shop, "app=report", 1)
+    kube.wait_for_pods(shop, "app=web", 2)
+    kube.wait_for_pods(shop, "app=report", 1)
     selected = new_selector()
     policy_map = {
         "metadata": {"name": "outrigger-policy"},
@@ -324,7 +311,7 @@ def cluster(
                 content_type="application/merge-patch+json",
             )
             _deployment(kube, shop, "api", 1)
-            (api_pod,) = _wait_for_pods(kube, shop, "app=api", 1)
+            (api_pod,) = kube.wait_for_pods(shop, "app=api", 1)
             assert [c["name"] for c in api_pod["spec"]["initContainers"]] == ["log-watcher"]
             yield kube, {"shop": shop, "lab": lab, "webhook": name}
 

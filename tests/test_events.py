@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.kube_env import ControlPlane
+from tests.kube_env import ControlPlane, poll
 from tests.kube_webhook import LABEL, configuration, new_selector, registered
 from tests.test_https import Server, outrigger_executable, start_server, stop_server
 from webhook.admission.review import AdmissionRequest, OwnerReference, Verdict
@@ -178,15 +178,9 @@ def _deployment(kube: ControlPlane, namespace: str, name: str, annotations: dict
 
 
 def _replica_set(kube: ControlPlane, namespace: str, app: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        items = kube.call(
-            "GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets?labelSelector=app={app}"
-        )["items"]
-        if items:
-            return dict(items[0])
-        time.sleep(0.2)
-    raise AssertionError(f"no ReplicaSet for {app} within 60 s")
+    path = f"/apis/apps/v1/namespaces/{namespace}/replicasets?labelSelector=app={app}"
+    (first, *_) = poll(lambda: kube.call("GET", path)["items"], 60, f"a ReplicaSet for {app}")
+    return dict(first)
 
 
 def _events_of(kube: ControlPlane, namespace: str, uid: str) -> list[dict[str, Any]]:
@@ -199,13 +193,7 @@ def _events_of(kube: ControlPlane, namespace: str, uid: str) -> list[dict[str, A
 
 
 def _wait_for_events(kube: ControlPlane, namespace: str, uid: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = _events_of(kube, namespace, uid)
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no Outrigger Event on {uid} within 30 s")
+    return poll(lambda: _events_of(kube, namespace, uid), 30, f"an Outrigger Event on {uid}")
 
 
 def _metric(server: Server, name: str, labels: str) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -405,18 +404,6 @@ def test_the_json_document_holds_the_same_facts() -> None:
 # End to end, against a real API server and controller manager -------------------------------
 
 
-def wait_for_pods(kube: ControlPlane, namespace: str, selector: str, count: int = 1) -> list[Any]:
-    """The pods a Deployment made, once there are `count` (bounded wait)."""
-    deadline = time.monotonic() + 60
-    path = f"/api/v1/namespaces/{namespace}/pods?labelSelector={selector}"
-    while time.monotonic() < deadline:
-        items: list[Any] = kube.call("GET", path)["items"]
-        if len(items) >= count:
-            return items
-        time.sleep(0.2)
-    raise AssertionError(f"{count} pods {selector} in {namespace} not made within 60 s")
-
-
 def create_deployment(
     kube: ControlPlane,
     namespace: str,
@@ -530,10 +517,10 @@ def cluster(
             create_deployment(kube, good, "misplaced", own=LOG, template={})
             create_deployment(kube, bare, "web", own={}, template=LOG)
             create_cronjob(kube, good, "report")
-            injected, _ = wait_for_pods(kube, good, "app=web", 2)
+            injected, _ = kube.wait_for_pods(good, "app=web", 2)
             assert [c["name"] for c in injected["spec"]["initContainers"]] == ["log-watcher"]
-            wait_for_pods(kube, good, "app=misplaced")
-            wait_for_pods(kube, bare, "app=web")
+            kube.wait_for_pods(good, "app=misplaced")
+            kube.wait_for_pods(bare, "app=web")
             names = {"good": good, "bare": bare, "webhook": name, "selected": selected}
             names["pod"] = injected["metadata"]["name"]
             yield kube, names

@@ -53,7 +53,6 @@ from tests.test_audit import (
     LOG,
     _job_of_a_cronjob,
     _template,
-    _wait_for_pods,
     injected,
     pod,
     stale,
@@ -402,7 +401,7 @@ def stale_namespace(
         _job_of_a_cronjob(kube, namespace)
     apps = [f"app={name}" for name in deployments] + (["app=report"] if cronjob else [])
     for selector in apps:
-        (made,) = _wait_for_pods(kube, namespace, selector, 1)
+        (made,) = kube.wait_for_pods(namespace, selector)
         assert hooks.earlier in made["metadata"]["annotations"]["outrigger.dev/status"]
     kube.call(
         "PATCH",

@@ -44,7 +44,6 @@ API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 _POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 _PATCH_TYPE = "JSONPatch"
-_NAMED = TOKEN_VOLUME_PLACEHOLDER
 _PLACEHOLDER = orjson.dumps(TOKEN_VOLUME_PLACEHOLDER)[1:-1]  # as it is written in a patch
 # The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
 MAX_PATCH_BYTES = 512 * 1024
@@ -413,7 +412,7 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
     pod = cast(dict[str, Any], orjson.loads(pod_json))
     injection = inject(pod, RequestContext(namespace), policy)
     if injection.pod is pod:
-        named = any(_NAMED in warning for warning in injection.warnings)
+        named = _names_placeholder(injection.warnings)
         return Mutation(None, injection.warnings, (), injection.reason, named)
     try:
         operations = orjson.dumps(diff(pod, injection.pod))
@@ -430,8 +429,14 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
             "too-large",
         )
     patch = pybase64.b64encode_as_string(operations)
-    named = _PLACEHOLDER in operations or any(_NAMED in w for w in injection.warnings)
+    named = _PLACEHOLDER in operations or any(
+        TOKEN_VOLUME_PLACEHOLDER in w for w in injection.warnings
+    )
     return Mutation(patch, injection.warnings, injection.injected, injection.reason, named)
+
+
+def _names_placeholder(warnings: Sequence[str]) -> bool:
+    return any(TOKEN_VOLUME_PLACEHOLDER in warning for warning in warnings)
 
 
 def allowed(

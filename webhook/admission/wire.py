@@ -133,13 +133,18 @@ class GroupVersionKind(TypedDict):
     kind: str
 
 
-class Request(TypedDict, total=False):
+class _RequestFields(TypedDict, total=False):
+    """What both ways of decoding a request read besides its object."""
+
     uid: str
     kind: GroupVersionKind
     operation: str
     namespace: str
     subResource: str
     dryRun: bool | None
+
+
+class Request(_RequestFields, total=False):
     # Kept as raw JSON (`null` included): decoded, partially, only for a pod to mutate.
     object: msgspec.Raw
 
@@ -150,15 +155,9 @@ class AdmissionReview(TypedDict, total=False):
     request: Request
 
 
-class RequestWithPod(TypedDict, total=False):
+class RequestWithPod(_RequestFields, total=False):
     """A `Request` whose object is decoded as a pod in the same pass (`decode_review_with_pod`)."""
 
-    uid: str
-    kind: GroupVersionKind
-    operation: str
-    namespace: str
-    subResource: str
-    dryRun: bool | None
     object: Pod | None
 
 

@@ -176,18 +176,20 @@ class EventRecorder:
             return  # the common answer: nothing to tell, nothing to look up
         if self._queue.full():  # a flood: dropped before any bookkeeping, which costs more
             if request is not None and request.owner_reference and not request.dry_run:
-                self._metrics.count_event("dropped")
-                self._dropped.note(self._queue.maxsize)
+                self._drop()
             return
         notes, held = self._aggregator.note(request, verdict, policy, compiled)
         for _ in range(held):
             self._metrics.count_event("aggregated")
         for note in notes:
             if self._queue.full():
-                self._metrics.count_event("dropped")
-                self._dropped.note(self._queue.maxsize)
+                self._drop()
             else:
                 self._queue.put_nowait(note)
+
+    def _drop(self) -> None:
+        self._metrics.count_event("dropped")
+        self._dropped.note(self._queue.maxsize)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

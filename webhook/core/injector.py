@@ -511,18 +511,21 @@ TOKEN_VOLUME_PLACEHOLDER = TOKEN_VOLUME_PREFIX + "*"  # not a volume name anyone
 def token_volume(pod: Any) -> str | None:
     """The name of the pod's one token volume, where it has exactly one (and it is not
     named as the placeholder); None otherwise."""
+    tokens = _token_volumes(pod)
+    return tokens[0] if len(tokens) == 1 and tokens[0] != TOKEN_VOLUME_PLACEHOLDER else None
+
+
+def _token_volumes(pod: Any) -> list[str]:
+    """The names of the pod's volumes that are named as a token volume."""
     spec = pod.get("spec") if isinstance(pod, dict) else None
     volumes = spec.get("volumes") if isinstance(spec, dict) else None
-    if not isinstance(volumes, list):
-        return None
-    tokens = [
+    return [
         name
-        for volume in volumes
+        for volume in (volumes if isinstance(volumes, list) else ())
         if isinstance(volume, dict)
         and isinstance(name := volume.get("name"), str)
         and name.startswith(TOKEN_VOLUME_PREFIX)
     ]
-    return tokens[0] if len(tokens) == 1 and tokens[0] != TOKEN_VOLUME_PLACEHOLDER else None
 
 
 def rename_volume(pod: Pod, old: str, new: str) -> None:
@@ -560,13 +563,8 @@ def checked_form(pod: Any) -> bytes | None:
     metadata, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (0, 0)
     if not isinstance(metadata, dict) or not isinstance(spec, dict):
         return None
-    volumes = spec.get("volumes")
-    tokens = sum(
-        isinstance(v, dict) and str(v.get("name", "")).startswith(TOKEN_VOLUME_PREFIX)
-        for v in (volumes if isinstance(volumes, list) else ())
-    )
     name = token_volume(pod)
-    if tokens != (name is not None):  # several, or one named as the placeholder
+    if name is None and _token_volumes(pod):  # several, or one named as the placeholder
         return None
     if name is not None:
         rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
