@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, admission_review, outrigger_executable
-from webhook.admission.review import parse, respond_with_verdict, review
+from webhook.admission.review import AdmissionRequest, parse, respond_with_verdict, review
 from webhook.cluster.audit import render_table
 from webhook.core.audit import MISMATCHED, Finding, WorkloadFindings
 from webhook.core.policy import Policy, default_policy, load_policy
@@ -82,7 +82,7 @@ def test_a_warning_escapes_the_annotation_key_it_quotes(raw: str) -> None:
 def test_a_denial_and_its_decision_log_detail_escape_the_key(raw: str) -> None:
     key = f"{UNKNOWN}{raw}x"
     request = parse(body(pod({"outrigger.dev/inject": "log-watcher", key: "/x"})))
-    assert not isinstance(request, tuple)
+    assert isinstance(request, AdmissionRequest)
     ((status, answer), verdict) = respond_with_verdict(request, TEAM)
     message = orjson.loads(answer)["response"]["status"]["message"]
     assert status == 200 and verdict.outcome == "denied"

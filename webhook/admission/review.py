@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 import pybase64
@@ -65,8 +65,9 @@ class BadReview(ValueError):
     """The body is not an AdmissionReview this webhook can answer (HTTP 400)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionRequest:
+# The records made per review are NamedTuples: immutable like a frozen dataclass, and made in
+# a third of its time (a frozen dataclass sets each field through object.__setattr__).
+class AdmissionRequest(NamedTuple):
     uid: str
     namespace: str
     # The pod as canonical JSON of what the injector reads (see `webhook.admission.wire`); None when
@@ -85,8 +86,7 @@ class AdmissionRequest:
     token_volume: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class OwnerReference:
+class OwnerReference(NamedTuple):
     api_version: str
     kind: str
     name: str
@@ -104,8 +104,7 @@ class Mutation:
     names_placeholder: bool = False  # the patch or a warning holds TOKEN_VOLUME_PLACEHOLDER
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What was decided, for metrics and the decision log: `outcome` is one of `injected`,
     `unchanged`, `denied`, `bad_request`, `error`; `reason` a word from a bounded set."""
 
@@ -261,7 +260,9 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
 def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
     """The whole envelope: HTTP status and response body for one request body."""
     request = parse(body)
-    return request if isinstance(request, tuple) else respond_with_verdict(request, policy)[0]
+    if isinstance(request, AdmissionRequest):
+        return respond_with_verdict(request, policy)[0]
+    return request
 
 
 def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:

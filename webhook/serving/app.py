@@ -226,7 +226,7 @@ class AdmissionEndpoint:
         started = time.perf_counter()
         policy = self.policy()
         request = parse(body)
-        if isinstance(request, tuple):
+        if not isinstance(request, AdmissionRequest):  # the refusal (400)
             return request, bad_request_verdict(request), None, policy, started
         if is_heavy(request, policy):
             return partial(_reviewed, request, policy, started)

@@ -46,6 +46,7 @@ from webhook.serving.app import (
     Reviewed,
 )
 from webhook.serving.metrics import ConnectionClosed, Metrics
+from webhook.serving.writes import HeldWrites, TurnWrites
 
 log = logging.getLogger("outrigger.server")
 
@@ -57,6 +58,7 @@ MAX_PIPELINED = 16
 # 256 KiB; a review is a few KiB, and a thousand connections must fit the memory limit).
 READ_AHEAD_BYTES = 64 * 1024
 _DRAINING = "outrigger_draining"
+_TURN_WRITES = "outrigger_turn_writes"
 _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
     b"content-length: 48\r\nconnection: close\r\n\r\n"
@@ -108,6 +110,7 @@ class WebhookHttpProtocol(HttpToolsProtocol):
     _read_timer: asyncio.TimerHandle | None = None
     _drain_timer: asyncio.TimerHandle | None = None
     _abort_timer: asyncio.TimerHandle | None = None
+    _held: HeldWrites
     _draining = False
     # Set when the connection is being dropped: what is still parsed is ignored.
     _refusing = False
@@ -126,7 +129,13 @@ class WebhookHttpProtocol(HttpToolsProtocol):
         self._endpoint = endpoint
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        turn = getattr(self.server_state, _TURN_WRITES, None)
+        if turn is None:  # one for the server's connections, all on its event loop
+            turn = TurnWrites(self.loop)
+            setattr(self.server_state, _TURN_WRITES, turn)
+        # Answers leave at the end of the loop's turn, all connections' together (`writes`).
+        self._held = HeldWrites(transport, turn)
+        super().connection_made(self._held)  # type: ignore[arg-type]
         # uvloop's TLS transport: how far it reads ahead of what the parser was fed.
         transport.set_read_buffer_limits(high=READ_AHEAD_BYTES)  # type: ignore[attr-defined]
         # Accepted in the moment between SIGTERM and the listener's closing: drain it too.
@@ -198,6 +207,7 @@ class WebhookHttpProtocol(HttpToolsProtocol):
             self._endpoint is None
             or self.expect_100_continue
             or self.flow.write_paused
+            or self._held.holding()  # pipelined behind an answer still held: queued, as below
             or (self.cycle is not None and not self.cycle.response_complete)
             or self.parser.get_method() != b"POST"
             or self.url.partition(b"?")[0] != _MUTATE
