@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import admission_review
 from tests.test_https import Server, _stop, start_server
+from webhook.serving.metrics import Metrics
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,34 @@ def _decision_lines(server: Server, expect: int) -> list[dict[str, Any]]:
         if len(lines) >= expect or time.monotonic() > deadline:
             return lines
         time.sleep(0.1)
+
+
+def test_review_tally_is_exposed_as_counters_and_a_histogram() -> None:
+    """The per-review series, counted without prometheus-client's objects, read by its parser:
+    a duration on a bucket's bound counts in that bucket (`le`), the count is the +Inf bucket,
+    and a series appears (with its `_created`) at its first count."""
+    metrics = Metrics()
+    for seconds in (0.00005, 0.00006, 0.1, 0.2):
+        metrics.observe_review("injected", "injected", ("log-watcher",), seconds)
+    metrics.observe_review("denied", "invalid-annotation", (), 0.001)
+    text = metrics.exposition().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    duration = "outrigger_admission_review_duration_seconds"
+    names = ("outrigger_admission_reviews", "outrigger_sidecars_injected", duration)
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for name in names
+        for sample in families[name].samples
+    }
+    reviews = "outrigger_admission_reviews_total"
+    assert found[(reviews, (("outcome", "injected"), ("reason", "injected")))] == 4
+    assert found[(reviews, (("outcome", "denied"), ("reason", "invalid-annotation")))] == 1
+    assert found[("outrigger_sidecars_injected_total", (("sidecar", "log-watcher"),))] == 4
+    assert 'outrigger_sidecars_injected_created{sidecar="log-watcher"}' in text
+    assert found[(f"{duration}_bucket", (("le", "5e-05"),))] == 1
+    assert found[(f"{duration}_bucket", (("le", "0.0001"),))] == 2
+    assert found[(f"{duration}_bucket", (("le", "0.001"),))] == 3
+    assert found[(f"{duration}_bucket", (("le", "0.1"),))] == 4
+    assert found[(f"{duration}_bucket", (("le", "+Inf"),))] == 5
+    assert found[(f"{duration}_count", ())] == 5
+    assert found[(f"{duration}_sum", ())] == pytest.approx(0.30111)

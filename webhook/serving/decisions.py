@@ -54,36 +54,47 @@ def log_decision(
     else:
         uid, namespace, pod, owner = request.uid, request.namespace, request.name, request.owner
         where = f"{namespace}/{pod}"
-    fields = {
-        "uid": uid,
-        "namespace": namespace,
-        "pod": pod,
-        "owner": owner,
-        "outcome": verdict.outcome,
-        "reason": verdict.reason,
-        "sidecars": verdict.sidecars,
-        "policy": policy_version,
-        "conditions_policy": compiled_version,
-        "duration_ms": round(seconds * 1000, 3),
-    }
-    if verdict.message:
-        fields["detail"] = verdict.message
+    duration_ms = round(seconds * 1000, 3)
     if _direct is not None and _direct.json:
-        # The fields say it all; the message names what and where, for a reader's eye.
-        _direct.write_json(level, f"{verdict.outcome} {where}", fields)
+        # One dict, in the handler's order: `time`, `level`, `logger`, `message` (what and
+        # where, for a reader's eye; the fields say it all), then the fields.
+        record = {
+            "time": _direct.asctime(),
+            "level": _LEVELS[level],
+            "logger": _NAME,
+            "message": f"{verdict.outcome} {where}",
+            "uid": uid,
+            "namespace": namespace,
+            "pod": pod,
+            "owner": owner,
+            "outcome": verdict.outcome,
+            "reason": verdict.reason,
+            "sidecars": verdict.sidecars,
+            "policy": policy_version,
+            "conditions_policy": compiled_version,
+            "duration_ms": duration_ms,
+        }
+        if verdict.message:
+            record["detail"] = verdict.message
+        _direct.add(_json_line(record))
         return
     text = (
         f"{verdict.outcome} {where} owner={owner or '-'} reason={verdict.reason} "
         f"sidecars={','.join(verdict.sidecars) or '-'} policy={policy_version} "
-        f"conditions={compiled_version or '-'} {fields['duration_ms']}ms"
+        f"conditions={compiled_version or '-'} {duration_ms}ms"
     )
     if verdict.message:
         text += f": {verdict.message}"
     if _direct is not None:
         _direct.write_text(level, text)
-    else:
-        fields["sidecars"] = list(verdict.sidecars)
-        log.log(level, text, extra=fields)
+        return
+    fields = {"uid": uid, "namespace": namespace, "pod": pod, "owner": owner,
+              "outcome": verdict.outcome, "reason": verdict.reason,
+              "sidecars": list(verdict.sidecars), "policy": policy_version,
+              "conditions_policy": compiled_version, "duration_ms": duration_ms}  # fmt: skip
+    if verdict.message:
+        fields["detail"] = verdict.message
+    log.log(level, text, extra=fields)
 
 
 class DirectLines:
@@ -108,19 +119,10 @@ class DirectLines:
         self._stamp = ""
         self._second_stamp = ""
 
-    def write_json(self, level: int, message: str, fields: dict[str, Any]) -> None:
-        head = {
-            "time": self._asctime(),
-            "level": _LEVELS[level],
-            "logger": _NAME,
-            "message": message,
-        }
-        self._add(_json_line(head | fields))
-
     def write_text(self, level: int, text: str) -> None:
-        self._add(f"{self._asctime()} {_LEVELS[level]} {_NAME} {printable(text)}\n".encode())
+        self.add(f"{self.asctime()} {_LEVELS[level]} {_NAME} {printable(text)}\n".encode())
 
-    def _add(self, line: bytes) -> None:
+    def add(self, line: bytes) -> None:
         if not self._pending:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
@@ -137,7 +139,7 @@ class DirectLines:
             while data:  # a blocking descriptor writes it whole, bar a signal
                 data = data[os.write(self._descriptor, data) :]
 
-    def _asctime(self) -> str:
+    def asctime(self) -> str:
         """`logging`'s default asctime ("2026-12-07 03:09:18,413"), made once a millisecond
         (under load several lines share one)."""
         now = time.time()
