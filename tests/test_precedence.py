@@ -18,10 +18,13 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.cel_runtime import evaluate
 from tests.conftest import FIXTURES, admission_review, outrigger_executable
 from webhook.admission.review import review
+from webhook.core.annotations import InvalidAnnotations
 from webhook.core.compiled import compile_policy
 from webhook.core.policy import Policy, load_policy, parse_policy
 from webhook.core.selection import INJECTED, RULE_EXCLUDED, decide
@@ -194,3 +197,42 @@ def test_the_compiled_conditions_and_guard_follow_the_precedence() -> None:
     sent = pod(FRONTEND)
     assert not all(evaluate(c.expression, sent, "prod-sandbox") for c in sandboxed.match_conditions)
     assert not all(evaluate(c.expression, sent, "prod-sandbox") for c in sandboxed.guard_conditions)
+
+
+# Selectors of every kind, so that the keys they read are all exercised.
+SELECTING = with_rules(
+    {"name": "canary", "namespaces": ["shop"], "inject": ["log-watcher"],
+     "podSelector": {"matchExpressions": [{"key": "track", "operator": "In",
+                                           "values": ["canary"]}]}},
+    {"name": "untracked", "exclude": True,
+     "podSelector": {"matchExpressions": [{"key": "owner", "operator": "DoesNotExist"}]}},
+)  # fmt: skip
+LABEL_KEYS = ["tier", "track", "owner", "app", "pod-template-hash", *OPERATOR]
+LABEL_VALUES = ["frontend", "backend", "canary", "operator", "web"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    namespace=st.sampled_from(["prod-eu", "shop", "payments", "kube-system"]),
+    labels=st.dictionaries(st.sampled_from(LABEL_KEYS), st.sampled_from(LABEL_VALUES)),
+    inject=st.sampled_from([None, "true", "false", "log-watcher", "ambassador", "nope"]),
+)
+def test_a_decision_reads_only_the_labels_the_selectors_name(
+    namespace: str, labels: dict[str, str], inject: str | None
+) -> None:
+    """What the injector's decision cache is keyed on (`Policy.selector_label_keys`): the
+    other labels of a pod never change its decision."""
+    annotations = {} if inject is None else {"outrigger.dev/inject": inject}
+    read = {key: value for key, value in labels.items() if key in SELECTING.selector_label_keys}
+
+    def decided(labels: dict[str, str]) -> Any:
+        try:
+            return decide(namespace, labels, annotations, SELECTING)
+        except InvalidAnnotations as error:
+            return str(error)
+
+    assert decided(labels) == decided(read)
+
+
+def test_the_selector_label_keys_are_those_of_matchlabels_and_matchexpressions() -> None:
+    assert SELECTING.selector_label_keys == {"tier", "track", "owner", *OPERATOR}

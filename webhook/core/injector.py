@@ -110,7 +110,10 @@ def _inject(
         raise InjectionDenied("metadata.labels values must be strings (quote them in YAML)")
     try:
         ours = ann.ours(annotations)
-        decision = _decide(context.namespace, tuple(labels.items()), ours, policy)
+        # Keyed on the labels the rules read only: distinct workloads share decisions.
+        read = policy.selector_label_keys
+        selected = tuple(item for item in labels.items() if item[0] in read)
+        decision = _decide(context.namespace, selected, ours, policy)
         if decision.reason in _LEFT_ALONE:
             return Injection(pod, decision.reason, explanation=decision.explanation)
         sidecars, warnings = _sidecars(policy, ours, decision.sidecars, decision.log_output)
@@ -153,7 +156,8 @@ def _decide(
     ours: tuple[tuple[str, str], ...],
     policy: Policy,
 ) -> Decision:
-    """Cached: a decision depends on nothing else, and pods of a workload ask alike."""
+    """Cached: a decision depends on nothing else (of the labels, on those the rules'
+    selectors read), and pods ask alike."""
     return decide(namespace, dict(labels), dict(ours), policy)
 
 

@@ -598,6 +598,17 @@ class Policy(_Model):
         return {template.name: index for index, template in enumerate(self.sidecars)}
 
     @cached_property
+    def selector_label_keys(self) -> frozenset[str]:
+        """The labels the rules' podSelectors read: a pod's other labels never change which
+        rules match it."""
+        selectors = [rule.podSelector for rule in self.rules if rule.podSelector is not None]
+        return frozenset(
+            key
+            for selector in selectors
+            for key in (*selector.matchLabels, *(r.key for r in selector.matchExpressions))
+        )
+
+    @cached_property
     def version(self) -> str:
         """A short content hash, recorded in the status annotation of every injected pod."""
         canonical = self.model_dump_json(by_alias=True, exclude=self._unset_additions()).encode()
