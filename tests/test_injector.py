@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from webhook.core import annotations as ann
+from webhook.core import volumes
 from webhook.core.injector import REINJECTED, InjectionDenied, RequestContext, inject
 from webhook.core.policy import Policy, parse_policy
 from webhook.core.selection import (
@@ -375,3 +376,19 @@ def test_any_other_extra_mount_in_an_injected_container_is_a_mismatch(policy: Po
         {"name": "host", "mountPath": "/host"}
     )
     assert inject(again, DEFAULT, policy).reason == REINJECTED
+
+
+def test_a_remembered_sidecar_check_answers_only_for_the_same_content(policy: Policy) -> None:
+    """The check of an injected container is remembered by the JSON of both sides
+    (`webhook.core.volumes`): a pod whose sidecar differs in any value is never taken for the
+    one checked before it, and the same content is answered alike."""
+    volumes._CHECKED_CONTAINERS.clear()
+    once = inject(pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}), DEFAULT, policy).pod
+    assert inject(copy.deepcopy(once), DEFAULT, policy).reason == ALREADY_INJECTED
+    assert len(volumes._CHECKED_CONTAINERS) == 3  # the app and both sidecars (a deep copy)
+    for field, value in [("image", "registry.example.com/other:1"), ("args", ["-c", "x"]),
+                         ("restartPolicy", "Never"), ("ports", [])]:  # fmt: skip
+        tampered = copy.deepcopy(once)
+        tampered["spec"]["initContainers"][1][field] = value
+        assert inject(tampered, DEFAULT, policy).reason == REINJECTED, field
+    assert inject(copy.deepcopy(once), DEFAULT, policy).reason == ALREADY_INJECTED

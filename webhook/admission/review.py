@@ -121,9 +121,9 @@ def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
 
 
 def decode_review(body: bytes) -> AdmissionRequest:
-    """The request, or `BadReview`. The common case, the creation of a pod without a status, is
-    read in one pass; anything else (another request, a status to check against the whole
-    pod, a body the typed decoder refuses) by the two passes below, which set every answer."""
+    """The request, or `BadReview`. The common cases, the creation of a pod and its coming
+    back injected, are read in one pass; anything else (another request, a body the typed
+    decoder refuses) by the two passes below, which set every answer."""
     created = _created_in_one_pass(body)
     if created is not None:
         return created
@@ -155,16 +155,14 @@ def decode_review(body: bytes) -> AdmissionRequest:
             whole = orjson.loads(pod_json)
         except orjson.JSONDecodeError as error:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
-        form = checked_form(whole)
-        checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
-        return _admission_request(uid, request, metadata, pod_json, checked=checked)
+        return _injected(uid, request, metadata, pod_json, whole)
     if pod is not None:
         return _admission_request(uid, request, metadata, *_pod_to_inject(pod))
     return _admission_request(uid, request, metadata, pod_json)
 
 
 def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
-    """The creation of a pod without a status, decoded in one pass; None for anything else."""
+    """The creation of a pod, decoded in one pass; None for anything else."""
     try:
         review = wire.decode_review_with_pod(body)
     except (wire.DecodeError, RecursionError):
@@ -180,9 +178,39 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
         return None
     pod = request.get("object")
     metadata = (pod or {}).get("metadata") or {}
-    if pod is None or STATUS in (metadata.get("annotations") or {}):
+    if pod is None:
         return None
+    if STATUS in (metadata.get("annotations") or {}):
+        return _injected_in_one_pass(body, request, metadata)
     return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod))
+
+
+def _injected_in_one_pass(
+    body: bytes, request: wire.RequestWithPod, metadata: wire.ObjectMeta
+) -> AdmissionRequest | None:
+    """An injected pod coming back (every reinvocation): the request and the metadata from
+    the one pass, the whole object read from the body by orjson (the two passes would
+    decode it twice more); None where orjson refuses it, for the two passes to say why."""
+    try:
+        whole = orjson.loads(body)["request"]["object"]
+        pod_json = orjson.dumps(whole)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, KeyError, TypeError):
+        return None
+    return _injected(request["uid"], request, metadata, pod_json, whole)
+
+
+def _injected(
+    uid: str,
+    request: wire.Request | wire.RequestWithPod,
+    metadata: wire.ObjectMeta,
+    pod_json: bytes,
+    whole: Any,
+) -> AdmissionRequest:
+    """A pod with a status: what `mutation` reads is the whole of it, fields the partial
+    decoder skips included, and its checked form is what `VerifiedForms` remembers."""
+    form = checked_form(whole)
+    checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
+    return _admission_request(uid, request, metadata, pod_json, checked=checked)
 
 
 def _pod_to_inject(pod: wire.Pod) -> tuple[bytes, str | None]:
