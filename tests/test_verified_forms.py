@@ -116,6 +116,15 @@ def test_the_form_is_per_namespace_and_per_policy() -> None:
     assert not envelope._VERIFIED.holds(other, changed)
 
 
+def test_the_form_leaves_the_pod_as_it_came() -> None:
+    """The envelope hands the decoded pod on to `mutation`: its token volume is renamed for
+    the form only."""
+    pod = stored(app(), "abcde", "web-1")
+    before = copy.deepcopy(pod)
+    assert checked_form(pod) is not None
+    assert pod == before
+
+
 def test_two_token_volumes_have_no_form() -> None:
     pod = stored(app(), "abcde", "web-1")
     pod["spec"]["volumes"].append({**TOKEN, "name": "kube-api-access-zzzzz"})
@@ -140,3 +149,33 @@ def test_a_remembered_answer_is_the_full_check_s_answer(
     fresh()
     answer(first)
     assert answer(second) == full
+
+
+@settings(max_examples=100, deadline=None)
+@given(pod=pods(), tamper=st.booleans())
+def test_an_injected_pod_read_as_decoded_answers_as_its_bytes(
+    pod: dict[str, Any], tamper: bool
+) -> None:
+    """The envelope hands `mutation` the whole pod it decoded, rather than the bytes to
+    decode again: for generated pods coming back injected (tampered with or not), the
+    answer is the one the bytes give."""
+    pod["metadata"].setdefault("annotations", {}).update(ANNOTATIONS)
+    try:
+        came_back = stored(pod, "x1y2z", "web-1")
+    except InjectionDenied:
+        return
+    if tamper:
+        came_back["spec"]["initContainers"][0]["image"] = "registry.example.com/other:1"
+    parsed = request(came_back)
+    assert parsed.pod is not None
+    event("memoised" if len(parsed.pod_json) <= 4096 else "read as decoded")
+    try:
+        from_decoded = envelope.mutation(parsed.pod_json, "shop", POLICY, parsed.pod)
+    except InjectionDenied as error:
+        from_decoded = str(error)  # type: ignore[assignment]
+    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    try:
+        from_bytes = envelope._mutated(orjson.loads(parsed.pod_json), "shop", POLICY)
+    except InjectionDenied as error:
+        from_bytes = str(error)  # type: ignore[assignment]
+    assert from_decoded == from_bytes

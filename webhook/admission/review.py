@@ -36,7 +36,7 @@ from webhook.core.injector import (
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
 from webhook.core.selection import ALREADY_INJECTED
-from webhook.limits import cache_small, printable
+from webhook.limits import MAX_CACHED_BYTES, cache_small, printable
 
 log = logging.getLogger("outrigger.admission")
 
@@ -84,6 +84,9 @@ class AdmissionRequest(NamedTuple):
     # The name of the pod's token volume, where `pod_json` holds it as the placeholder
     # (`rename_volume`), so that pods of one workload share their answer.
     token_volume: str | None = None
+    # A pod with a status: the whole of it as this request decoded it (never shared), which
+    # `mutation` reads rather than decoding `pod_json` again.
+    pod: Any = None
 
 
 class OwnerReference(NamedTuple):
@@ -210,7 +213,7 @@ def _injected(
     decoder skips included, and its checked form is what `VerifiedForms` remembers."""
     form = checked_form(whole)
     checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
-    return _admission_request(uid, request, metadata, pod_json, checked=checked)
+    return _admission_request(uid, request, metadata, pod_json, checked=checked, pod=whole)
 
 
 def _pod_to_inject(pod: wire.Pod) -> tuple[bytes, str | None]:
@@ -232,6 +235,7 @@ def _admission_request(
     pod_json: bytes | None,
     token_volume: str | None = None,
     checked: bytes | None = None,
+    pod: Any = None,
 ) -> AdmissionRequest:
     owner = _owner(metadata)
     return AdmissionRequest(
@@ -244,6 +248,7 @@ def _admission_request(
         dry_run=bool(request.get("dryRun")),
         checked=checked,
         token_volume=token_volume,
+        pod=pod,
     )
 
 
@@ -359,7 +364,7 @@ def _mutation(request: AdmissionRequest, pod_json: bytes, policy: Policy) -> Mut
     workload; of the pod as sent where the policy's templates could mind the name, or where
     the answer names the placeholder (it never should: the token mounts are not ours)."""
     if request.token_volume is None:
-        return mutation(pod_json, request.namespace, policy)
+        return mutation(pod_json, request.namespace, policy, request.pod)
     if _normalises(policy):
         try:
             result = mutation(pod_json, request.namespace, policy)
@@ -429,16 +434,27 @@ def _normalises(policy: Policy) -> bool:
 _VERIFIED = VerifiedForms()
 
 
-@cache_small(1024, lambda pod_json, *_: len(pod_json))
-def mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
+def mutation(pod_json: bytes, namespace: str, policy: Policy, decoded: Any = None) -> Mutation:
     """Inject into the pod and encode the patch; memoised, as pods come in series.
 
     The replicas of a workload are created alike, so a rollout asks the same question once per
     replica. `inject` is a pure function of exactly these arguments (`pod_json` holds every
     field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
     so no cached object is ever shared with a request. Denials raise and are not cached.
+    A pod too large to memoise (an injected pod coming back is its whole self) is read from
+    `decoded`, the request's own decoding of `pod_json`, when given.
     """
-    pod = cast(dict[str, Any], orjson.loads(pod_json))
+    if decoded is not None and len(pod_json) > MAX_CACHED_BYTES:
+        return _mutated(cast(dict[str, Any], decoded), namespace, policy)
+    return _memoised_mutation(pod_json, namespace, policy)
+
+
+@cache_small(1024, lambda pod_json, *_: len(pod_json))
+def _memoised_mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
+    return _mutated(cast(dict[str, Any], orjson.loads(pod_json)), namespace, policy)
+
+
+def _mutated(pod: dict[str, Any], namespace: str, policy: Policy) -> Mutation:
     injection = inject(pod, RequestContext(namespace), policy)
     if injection.pod is pod:
         named = _names_placeholder(injection.warnings)

@@ -532,7 +532,7 @@ def _token_volumes(pod: Any) -> list[str]:
     ]
 
 
-def rename_volume(pod: Pod, old: str, new: str) -> None:
+def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:
     """Rename, in place, the volume `old` of a pod decoded for this request alone (no one
     else holds its objects) and the containers' mounts of it.
 
@@ -542,24 +542,30 @@ def rename_volume(pod: Pod, old: str, new: str) -> None:
     answer, as long as no template adds a volume of that prefix (`normalises_token_volumes`):
     the pods of one workload then share one memoised answer, which the API server's random
     name would otherwise keep from them. In place, because copying the spec to rename two
-    fields cost as much as the rest of decoding a review."""
+    fields cost as much as the rest of decoding a review. Returns what it renamed: the
+    volume and the mounts, each an object of the pod."""
     spec = pod["spec"]
+    renamed: list[dict[str, Any]] = []
     for item in spec["volumes"]:
         if isinstance(item, dict) and item.get("name") == old:
-            item["name"] = new
+            renamed.append(item)
     for field in ("containers", "initContainers", "ephemeralContainers"):
         for container in spec.get(field) or ():
             mounts = container.get("volumeMounts") if isinstance(container, dict) else None
             for mount in mounts if isinstance(mounts, list) else ():
                 if isinstance(mount, dict) and mount.get("name") == old:
-                    mount["name"] = new
+                    renamed.append(mount)
+    for item in renamed:
+        item["name"] = new
+    return renamed
 
 
 def checked_form(pod: Any) -> bytes | None:
     """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
-    labels, annotations and spec, its token volume renamed to the placeholder (in place:
-    `rename_volume`); None where that cannot be said plainly (not objects, several token
-    volumes, nested past what orjson writes).
+    labels, annotations and spec, its token volume renamed to the placeholder; None where
+    that cannot be said plainly (not objects, several token volumes, nested past what orjson
+    writes). The pod is renamed in place for the encoding (`rename_volume`), then back: the
+    envelope hands it on to `mutation` as it came.
 
     `inject` reads nothing else of a pod: name, uid, owners, managed fields and status only
     pass through. So the check of an injected pod, which the API server asks for again after
@@ -570,13 +576,15 @@ def checked_form(pod: Any) -> bytes | None:
     name = token_volume(pod)
     if name is None and _token_volumes(pod):  # several, or one named as the placeholder
         return None
-    if name is not None:
-        rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
+    renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
     form = {"labels": metadata.get("labels"), "annotations": metadata.get("annotations")}
     try:
         return orjson.dumps({**form, "spec": spec})
     except orjson.JSONEncodeError:
         return None
+    finally:
+        for item in renamed:
+            item["name"] = name
 
 
 def normalises_token_volumes(policy: Policy) -> bool:

@@ -366,7 +366,7 @@ class SidecarTemplate(_Model):
             return True
         return self.logWatcher is not None and key == self.config_annotation
 
-    @property
+    @cached_property
     def added_volume_names(self) -> tuple[str, ...]:
         """The names of the volumes this template adds to a pod: its own, and those it
         generates (`-tls-*`, a glob, for the ambassador's one volume per Secret)."""

@@ -223,8 +223,9 @@ class ReviewTally:
         now = time.time()
         self.reviews: dict[tuple[str, str], int] = dict.fromkeys(_EXPECTED_SERIES, 0)
         self.sidecars: dict[str, int] = {}
-        self.created: dict[object, float] = dict.fromkeys(_EXPECTED_SERIES, now)
-        self.created[_DURATION] = now
+        self.reviews_created: dict[tuple[str, str], float] = dict.fromkeys(_EXPECTED_SERIES, now)
+        self.sidecars_created: dict[str, float] = {}
+        self.created = now
         # Per bucket (the last: above the largest bound), not cumulative; their sum is the count.
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.seconds = 0.0
@@ -235,13 +236,13 @@ class ReviewTally:
         if key in reviews:
             reviews[key] += 1
         else:
-            self.created[key] = time.time()
+            self.reviews_created[key] = time.time()
             reviews[key] = 1
         for sidecar in sidecars:
             if sidecar in self.sidecars:
                 self.sidecars[sidecar] += 1
             else:
-                self.created[sidecar] = time.time()
+                self.sidecars_created[sidecar] = time.time()
                 self.sidecars[sidecar] = 1
         self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1  # `le`: a bound's own
         self.seconds += seconds
@@ -257,16 +258,16 @@ class _ReviewCollector:
 
     def collect(self) -> Iterator[Metric]:
         tally = self._tally
-        created = dict(tally.created)
         reviews = CounterMetricFamily(_REVIEWS, _REVIEWS_HELP, labels=["outcome", "reason"])
         for (outcome, reason), count in list(tally.reviews.items()):
-            reviews.add_metric([outcome, reason], count, created=created[(outcome, reason)])
+            created = tally.reviews_created[(outcome, reason)]
+            reviews.add_metric([outcome, reason], count, created=created)
         yield reviews
         sidecars = CounterMetricFamily(_SIDECARS, _SIDECARS_HELP, labels=["sidecar"])
         for sidecar, count in list(tally.sidecars.items()):
-            sidecars.add_metric([sidecar], count, created=created[sidecar])
+            sidecars.add_metric([sidecar], count, created=tally.sidecars_created[sidecar])
         yield sidecars
-        yield _histogram(list(tally.buckets), tally.seconds, created[_DURATION])
+        yield _histogram(list(tally.buckets), tally.seconds, tally.created)
 
 
 # How prometheus-client writes a bucket's bound (`le`), as Go does.
