@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tests.conftest import ROOT
 from tests.kube_env import ControlPlane
 from tests.test_https import Server, start_server, stop_server
 from webhook.cluster.registration import WEBHOOK_PATH, webhook_configuration
@@ -23,6 +24,7 @@ from webhook.core.policy import Policy, default_policy, load_policy, parse_polic
 
 LABEL = "outrigger-test/webhook"  # the namespaces a test's webhook configuration selects
 CONFIGURATIONS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+POLICY_CONFIGMAP = "outrigger-policy"
 CLASSIC = parse_policy({**default_policy().model_dump(mode="json"), "nativeSidecars": False})
 
 
@@ -88,6 +90,15 @@ def registered(kube: ControlPlane, body: dict[str, Any]) -> Iterator[str]:
 def selected_namespace(kube: ControlPlane, selected: str, prefix: str = "t") -> str:
     """A fresh namespace that the configuration selecting `selected` calls the webhook for."""
     return kube.namespace(prefix, {LABEL: selected})
+
+
+def policy_configmap(kube: ControlPlane, namespace: str) -> str:
+    """The default policy as the ConfigMap `outrigger-policy` in `namespace` (what
+    `--from-cluster NAMESPACE/outrigger-policy` reads); returns its name."""
+    text = (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()
+    body = {"metadata": {"name": POLICY_CONFIGMAP}, "data": {"policy.yaml": text}}
+    kube.call("POST", f"/api/v1/namespaces/{namespace}/configmaps", body)
+    return POLICY_CONFIGMAP
 
 
 def new_selector() -> str:

@@ -18,10 +18,17 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, ROOT, run_against_cluster
+from tests.conftest import FIXTURES, run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
-from tests.kube_webhook import LABEL, configuration, new_selector, registered, running_webhook
+from tests.kube_webhook import (
+    LABEL,
+    configuration,
+    new_selector,
+    policy_configmap,
+    registered,
+    running_webhook,
+)
 from webhook.core.audit import MISMATCHED, MISSING, STALE, classify, group, workload_of
 from webhook.core.injector import RequestContext, inject
 from webhook.core.policy import default_policy
@@ -296,11 +303,7 @@ def cluster(
     kube.wait_for_pods(shop, "app=web", 2)
     kube.wait_for_pods(shop, "app=report", 1)
     selected = new_selector()
-    policy_map = {
-        "metadata": {"name": "outrigger-policy"},
-        "data": {"policy.yaml": (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()},
-    }
-    kube.call("POST", f"/api/v1/namespaces/{shop}/configmaps", policy_map)
+    policy_configmap(kube, shop)
     with running_webhook(tmp_path_factory.mktemp("audit-webhook")) as webhook:
         body = configuration(webhook.url, webhook.server.cert_dir / "ca.crt", selected)
         with registered(kube, body) as name:

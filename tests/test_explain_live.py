@@ -18,10 +18,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, run_against_cluster
+from tests.conftest import run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
-from tests.kube_webhook import LABEL, configuration, new_selector, registered, running_webhook
+from tests.kube_webhook import (
+    LABEL,
+    configuration,
+    new_selector,
+    policy_configmap,
+    registered,
+    running_webhook,
+)
 from webhook.cluster import explain as cluster_explain
 from webhook.cluster.registration import INJECTION_LABEL, webhook_configuration
 from webhook.core import explain as ex
@@ -505,11 +512,7 @@ def cluster(
     selected = new_selector()
     good = kube.namespace("good", {LABEL: selected})
     bare = kube.namespace("bare")
-    policy_map = {
-        "metadata": {"name": "outrigger-policy"},
-        "data": {"policy.yaml": (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()},
-    }
-    kube.call("POST", f"/api/v1/namespaces/{good}/configmaps", policy_map)
+    policy_configmap(kube, good)
     with running_webhook(tmp_path_factory.mktemp("explain-webhook")) as webhook:
         body = configuration(webhook.url, webhook.server.cert_dir / "ca.crt", selected)
         with registered(kube, body) as name:

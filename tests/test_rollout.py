@@ -38,13 +38,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, outrigger_executable, run_against_cluster
+from tests.conftest import outrigger_executable, run_against_cluster
 from tests.fake_kube import write_kubeconfig
 from tests.kube_env import ControlPlane
 from tests.kube_webhook import (
     LABEL,
     configuration,
     new_selector,
+    policy_configmap,
     registered,
     running_webhook,
     selected_namespace,
@@ -694,11 +695,7 @@ def test_the_least_rights_suffice_and_a_refused_restart_names_the_workload(
     the API server's 403, saying which workload."""
     kube = webhooks.kube
     namespace = stale_namespace(webhooks, ["web", "api"], ["debug"], cronjob=True)
-    policy_map = {
-        "metadata": {"name": "outrigger-policy"},
-        "data": {"policy.yaml": (ROOT / "webhook" / "core" / "default-policy.yaml").read_text()},
-    }
-    kube.call("POST", f"/api/v1/namespaces/{namespace}/configmaps", policy_map)
+    policy_configmap(kube, namespace)
     where = (
         "--webhook", webhooks.configuration, "-n", namespace, "--apply", "--include-pods",
         "--from-cluster", f"{namespace}/outrigger-policy", "-o", "json",
