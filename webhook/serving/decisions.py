@@ -54,47 +54,40 @@ def log_decision(
     else:
         uid, namespace, pod, owner = request.uid, request.namespace, request.name, request.owner
         where = f"{namespace}/{pod}"
-    duration_ms = round(seconds * 1000, 3)
+    fields = {
+        "uid": uid,
+        "namespace": namespace,
+        "pod": pod,
+        "owner": owner,
+        "outcome": verdict.outcome,
+        "reason": verdict.reason,
+        "sidecars": verdict.sidecars,
+        "policy": policy_version,
+        "conditions_policy": compiled_version,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    if verdict.message:
+        fields["detail"] = verdict.message
     if _direct is not None and _direct.json:
-        # One dict, in the handler's order: `time`, `level`, `logger`, `message` (what and
-        # where, for a reader's eye; the fields say it all), then the fields.
-        record = {
-            "time": _direct.asctime(),
-            "level": _LEVELS[level],
-            "logger": _NAME,
-            "message": f"{verdict.outcome} {where}",
-            "uid": uid,
-            "namespace": namespace,
-            "pod": pod,
-            "owner": owner,
-            "outcome": verdict.outcome,
-            "reason": verdict.reason,
-            "sidecars": verdict.sidecars,
-            "policy": policy_version,
-            "conditions_policy": compiled_version,
-            "duration_ms": duration_ms,
-        }
-        if verdict.message:
-            record["detail"] = verdict.message
+        # The handler's order: `time`, `level`, `logger`, `message` (what and where, for a
+        # reader's eye; the fields say it all), then the fields.
+        message = f"{verdict.outcome} {where}"
+        record = {"time": _direct.asctime(), "level": _LEVELS[level], "logger": _NAME,
+                  "message": message, **fields}  # fmt: skip
         _direct.add(_json_line(record))
         return
     text = (
         f"{verdict.outcome} {where} owner={owner or '-'} reason={verdict.reason} "
         f"sidecars={','.join(verdict.sidecars) or '-'} policy={policy_version} "
-        f"conditions={compiled_version or '-'} {duration_ms}ms"
+        f"conditions={compiled_version or '-'} {fields['duration_ms']}ms"
     )
     if verdict.message:
         text += f": {verdict.message}"
     if _direct is not None:
         _direct.write_text(level, text)
-        return
-    fields = {"uid": uid, "namespace": namespace, "pod": pod, "owner": owner,
-              "outcome": verdict.outcome, "reason": verdict.reason,
-              "sidecars": list(verdict.sidecars), "policy": policy_version,
-              "conditions_policy": compiled_version, "duration_ms": duration_ms}  # fmt: skip
-    if verdict.message:
-        fields["detail"] = verdict.message
-    log.log(level, text, extra=fields)
+    else:
+        fields["sidecars"] = list(verdict.sidecars)
+        log.log(level, text, extra=fields)
 
 
 class DirectLines:
