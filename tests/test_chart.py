@@ -241,6 +241,8 @@ def test_every_object_is_valid(render: Callable[..., Docs], case: str) -> None:
         (["--set", "tls.self.certValidity=90 days"], "/tls/self/certValidity"),
         (["--set", "tls.self.syncSeconds=1"], "/tls/self/syncSeconds"),
         (["--set", "policyReload=poll"], "/policyReload"),
+        (["--set", "decisionLogInterval=61"], "/decisionLogInterval"),
+        (["--set", "decisionLogInterval=-1"], "/decisionLogInterval"),
         (["--set", "replicas=3"], "replicas"),  # a typo: additionalProperties false
     ],
 )  # fmt: skip
@@ -552,6 +554,18 @@ def test_rbac_and_token_follow_what_the_server_calls(
     else:
         assert args_[args_.index("--policy") + 1] == "/etc/outrigger/policy/policy.yaml"
         assert "policy" in volumes
+
+
+@pytest.mark.parametrize(
+    ("values", "seconds"), [([], 1.0), (["--set", "decisionLogInterval=0"], 0.0)]
+)
+def test_decision_log_interval_reaches_the_server(
+    render: Callable[..., Docs], values: list[str], seconds: float
+) -> None:
+    from webhook.cli import _parser
+
+    args = _parser().parse_args(container(render(*values))["args"])
+    assert args.decision_log_interval == seconds and args.log_format == "json"
 
 
 def test_policy_watch_arguments_name_the_rendered_configmap(render: Callable[..., Docs]) -> None:

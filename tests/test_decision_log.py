@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -35,6 +36,15 @@ class Pipe:
         while chunk := os.read(self._read_end, 1 << 20):
             self._chunks.append(chunk)
 
+    def lines(self, count: int) -> list[bytes]:
+        """The next `count` lines written (waiting for the reader thread to have them)."""
+        deadline = time.monotonic() + 10
+        while b"".join(self._chunks).count(b"\n") < count and time.monotonic() < deadline:
+            time.sleep(0.001)
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data.splitlines()
+
     def written(self) -> list[bytes]:
         if decisions._direct is not None:
             decisions._direct.flush()
@@ -55,10 +65,12 @@ def pipe() -> Iterator[Pipe]:
     root.setLevel(level)
 
 
-def direct(pipe: Pipe, json_lines: bool) -> logging.StreamHandler[TextIO]:
+def direct(
+    pipe: Pipe, json_lines: bool, summary_seconds: float = 0.0
+) -> logging.StreamHandler[TextIO]:
     """Decision lines straight to the pipe (returned: the handler holds its stream)."""
     handler = logging.StreamHandler(os.fdopen(pipe.descriptor, "w", closefd=False))
-    decisions.write_directly(handler, json_lines)
+    decisions.write_directly(handler, json_lines, summary_seconds)
     return handler
 
 
@@ -149,3 +161,100 @@ def test_every_review_is_accounted_for_on_the_event_loop() -> None:
 
     loop_thread = asyncio.run(reviews())
     assert seen == loop_thread
+
+
+# Injections summarised (`outrigger serve --decision-log-interval`) --------------------------
+
+OTHER = AdmissionRequest("uid-3", "shop", None, "api-5f6d-", "ReplicaSet/api-5f6d")
+DENIED = Verdict("denied", "invalid-annotation", message="annotation outrigger.dev/inject: no")
+
+
+def test_injections_are_summarised_per_owner_within_the_interval(pipe: Pipe) -> None:
+    _handler = direct(pipe, json_lines=True, summary_seconds=0.05)
+    second = REQUEST._replace(uid="uid-2")
+
+    async def injections() -> list[bytes]:
+        log_decision(REQUEST, INJECTED, "v1", 0.000214, "c1")
+        log_decision(OTHER, INJECTED, "v1", 0.0003, "c1")
+        log_decision(second, INJECTED, "v1", 0.0001, "c1")
+        log_decision(REQUEST, DENIED, "v1", 0.0002, "c1")  # a line of its own, at once
+        await asyncio.sleep(0)  # the end of the turn
+        at_once = pipe.lines(1)
+        await asyncio.sleep(0.2)  # past the interval
+        return at_once
+
+    at_once = asyncio.run(injections())
+    assert [json.loads(line)["outcome"] for line in at_once] == ["denied"]
+    lines = [json.loads(line) for line in b"".join(pipe.written()).splitlines()]
+    assert [line["owner"] for line in lines] == ["ReplicaSet/web-7d4b9c", "ReplicaSet/api-5f6d"]
+    web = lines[0]
+    assert list(web)[:4] == ["time", "level", "logger", "message"]
+    assert web["message"] == "injected 2 pods of ReplicaSet/web-7d4b9c in shop"
+    expected = {"namespace": "shop", "outcome": "injected", "reason": "injected",
+                "sidecars": ["log-watcher", "ambassador"], "policy": "v1",
+                "conditions_policy": "c1", "count": 2}  # fmt: skip
+    assert expected.items() <= web.items()
+    assert web["pods"] == [
+        {"pod": "web-7d4b9c-", "uid": "uid-1", "duration_ms": 0.214},
+        {"pod": "web-7d4b9c-", "uid": "uid-2", "duration_ms": 0.1},
+    ]
+    assert lines[1]["message"] == "injected 1 pod of ReplicaSet/api-5f6d in shop"
+
+
+def test_summaries_part_on_anything_a_platform_team_tells_apart(pipe: Pipe) -> None:
+    """Namespace, owner, reason, sidecars, policy and compiled policy each part a summary."""
+    _handler = direct(pipe, json_lines=True, summary_seconds=60)
+    variants = [
+        (REQUEST, INJECTED, "v1", "c1"),
+        (REQUEST._replace(namespace="shop-2"), INJECTED, "v1", "c1"),
+        (REQUEST._replace(owner=""), INJECTED, "v1", "c1"),
+        (REQUEST, INJECTED._replace(reason="reinjected"), "v1", "c1"),
+        (REQUEST, INJECTED._replace(sidecars=("log-watcher",)), "v1", "c1"),
+        (REQUEST, INJECTED, "v2", "c1"),
+        (REQUEST, INJECTED, "v1", "c2"),
+    ]
+
+    async def injections() -> None:
+        for request, verdict, policy, compiled in [*variants, *variants]:
+            log_decision(request, verdict, policy, 0.001, compiled)
+
+    asyncio.run(injections())
+    assert decisions._direct is not None
+    decisions._direct.close()  # as at exit
+    lines = [json.loads(line) for line in b"".join(pipe.written()).splitlines()]
+    assert [line["count"] for line in lines] == [2] * len(variants)
+    assert lines[2]["owner"] == "" and lines[2]["message"] == "injected 2 pods in shop"
+
+
+def test_a_full_summary_is_written_at_once_and_waiting_pods_are_bounded(pipe: Pipe) -> None:
+    _handler = direct(pipe, json_lines=True, summary_seconds=60)
+
+    async def injections() -> tuple[list[bytes], list[bytes]]:
+        for n in range(decisions.PODS_PER_SUMMARY + 1):
+            log_decision(REQUEST._replace(uid=f"w{n}"), INJECTED, "v", 0.001)
+        await asyncio.sleep(0)
+        full = pipe.lines(1)
+        # Pods of many owners, none filling its summary: all written at PODS_WAITING.
+        for n in range(decisions.PODS_WAITING - 1):
+            log_decision(OTHER._replace(owner=f"ReplicaSet/o{n % 500}"), INJECTED, "v", 0.001)
+        await asyncio.sleep(0)
+        return full, pipe.lines(501)
+
+    full, bounded = asyncio.run(injections())
+    (line,) = [json.loads(line) for line in full]
+    assert line["count"] == decisions.PODS_PER_SUMMARY
+    assert [pod["uid"] for pod in line["pods"]] == [f"w{n}" for n in range(100)]
+    lines = [json.loads(line) for line in bounded]
+    assert sum(line["count"] for line in lines) == decisions.PODS_WAITING  # w100 among them
+    assert len(lines) == 501
+    assert pipe.written() == []  # nothing was left waiting
+
+
+def test_an_injection_outside_the_event_loop_is_written_at_once(pipe: Pipe) -> None:
+    _handler = direct(pipe, json_lines=False, summary_seconds=60)
+    hostile = AdmissionRequest("u-\x1b[2J", "shop", None, "web-\n2026 INFO forged", "")
+    log_decision(hostile, INJECTED, "v", 0.001)
+    (line,) = b"".join(pipe.written()).decode().splitlines()
+    assert " INFO outrigger.decisions injected 1 pod in shop owner=- reason=injected " in line
+    assert "sidecars=log-watcher,ambassador policy=v conditions=-: " in line
+    assert "web-\\x0a2026 INFO forged (u-\\x1b[2J, 1.0ms)" in line

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import admission_review
 from tests.test_https import Server, _stop, start_server
+from webhook.cli import main
 from webhook.serving.metrics import Metrics
 
 
@@ -52,6 +54,7 @@ def pod(annotations: dict[str, str], name: str) -> dict[str, Any]:
 
 BIG = "/" + "a" * (1 << 20)
 INJECT = "outrigger.dev/inject"
+JSON = {"content-type": "application/json"}
 
 
 def body(annotations: dict[str, str] | None, uid: str, **review: Any) -> bytes:
@@ -62,6 +65,7 @@ def body(annotations: dict[str, str] | None, uid: str, **review: Any) -> bytes:
 BOTH = {INJECT: "log-watcher,ambassador", "outrigger.dev/ambassador-upstream": "x.example.com:80"}
 REVIEWS: list[tuple[bytes, tuple[str, str]]] = [
     (body({INJECT: "log-watcher"}, "u-1"), ("injected", "injected")),
+    (body({INJECT: "log-watcher"}, "u-10"), ("injected", "injected")),  # summarised with u-1
     (body(BOTH, "u-2"), ("injected", "injected")),
     (body({}, "u-3"), ("unchanged", "not-requested")),
     (body({INJECT: "false"}, "u-4"), ("unchanged", "opted-out")),
@@ -112,7 +116,7 @@ def test_every_decision_is_counted_timed_and_logged(server: Server) -> None:
         assert (
             delta("outrigger_admission_reviews_total", outcome=outcome, reason=reason) == count
         ), (outcome, reason)
-    assert delta("outrigger_sidecars_injected_total", sidecar="log-watcher") == 3
+    assert delta("outrigger_sidecars_injected_total", sidecar="log-watcher") == 4
     assert delta("outrigger_sidecars_injected_total", sidecar="ambassador") == 1
     assert delta("outrigger_admission_review_duration_seconds_count") == len(REVIEWS)
     assert delta("outrigger_admission_review_duration_seconds_bucket", le="0.1") == len(REVIEWS)
@@ -122,8 +126,14 @@ def test_every_decision_is_counted_timed_and_logged(server: Server) -> None:
     ) in after
     assert ("outrigger_policy_info", frozenset({("version", _policy_version(after))})) in after
 
-    lines = _decision_lines(server, expect=7)
-    by_uid = {line["uid"]: line for line in lines if line.get("uid")}
+    lines = _decision_lines(server, expect=6)  # u-1 and u-10 share a summary
+    summaries = [line for line in lines if "pods" in line]
+    assert all(line["count"] == len(line["pods"]) for line in summaries)
+    wanted = ("injected", ["log-watcher"])
+    (alike,) = [line for line in summaries if (line["reason"], line["sidecars"]) == wanted]
+    assert [pod["uid"] for pod in alike["pods"]] == ["u-1", "u-10"], alike
+    assert alike["message"] == "injected 2 pods of ReplicaSet/web-7d in default"
+    by_uid = {line["uid"]: line for line in _per_pod(lines) if line.get("uid")}
     injected = by_uid["u-2"]
     assert injected["outcome"] == "injected" and injected["reason"] == "injected"
     assert injected["sidecars"] == ["log-watcher", "ambassador"]
@@ -141,6 +151,13 @@ def test_every_decision_is_counted_timed_and_logged(server: Server) -> None:
     assert big["outcome"] == "denied" and len(json.dumps(big)) < 3000  # not the 1 MiB value
     assert any(line["outcome"] == "bad_request" for line in lines)
     assert "a" * 200 not in server.log.read_text()
+
+
+def _per_pod(lines: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The decision lines with each injection summary's pods as lines of their own."""
+    for line in lines:
+        shared = {key: value for key, value in line.items() if key not in ("pods", "count")}
+        yield from ({**shared, **pod} for pod in line["pods"]) if "pods" in line else (line,)
 
 
 def _policy_version(after: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> str:
@@ -193,3 +210,28 @@ def test_review_tally_is_exposed_as_counters_and_a_histogram() -> None:
     assert found[(f"{duration}_bucket", (("le", "+Inf"),))] == 5
     assert found[(f"{duration}_count", ())] == 5
     assert found[(f"{duration}_sum", ())] == pytest.approx(0.30111)
+
+
+def test_summaries_waiting_at_sigterm_are_written(tmp_path: Path) -> None:
+    server, process = start_server(
+        tmp_path, "--log-format", "json", "--decision-log-interval", "60"
+    )
+    try:
+        with httpx.Client(verify=server.trusting_ca(), timeout=10) as client:
+            for sent, _ in REVIEWS[:2]:
+                client.post(f"{server.url}/mutate", content=sent, headers=JSON)
+            client.get(f"{server.url}/metrics")  # answered after both reviews were accounted
+        waiting = _decision_lines(server, expect=0)
+    finally:
+        _stop(process)  # SIGTERM, as the kubelet stops a pod
+    assert waiting == []  # a minute to go
+    (summary,) = _decision_lines(server, expect=1)
+    assert [pod["uid"] for pod in summary["pods"]] == ["u-1", "u-10"]
+
+
+@pytest.mark.parametrize("seconds", ["-1", "61", "nan"])
+def test_serve_refuses_a_decision_log_interval_out_of_bounds(
+    capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
+    assert main(["serve", "--port", "1", "--decision-log-interval", seconds]) == 2
+    assert "--decision-log-interval must be 0 to 60 seconds" in capsys.readouterr().err

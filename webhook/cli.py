@@ -98,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
         help="json: one JSON object per line, the decision fields at its top level",
     )
     serve.add_argument(
+        "--decision-log-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="injections are logged as one line per owner, sidecars and policy, listing each "
+        "pod, written at most SECONDS after its first pod; 0: a line per injection (default: "
+        "1, at most 60). Denials, refusals and errors are a line each, at once",
+    )
+    serve.add_argument(
         "--max-connections",
         type=int,
         default=1000,
@@ -522,7 +531,8 @@ def _serve(args: argparse.Namespace) -> int:
     """`outrigger serve`: with `--log-format json` even a refused start is a JSON line."""
     from webhook.serving.logs import configure_logging, report
 
-    configure_logging(args.log_level, args.log_format)
+    interval = args.decision_log_interval
+    configure_logging(args.log_level, args.log_format, interval if _interval_ok(interval) else 0)
     try:
         return _serving(args)
     except _ServeRefused as refusal:
@@ -536,6 +546,14 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         report(exit_.code)
         return 1
+
+
+def _interval_ok(seconds: float) -> bool:
+    return 0 <= seconds <= MAX_DECISION_LOG_INTERVAL
+
+
+# A summarised injection waits at most this long for its line.
+MAX_DECISION_LOG_INTERVAL = 60
 
 
 class _ServeRefused(Exception):
@@ -552,6 +570,10 @@ def _serving(args: argparse.Namespace) -> int:
         raise _ServeRefused("--api-startup-seconds must be a positive number")
     if args.max_connections < 1:
         raise _ServeRefused("--max-connections must be at least 1")
+    if not _interval_ok(args.decision_log_interval):
+        raise _ServeRefused(
+            f"--decision-log-interval must be 0 to {MAX_DECISION_LOG_INTERVAL} seconds"
+        )
     # One bound for all the first API calls (the policy's list, then the certificate's sync),
     # which the chart's startupProbe outlasts.
     args.api_deadline = time.monotonic() + args.api_startup_seconds

@@ -15,12 +15,13 @@ from webhook.serving.decisions import write_directly
 _json_lines = False
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, summary_seconds: float = 0.0) -> None:
     """Every line the process writes goes through one handler on stderr: one JSON object per
     line (`--log-format json`; non-ASCII and control characters escaped by the encoder), or
     text with every non-printable character escaped (`EscapingFormatter`), so that nothing a
     pod creator writes (a name, an annotation key) can split a line, forge one or drive the
-    reader's terminal. uvicorn's lines, Python's warnings and uncaught exceptions included."""
+    reader's terminal. uvicorn's lines, Python's warnings and uncaught exceptions included.
+    `summary_seconds`: the decision log's interval for injections (`webhook.serving.decisions`)."""
     global _json_lines
     _json_lines = log_format == "json"
     handler = logging.StreamHandler()
@@ -38,7 +39,7 @@ def configure_logging(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    write_directly(handler, _json_lines)  # the decision log's own fast path
+    write_directly(handler, _json_lines, summary_seconds)  # the decision log's own fast path
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = lambda hook: _log_uncaught(

@@ -22,6 +22,7 @@ from webhook.serving.connections import (
     ConnectionGate,
     tls_connections,
 )
+from webhook.serving.decisions import summaries_written
 from webhook.serving.memory import return_freed_memory
 from webhook.serving.metrics import Metrics
 from webhook.serving.reload import PolicyFile
@@ -113,7 +114,10 @@ def serve(
     # The compiled policy follows the policy in force (`webhook.cluster.compiledpolicy`).
     publishing = compiled_policy(policy) if compiled_policy is not None else None
     recording = decisions.keeping if decisions is not None else None
-    background = _together(policy_watch, certificate.watching, keeping, publishing, recording)
+    # Left in reverse: the waiting decision summaries are written last.
+    background = _together(
+        summaries_written, policy_watch, certificate.watching, keeping, publishing, recording
+    )
     gate = ConnectionGate(_connection_limit(max_connections), metrics)
     observer = decisions.observe if decisions is not None else None
     endpoint = create_app(policy, metrics=metrics, background=background, observer=observer)
