@@ -439,8 +439,9 @@ def _with_pre_stop_sleep(sidecar: RenderedSidecar, seconds: int) -> RenderedSide
 
 
 def _port_problems(sidecar: RenderedSidecar, ports: Mapping[Any, Any]) -> list[str]:
-    twice = sorted({port for port in sidecar.ports if sidecar.ports.count(port) > 1})
-    if twice:
+    distinct = set(sidecar.ports)
+    if len(distinct) < len(sidecar.ports):
+        twice = sorted(port for port in distinct if sidecar.ports.count(port) > 1)
         return [
             f"{sidecar.name} would bind port {', '.join(map(str, twice))} twice (for its own "
             f"listener and its admin interface){_settable(sidecar)}"
@@ -448,8 +449,7 @@ def _port_problems(sidecar: RenderedSidecar, ports: Mapping[Any, Any]) -> list[s
     return [
         f"container {ports[port]!r} already uses port {port}, which {sidecar.name} needs "
         f"(containers of a pod share one network namespace){_settable(sidecar)}"
-        for port in sorted(set(sidecar.ports))
-        if port in ports
+        for port in sorted(distinct.intersection(ports))
     ]
 
 

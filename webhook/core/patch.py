@@ -43,18 +43,22 @@ def _diff(before: Any, after: Any, path: str, operations: list[Operation]) -> No
 def _diff_objects(
     before: dict[str, Any], after: dict[str, Any], path: str, operations: list[Operation]
 ) -> None:
-    if before.keys() - after.keys():  # rare; the ordered scan keeps patches deterministic
-        for key in [key for key in before if key not in after]:
-            operations.append({"op": "remove", "path": f"{path}/{escape(key)}"})
+    start = len(operations)
     get = before.get
+    added = 0
     # One comprehension finds what is not shared with the original: usually a key or two.
     for key, value in [item for item in after.items() if get(item[0], _ABSENT) is not item[1]]:
         previous = get(key, _ABSENT)
         child = f"{path}/{escape(key)}"
         if previous is _ABSENT:
+            added += 1
             operations.append({"op": "add", "path": child, "value": value})
         else:
             _diff(previous, value, child, operations)
+    if len(before) > len(after) - added:  # keys removed (rare): first, in the ordered scan
+        operations[start:start] = [
+            {"op": "remove", "path": f"{path}/{escape(key)}"} for key in before if key not in after
+        ]
 
 
 def _diff_lists(
