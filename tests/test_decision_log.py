@@ -230,23 +230,25 @@ def test_a_full_summary_is_written_at_once_and_waiting_pods_are_bounded(pipe: Pi
     _handler = direct(pipe, json_lines=True, summary_seconds=60)
 
     async def injections() -> tuple[list[bytes], list[bytes]]:
-        for n in range(decisions.PODS_PER_SUMMARY + 1):
+        for n in range(200):
             log_decision(REQUEST._replace(uid=f"w{n}"), INJECTED, "v", 0.001)
         await asyncio.sleep(0)
-        full = pipe.lines(1)
+        full = pipe.lines(2)  # two summaries filled: written without waiting for the timer
+        written = sum(json.loads(line)["count"] for line in full)
         # Pods of many owners, none filling its summary: all written at PODS_WAITING.
-        for n in range(decisions.PODS_WAITING - 1):
+        for n in range(decisions.PODS_WAITING - (200 - written)):
             log_decision(OTHER._replace(owner=f"ReplicaSet/o{n % 500}"), INJECTED, "v", 0.001)
         await asyncio.sleep(0)
         return full, pipe.lines(501)
 
     full, bounded = asyncio.run(injections())
-    (line,) = [json.loads(line) for line in full]
-    assert line["count"] == decisions.PODS_PER_SUMMARY
-    assert [pod["uid"] for pod in line["pods"]] == [f"w{n}" for n in range(100)]
+    lines = [json.loads(line) for line in full]
+    assert all(len(line) < 8 * 1024 for line in full)
+    uids = [pod["uid"] for line in lines for pod in line["pods"]]
+    assert uids == [f"w{n}" for n in range(len(uids))] and len(uids) < 200
     lines = [json.loads(line) for line in bounded]
-    assert sum(line["count"] for line in lines) == decisions.PODS_WAITING  # w100 among them
-    assert len(lines) == 501
+    assert sum(line["count"] for line in lines) == decisions.PODS_WAITING  # w199 among them
+    assert len(lines) == 501 and lines[0]["pods"][-1]["uid"] == "w199"
     assert pipe.written() == []  # nothing was left waiting
 
 
@@ -258,3 +260,23 @@ def test_an_injection_outside_the_event_loop_is_written_at_once(pipe: Pipe) -> N
     assert " INFO outrigger.decisions injected 1 pod in shop owner=- reason=injected " in line
     assert "sidecars=log-watcher,ambassador policy=v conditions=-: " in line
     assert "web-\\x0a2026 INFO forged (u-\\x1b[2J, 1.0ms)" in line
+
+
+@pytest.mark.parametrize("name", ["w" * 253, "wé" * 126], ids=["longest-name", "non-ascii"])
+def test_a_summary_line_stays_under_what_container_runtimes_split(pipe: Pipe, name: str) -> None:
+    """CRI-O reads a container's output 8 KiB at a time (containerd cuts at 16 KiB) and
+    writes a longer line in parts: a summary of pods with the longest names is written
+    before it gets there, whatever its characters encode to."""
+    _handler = direct(pipe, json_lines=True, summary_seconds=60)
+
+    async def injections() -> None:
+        for n in range(100):
+            log_decision(REQUEST._replace(name=name, uid=f"{n:036d}"), INJECTED, "v", 0.001)
+        assert decisions._direct is not None
+        decisions._direct.write_summaries()
+
+    asyncio.run(injections())
+    lines = b"".join(pipe.written()).splitlines()
+    assert len(lines) > 1 and all(len(line) < 8 * 1024 for line in lines)
+    uids = [pod["uid"] for line in lines for pod in json.loads(line)["pods"]]
+    assert uids == [f"{n:036d}" for n in range(100)]

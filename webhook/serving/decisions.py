@@ -5,7 +5,8 @@ and why, which sidecars, under which policy version, and how long it took.
 A denial, a refused request and an error are one line each, at once. Injections are written
 by `outrigger serve` as summaries (`--decision-log-interval`, default 1 s): one line per owner,
 reason, sidecars and policy, listing each pod (name, uid, duration), written at most that
-interval after its first pod (or at 100 pods); with an interval of 0, a line per injection.
+interval after its first pod (or once 5 KiB of them, about 50, wait); with an interval of 0,
+a line per injection.
 
 Values are bounded: a denial's message is cut at 1 KiB (it echoes at most a prefix of a bad
 value), and no annotation value is written. With `--log-format json` each line is one JSON
@@ -105,13 +106,36 @@ def log_decision(
         log.log(level, text, extra=fields)
 
 
-# A summary lists at most this many pods (a full one is written at once), and at most this
-# many wait in all (then every summary is written): a line and what waits stay small.
-PODS_PER_SUMMARY = 100
+# A summary lists pods in at most about this many bytes (a full one is written at once), and
+# at most this many pods wait in all (then every summary is written): what waits stays small,
+# and a line stays under 8 KiB: CRI-O (conmon) reads a container's output 8 KiB at a time and
+# containerd cuts lines at 16 KiB, writing the parts of a longer line as partial lines that
+# not every log pipeline joins again. About 50 pods of usual names fill a summary.
+SUMMARY_BYTES = 5 * 1024
 PODS_WAITING = 1000
+_POD_ENTRY_BYTES = 48  # a pod's entry but its name and uid: {"pod":"","uid":"",...}
 
 Group = tuple[str, str, str, tuple[str, ...], str, str]  # what a summary's pods share
 Summarised = tuple[str, str, float]  # a pod's name, uid and review seconds
+
+
+class _Summary:
+    """The pods of one group waiting for their line, and the bytes their entries will take."""
+
+    __slots__ = ("pods", "size")
+
+    def __init__(self) -> None:
+        self.pods: list[Summarised] = []
+        self.size = 0
+
+
+def _entry_bytes(pod: Summarised) -> int:
+    name, uid, _seconds = pod
+    size = len(name) + len(uid)
+    if not (name.isascii() and uid.isascii()):
+        size *= 6  # at worst every character a \uXXXX escape (the API server refuses such
+        # names, but only after the admission webhooks)
+    return size + _POD_ENTRY_BYTES
 
 
 class DirectLines:
@@ -139,7 +163,7 @@ class DirectLines:
         self._lock = lock
         self.summary_seconds = summary_seconds
         self._pending: list[bytes] = []
-        self._groups: dict[Group, list[Summarised]] = {}
+        self._groups: dict[Group, _Summary] = {}
         self._waiting = 0
         self._timer_loop: asyncio.AbstractEventLoop | None = None  # where a timer is set
         self._millisecond = -1
@@ -178,18 +202,19 @@ class DirectLines:
         except RuntimeError:
             self._write(self._summary(group, [pod]))
             return
-        pods = self._groups.get(group)
-        if pods is None:
-            pods = self._groups[group] = []
+        summary = self._groups.get(group)
+        if summary is None:
+            summary = self._groups[group] = _Summary()
             if self._timer_loop is not loop:  # no timer set (or only on a closed loop)
                 self._timer_loop = loop
                 loop.call_later(self.summary_seconds, self._on_timer)
-        pods.append(pod)
+        summary.pods.append(pod)
+        summary.size += _entry_bytes(pod)
         self._waiting += 1
-        if len(pods) >= PODS_PER_SUMMARY:
+        if summary.size >= SUMMARY_BYTES:
             del self._groups[group]
-            self._waiting -= len(pods)
-            self.add(self._summary(group, pods))
+            self._waiting -= len(summary.pods)
+            self.add(self._summary(group, summary.pods))
         elif self._waiting >= PODS_WAITING:
             self.write_summaries()
 
@@ -201,15 +226,15 @@ class DirectLines:
         """Write every summary now (a pod waits no longer than `summary_seconds`: a group
         that starts while the timer runs is written with the others, early)."""
         groups, self._groups, self._waiting = self._groups, {}, 0
-        for group, pods in groups.items():
-            self.add(self._summary(group, pods))
+        for group, summary in groups.items():
+            self.add(self._summary(group, summary.pods))
 
     def close(self) -> None:
         """Write what waits, and from now on a line per injection (at shutdown; a timer
         still set then finds nothing to write)."""
         self.summary_seconds = 0.0
         groups, self._groups, self._waiting = self._groups, {}, 0
-        self._pending += [self._summary(group, pods) for group, pods in groups.items()]
+        self._pending += [self._summary(group, summary.pods) for group, summary in groups.items()]
         self.flush()
 
     def _summary(self, group: Group, pods: list[Summarised]) -> bytes:
