@@ -14,7 +14,6 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
@@ -96,8 +95,7 @@ class OwnerReference(NamedTuple):
     uid: str
 
 
-@dataclass(frozen=True, slots=True)
-class Mutation:
+class Mutation(NamedTuple):
     """The answer for one pod: a base64 JSON Patch (None: nothing to change) and warnings."""
 
     patch: str | None
