@@ -54,12 +54,17 @@ def log_decision(
 ) -> None:
     """`compiled_version`: the policy the API server's matchConditions and guard come from
     (as this replica last published them; "" when it does not publish them)."""
-    summarised = _direct is not None and _direct.summary_seconds
-    if summarised and verdict.outcome == "injected" and log.isEnabledFor(logging.INFO):
-        assert _direct is not None and request is not None  # only a request's review injects
+    direct = _direct
+    if (
+        direct is not None
+        and direct.summary_seconds
+        and verdict.outcome == "injected"
+        and log.isEnabledFor(logging.INFO)
+    ):
+        assert request is not None  # only a request's review injects
         group = (request.namespace, request.owner, verdict.reason, verdict.sidecars,
                  policy_version, compiled_version)  # fmt: skip
-        _direct.summarise(group, (request.name, request.uid, seconds))
+        direct.summarise(group, (request.name, request.uid, seconds))
         return
     level = logging.ERROR if verdict.outcome == "error" else _LOGGED.get(verdict.outcome)
     if level is None or not log.isEnabledFor(level):
