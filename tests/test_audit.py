@@ -134,6 +134,13 @@ def test_classify(sent: dict[str, Any], expected: str | None) -> None:
     assert (finding.kind if finding else None) == expected
 
 
+def test_pods_in_the_webhooks_own_namespace_are_no_findings() -> None:
+    """`outrigger audit` hands on $POD_NAMESPACE (`Scope.own_namespace`): never injected
+    into, so nothing is missing there."""
+    assert classify(pod("a", LOG), "outrigger-system", POLICY) is not None
+    assert classify(pod("a", LOG), "outrigger-system", POLICY, "outrigger-system") is None
+
+
 def test_a_tampered_injected_pod_is_mismatched() -> None:
     tampered = injected("a")
     tampered["spec"]["initContainers"][0]["image"] = "cr.fluentbit.io/fluent/fluent-bit:4.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
 import re
 import stat
 import subprocess
@@ -112,7 +113,10 @@ spec:
 
 
 def outrigger(
-    *args: str | Path, stdin: str | None = None, cwd: Path | None = None
+    *args: str | Path,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [outrigger_executable(), *map(str, args)],
@@ -122,6 +126,7 @@ def outrigger(
         timeout=60,
         cwd=cwd,
         check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -292,6 +297,17 @@ def test_inject_uses_the_namespace_option(tmp_path: Path) -> None:
     assert "name: log-watcher" not in untouched.stdout
     injected = outrigger("inject", "-f", path, "-n", "apps")
     assert "name: log-watcher" in injected.stdout
+
+
+def test_inject_never_injects_the_webhooks_own_namespace(tmp_path: Path) -> None:
+    """$POD_NAMESPACE (the chart's downward API), read by the command and handed on."""
+    path = tmp_path / "deployment.yaml"
+    path.write_text(MANIFESTS.split("---")[0])
+    own = outrigger("inject", "-f", path, "-n", "apps", env={"POD_NAMESPACE": "apps"})
+    assert own.returncode == 0, own.stderr
+    assert "name: log-watcher" not in own.stdout
+    other = outrigger("inject", "-f", path, "-n", "apps", env={"POD_NAMESPACE": "other"})
+    assert "name: log-watcher" in other.stdout
 
 
 def test_inject_invalid_annotation_fails(tmp_path: Path) -> None:

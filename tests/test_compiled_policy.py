@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import os
 from typing import Any
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -148,10 +146,6 @@ def failing(compiled: CompiledPolicy, pod: dict[str, Any], namespace: str) -> li
     return [v.message for v in compiled.validations if not evaluate(v.expression, pod, namespace)]
 
 
-def own_namespace() -> Any:
-    return mock.patch.dict(os.environ, {"POD_NAMESPACE": OWN})
-
-
 @st.composite
 def precedence_policies(draw: st.DrawFn) -> Policy:
     """Policies where an `exclude` rule that selects by pod labels meets a `require` rule
@@ -213,12 +207,11 @@ def conditions_agree(policy: Policy, pod: dict[str, Any], namespace: str) -> Non
     ]
     if required and not exempt:
         assert all(values), "a pod a rule requires a sidecar of is admitted without a call"
-    with own_namespace():
-        try:
-            injection = inject(pod, RequestContext(namespace), policy)
-        except InjectionDenied:
-            assert all(values), "a pod the webhook would deny was admitted without a call"
-            return
+    try:
+        injection = inject(pod, RequestContext(namespace, OWN), policy)
+    except InjectionDenied:
+        assert all(values), "a pod the webhook would deny was admitted without a call"
+        return
     if required and not exempt:  # the engine injects what is required, whatever the labels
         needed = {
             s
@@ -253,8 +246,7 @@ def test_a_native_sidecar_that_lost_its_restart_policy_is_refused(
         "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1.0"}]},
     }
     compiled = compile_policy(policy, OWN)
-    with own_namespace():
-        injected = inject(pod, RequestContext(namespace), policy).pod
+    injected = inject(pod, RequestContext(namespace, OWN), policy).pod
     if "log-watcher" not in str(injected["metadata"]["annotations"].get(ann.STATUS)):
         return  # excluded here
     assert failing(compiled, injected, namespace) == []

@@ -164,6 +164,19 @@ def test_pods_left_as_they_are(
     assert result.pod is before
 
 
+def test_the_webhooks_own_namespace_comes_with_the_request_context(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never injected into; given by the caller (the command line reads $POD_NAMESPACE), not
+    read from the environment by the core, whose answers are cached on their arguments."""
+    asking = pod({ann.INJECT: "log-watcher"})
+    own = inject(asking, RequestContext("outrigger-system", "outrigger-system"), policy)
+    assert own.reason == NAMESPACE_EXCLUDED and own.pod is asking
+    monkeypatch.setenv("POD_NAMESPACE", "outrigger-system")
+    assert inject(asking, RequestContext("outrigger-system"), policy).injected
+    assert inject(asking, RequestContext("shop", "outrigger-system"), policy).injected
+
+
 def test_policy_excluded_namespaces_are_skipped(policy: Policy) -> None:
     document = policy.model_dump(by_alias=True)
     custom = parse_policy({**document, "excludedNamespaces": ["batch"]})

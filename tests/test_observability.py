@@ -235,3 +235,24 @@ def test_serve_refuses_a_decision_log_interval_out_of_bounds(
 ) -> None:
     assert main(["serve", "--port", "1", "--decision-log-interval", seconds]) == 2
     assert "--decision-log-interval must be 0 to 60 seconds" in capsys.readouterr().err
+
+
+def test_serve_never_injects_its_own_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$POD_NAMESPACE (the chart's downward API), read by `outrigger serve` at its start."""
+    monkeypatch.setenv("POD_NAMESPACE", "default")
+    server, process = start_server(tmp_path, "--log-format", "json")
+    try:
+        with httpx.Client(verify=server.trusting_ca(), timeout=10) as client:
+            sent = body({INJECT: "log-watcher"}, "u-own")  # namespace "default"
+            own = client.post(f"{server.url}/mutate", content=sent, headers=JSON).json()
+            other = body({INJECT: "log-watcher"}, "u-other", namespace="shop")
+            elsewhere = client.post(f"{server.url}/mutate", content=other, headers=JSON).json()
+        after = samples(server)
+    finally:
+        _stop(process)
+    assert own["response"]["allowed"] and "patch" not in own["response"]
+    assert "patch" in elsewhere["response"]
+    excluded = frozenset({("outcome", "unchanged"), ("reason", "namespace-excluded")})
+    assert after[("outrigger_admission_reviews_total", excluded)] == 1

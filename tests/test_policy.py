@@ -39,8 +39,11 @@ def test_platform_team_policy_is_loaded() -> None:
 def test_own_namespace_is_always_excluded(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = default_policy()
     assert not policy.excluded_namespace("outrigger-system")
+    assert policy.excluded_namespace("outrigger-system", "outrigger-system")
+    assert not policy.excluded_namespace("shop", "outrigger-system")
+    # The core reads no environment: the command line hands the namespace on.
     monkeypatch.setenv("POD_NAMESPACE", "outrigger-system")
-    assert policy.excluded_namespace("outrigger-system")
+    assert not policy.excluded_namespace("outrigger-system")
 
 
 @pytest.mark.parametrize(

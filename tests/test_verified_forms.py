@@ -175,7 +175,7 @@ def test_an_injected_pod_read_as_decoded_answers_as_its_bytes(
         from_decoded = str(error)  # type: ignore[assignment]
     envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
     try:
-        from_bytes = envelope._mutated(orjson.loads(parsed.pod_json), "shop", POLICY)
+        from_bytes = envelope._mutated(orjson.loads(parsed.pod_json), "shop", "", POLICY)
     except InjectionDenied as error:
         from_bytes = str(error)  # type: ignore[assignment]
     assert from_decoded == from_bytes

@@ -19,7 +19,13 @@ import yaml
 
 from webhook.core.compiled import CompiledPolicy, Subject, compile_policy
 from webhook.core.injector import Injection, InjectionDenied
-from webhook.core.policy import Policy, PolicyError, default_policy, load_policy
+from webhook.core.policy import (
+    OWN_NAMESPACE_ENV,
+    Policy,
+    PolicyError,
+    default_policy,
+    load_policy,
+)
 from webhook.core.workloads import inject_workload, pod_template_metadata
 from webhook.limits import printable, printable_lines
 from webhook.serving.certs import ca_bundle, write_certificates
@@ -614,8 +620,15 @@ def _serving(args: argparse.Namespace) -> int:
         compiled_policy=keeping,
         max_connections=args.max_connections,
         decisions=decisions,
+        own_namespace=_own_namespace(),
     )
     return 0
+
+
+def _own_namespace() -> str:
+    """The webhook's namespace, never injected into: $POD_NAMESPACE (the chart sets it from
+    the downward API), read here and handed on to the core, which reads no environment."""
+    return os.environ.get(OWN_NAMESPACE_ENV, "")
 
 
 def _recorded_events(args: argparse.Namespace, metrics: Metrics) -> Any:
@@ -639,7 +652,7 @@ def _compiled_policy(args: argparse.Namespace, configuration: Any, metrics: Metr
             settings,
             policy,
             configuration,
-            own_namespace=os.environ.get("POD_NAMESPACE"),
+            own_namespace=_own_namespace(),
             interval=args.compiled_policy_sync_seconds,
             metrics=metrics,
         ).watching
@@ -767,7 +780,9 @@ class _Report:
         if document.get("kind") == "List" and isinstance(items, list):
             return {**document, "items": [self.inject(item) for item in items]}
         try:
-            injected, injection = inject_workload(document, self.namespace, self.policy)
+            injected, injection = inject_workload(
+                document, self.namespace, self.policy, _own_namespace()
+            )
         except InjectionDenied as error:
             self.failures += 1
             self.lines.append(f"outrigger: {_describe(document)}: {error}")
@@ -791,7 +806,7 @@ class _Report:
     def _api_server_call(self, document: dict[str, Any], namespace: str) -> str:
         """Whether the API server calls the webhook for its pods, by the compiled policy."""
         if self._compiled is None:
-            self._compiled = compile_policy(self.policy, os.environ.get("POD_NAMESPACE"))
+            self._compiled = compile_policy(self.policy, _own_namespace())
         metadata = pod_template_metadata(document)
         subject = Subject(
             namespace, metadata.get("labels") or {}, metadata.get("annotations") or {}
@@ -918,7 +933,9 @@ def _audit(args: argparse.Namespace) -> int:
         print("outrigger: --chunk-size must be at least 1", file=sys.stderr)
         return 2
     policy = load_policy(args.policy) if args.policy else None
-    scope = audit.Scope(args.namespace, args.webhook, args.chunk_size)
+    scope = audit.Scope(
+        args.namespace, args.webhook, args.chunk_size, own_namespace=_own_namespace()
+    )
     try:
         policy, groups = audit.run_audit(
             args.kubeconfig, args.context, scope, policy, args.from_cluster
@@ -954,7 +971,9 @@ def _rollout(args: argparse.Namespace) -> int:
         print("outrigger: --max-workloads must be at least 1", file=sys.stderr)
         return 2
     policy = load_policy(args.policy) if args.policy else None
-    scope = audit.Scope(args.namespace, args.webhook, selector=args.selector)
+    scope = audit.Scope(
+        args.namespace, args.webhook, selector=args.selector, own_namespace=_own_namespace()
+    )
     options = rollout.Options(
         args.apply, args.include_pods, args.max_workloads, args.timeout.total_seconds()
     )

@@ -288,11 +288,12 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
         raise BadReview(f"request.object is not a valid Pod: {_TOO_DEEP} to decode") from None
 
 
-def review(body: bytes, policy: Policy) -> tuple[int, bytes]:
-    """The whole envelope: HTTP status and response body for one request body."""
+def review(body: bytes, policy: Policy, own_namespace: str = "") -> tuple[int, bytes]:
+    """The whole envelope: HTTP status and response body for one request body.
+    `own_namespace`: the webhook's, never injected into ("": none)."""
     request = parse(body)
     if isinstance(request, AdmissionRequest):
-        return respond_with_verdict(request, policy)[0]
+        return respond_with_verdict(request, policy, own_namespace)[0]
     return request
 
 
@@ -314,9 +315,9 @@ def _refusal(message: str) -> bytes:
 
 
 def respond_with_verdict(
-    request: AdmissionRequest, policy: Policy
+    request: AdmissionRequest, policy: Policy, own_namespace: str = ""
 ) -> tuple[tuple[int, bytes], Verdict]:
-    response, verdict = answer(request, policy)
+    response, verdict = answer(request, policy, own_namespace)
     return (200, orjson.dumps(response)), verdict
 
 
@@ -331,13 +332,16 @@ def is_heavy(request: AdmissionRequest, policy: Policy) -> bool:
     )
 
 
-def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], Verdict]:
+def answer(
+    request: AdmissionRequest, policy: Policy, own_namespace: str = ""
+) -> tuple[dict[str, Any], Verdict]:
+    """`own_namespace`: the webhook's, never injected into ("": none)."""
     if request.pod_json is None:
         return allowed(request), Verdict("unchanged", NOT_A_POD_CREATION)
     if _VERIFIED.holds(request, policy):
         return allowed(request), Verdict("unchanged", ALREADY_INJECTED)
     try:
-        result = _mutation(request, request.pod_json, policy)
+        result = _mutation(request, request.pod_json, policy, own_namespace)
     except InjectionDenied as error:
         message = printable(str(error))  # logged by the decision log (webhook.serving.decisions)
         verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
@@ -357,15 +361,17 @@ def answer(request: AdmissionRequest, policy: Policy) -> tuple[dict[str, Any], V
     return allowed(request, result.patch, warnings), verdict
 
 
-def _mutation(request: AdmissionRequest, pod_json: bytes, policy: Policy) -> Mutation:
+def _mutation(
+    request: AdmissionRequest, pod_json: bytes, policy: Policy, own_namespace: str
+) -> Mutation:
     """`mutation` of the pod with its token volume normalised, shared by the pods of one
     workload; of the pod as sent where the policy's templates could mind the name, or where
     the answer names the placeholder (it never should: the token mounts are not ours)."""
     if request.token_volume is None:
-        return mutation(pod_json, request.namespace, policy, request.pod)
+        return mutation(pod_json, request.namespace, policy, request.pod, own_namespace)
     if _normalises(policy):
         try:
-            result = mutation(pod_json, request.namespace, policy)
+            result = mutation(pod_json, request.namespace, policy, own_namespace=own_namespace)
         except InjectionDenied as error:
             if TOKEN_VOLUME_PLACEHOLDER not in str(error):
                 raise
@@ -374,7 +380,7 @@ def _mutation(request: AdmissionRequest, pod_json: bytes, policy: Policy) -> Mut
                 return result
     pod = orjson.loads(pod_json)
     rename_volume(pod, TOKEN_VOLUME_PLACEHOLDER, request.token_volume)
-    return mutation(orjson.dumps(pod), request.namespace, policy)
+    return mutation(orjson.dumps(pod), request.namespace, policy, own_namespace=own_namespace)
 
 
 def _unnamed(pod: wire.Pod) -> wire.Pod:
@@ -432,7 +438,9 @@ def _normalises(policy: Policy) -> bool:
 _VERIFIED = VerifiedForms()
 
 
-def mutation(pod_json: bytes, namespace: str, policy: Policy, decoded: Any = None) -> Mutation:
+def mutation(
+    pod_json: bytes, namespace: str, policy: Policy, decoded: Any = None, own_namespace: str = ""
+) -> Mutation:
     """Inject into the pod and encode the patch; memoised, as pods come in series.
 
     The replicas of a workload are created alike, so a rollout asks the same question once per
@@ -443,17 +451,19 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy, decoded: Any = Non
     `decoded`, the request's own decoding of `pod_json`, when given.
     """
     if decoded is not None and len(pod_json) > MAX_CACHED_BYTES:
-        return _mutated(cast(dict[str, Any], decoded), namespace, policy)
-    return _memoised_mutation(pod_json, namespace, policy)
+        return _mutated(cast(dict[str, Any], decoded), namespace, own_namespace, policy)
+    return _memoised_mutation(pod_json, namespace, own_namespace, policy)
 
 
 @cache_small(1024, lambda pod_json, *_: len(pod_json))
-def _memoised_mutation(pod_json: bytes, namespace: str, policy: Policy) -> Mutation:
-    return _mutated(cast(dict[str, Any], orjson.loads(pod_json)), namespace, policy)
+def _memoised_mutation(
+    pod_json: bytes, namespace: str, own_namespace: str, policy: Policy
+) -> Mutation:
+    return _mutated(cast(dict[str, Any], orjson.loads(pod_json)), namespace, own_namespace, policy)
 
 
-def _mutated(pod: dict[str, Any], namespace: str, policy: Policy) -> Mutation:
-    injection = inject(pod, RequestContext(namespace), policy)
+def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Policy) -> Mutation:
+    injection = inject(pod, RequestContext(namespace, own_namespace), policy)
     if injection.pod is pod:
         named = _names_placeholder(injection.warnings)
         return Mutation(None, injection.warnings, (), injection.reason, named)

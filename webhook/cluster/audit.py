@@ -50,6 +50,7 @@ class Scope:
     webhook: str
     chunk_size: int = CHUNK_SIZE
     selector: str | None = None  # a label selector on the pods (`app=web,tier!=db`)
+    own_namespace: str = ""  # the webhook's, never injected into: its pods are no findings
 
 
 def run_audit(
@@ -116,7 +117,7 @@ def _findings(api: Any, scope: Scope, policy: Policy) -> list[WorkloadFindings]:
         namespace = str(pod["metadata"].get("namespace", scope.namespace or ""))
         if namespace not in selected:
             continue
-        finding = classify(pod, namespace, policy)
+        finding = classify(pod, namespace, policy, scope.own_namespace)
         if finding is not None:
             findings.append(finding)
             pending[(namespace, finding.pod)] = pod

@@ -61,8 +61,11 @@ class WorkloadFindings:
         return f"delete the pods ({self.owner_kind} {self.owner_name} makes new ones): {delete}"
 
 
-def classify(pod: Mapping[str, Any], namespace: str, policy: Policy) -> Finding | None:
-    """The pod's finding, or None when it holds what the policy says (or is not ours)."""
+def classify(
+    pod: Mapping[str, Any], namespace: str, policy: Policy, own_namespace: str = ""
+) -> Finding | None:
+    """The pod's finding, or None when it holds what the policy says (or is not ours);
+    `own_namespace`: the webhook's, never injected into ("": none)."""
     metadata = pod.get("metadata") or {}
     if metadata.get("deletionTimestamp"):
         # Already on its way out (a restart replaced it): no fix applies, and a rollout
@@ -71,7 +74,7 @@ def classify(pod: Mapping[str, Any], namespace: str, policy: Policy) -> Finding 
     name = str(metadata.get("name", ""))
     status = (metadata.get("annotations") or {}).get(ann.STATUS)
     try:
-        injection = inject(dict(pod), RequestContext(namespace), policy)
+        injection = inject(dict(pod), RequestContext(namespace, own_namespace), policy)
     except InjectionDenied as denied:  # it would be refused now: not a missing sidecar
         if status is None:
             return None

@@ -166,7 +166,7 @@ def explain(
     own_namespace = _own_namespace(configuration)
     call = webhook_call(configuration, configuration_name, namespace, pod, policy, own_namespace)
     sidecars = sidecars_of(pod, namespace_name, policy, own_namespace)
-    running, terminating = running_pods(pods, namespace_name, policy)
+    running, terminating = running_pods(pods, namespace_name, policy, own_namespace or "")
     fix = _fix(kind, name, namespace_name, running)
     # What keeps the API server from calling the webhook is a mistake only for pods that
     # want something of it.
@@ -218,14 +218,14 @@ def sidecars_of(
         why = f"namespace {namespace!r} is the webhook's own, which it never injects into"
         return Sidecars((), NAMESPACE_EXCLUDED, (why,))
     try:
-        injection = inject(dict(pod), RequestContext(namespace), policy)
+        injection = inject(dict(pod), RequestContext(namespace, own_namespace or ""), policy)
     except InjectionDenied as denied:
         return Sidecars((), denied.reason, (), denied=str(denied))
     return Sidecars(injection.injected, injection.reason, injection.explanation, injection.warnings)
 
 
 def running_pods(
-    pods: Iterable[Mapping[str, Any]], namespace: str, policy: Policy
+    pods: Iterable[Mapping[str, Any]], namespace: str, policy: Policy, own_namespace: str = ""
 ) -> tuple[tuple[RunningPod, ...], int]:
     """Each running pod classified as `outrigger audit` does; and how many are terminating
     (being replaced: what they hold no longer matters)."""
@@ -235,7 +235,7 @@ def running_pods(
         if metadata.get("deletionTimestamp"):
             terminating += 1
             continue
-        finding = classify(pod, namespace, policy)
+        finding = classify(pod, namespace, policy, own_namespace)
         name = str(metadata.get("name", ""))
         if finding is None:
             running.append(RunningPod(name, None, "as the policy says"))

@@ -45,9 +45,12 @@ REINJECTED = "reinjected"
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """What the admission request says about where the pod is created."""
+    """Where the pod is created: its namespace (from the admission request), and the
+    webhook's own namespace, never injected into ("": none; `$POD_NAMESPACE` where the
+    webhook runs, read by the command line)."""
 
     namespace: str
+    own_namespace: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ def _inject(
         # Keyed on the labels the rules read only: distinct workloads share decisions.
         read = policy.selector_label_keys
         selected = tuple(item for item in labels.items() if item[0] in read)
-        decision = _decide(context.namespace, selected, ours, policy)
+        decision = _decide(context.namespace, context.own_namespace, selected, ours, policy)
         if decision.reason in _LEFT_ALONE:
             return Injection(pod, decision.reason, explanation=decision.explanation)
         sidecars, warnings = _sidecars(policy, ours, decision.sidecars, decision.log_output)
@@ -149,16 +152,17 @@ def _inject(
     return Injection(injected_pod, INJECTED, names, warnings, explanation)
 
 
-@cache_small(1024, lambda _namespace, labels, ours, _policy: _size(labels) + _size(ours))
+@cache_small(1024, lambda _namespace, _own, labels, ours, _policy: _size(labels) + _size(ours))
 def _decide(
     namespace: str,
+    own_namespace: str,
     labels: tuple[tuple[str, str], ...],
     ours: tuple[tuple[str, str], ...],
     policy: Policy,
 ) -> Decision:
     """Cached: a decision depends on nothing else (of the labels, on those the rules'
     selectors read), and pods ask alike."""
-    return decide(namespace, dict(labels), dict(ours), policy)
+    return decide(namespace, dict(labels), dict(ours), policy, own_namespace)
 
 
 @cache_small(1024, lambda _policy, ours, _names, _output=None: _size(ours))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import os
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -38,7 +37,8 @@ ANNOTATION_PREFIX = "outrigger.dev/"
 RESERVED_ANNOTATIONS = frozenset({ANNOTATION_PREFIX + "inject", ANNOTATION_PREFIX + "status"})
 # Never mutated whatever the policy says: a broken injection there can take the cluster down.
 ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public"})
-# The Helm chart sets it (downward API) so that the webhook never injects into its own pods.
+# The Helm chart sets it (downward API) so that the webhook never injects into its own pods;
+# read by the command line, which hands it on (`RequestContext.own_namespace`).
 OWN_NAMESPACE_ENV = "POD_NAMESPACE"
 
 # A classic sidecar's preStop sleep must leave room in the pod's termination grace period.
@@ -632,10 +632,9 @@ class Policy(_Model):
             exclude["sidecars"] = sidecars
         return exclude
 
-    def excluded_namespace(self, namespace: str, own_namespace: str | None = None) -> bool:
-        """`own_namespace`: the webhook's (None: $POD_NAMESPACE; "": none)."""
-        if own_namespace is None:
-            own_namespace = os.environ.get(OWN_NAMESPACE_ENV, "")
+    def excluded_namespace(self, namespace: str, own_namespace: str = "") -> bool:
+        """`own_namespace`: the webhook's ("": none), which the process that serves or
+        runs the webhook's commands knows (`$POD_NAMESPACE` in the chart), not the policy."""
         if namespace in ALWAYS_EXCLUDED or (own_namespace and namespace == own_namespace):
             return True
         return any(fnmatch.fnmatchcase(namespace, p) for p in self.excludedNamespaces)

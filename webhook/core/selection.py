@@ -1,10 +1,10 @@
 """Which sidecars a pod gets, and why: decided before anything is built.
 
 Precedence, from the strongest:
-1. The namespace is excluded (kube-system, kube-public, the webhook's own namespace from
-   $POD_NAMESPACE, the policy's excludedNamespaces) or a matching rule that selects by
-   namespace alone says `exclude: true`: nothing is injected, whatever the pod or other rules
-   say.
+1. The namespace is excluded (kube-system, kube-public, the webhook's own namespace
+   (`$POD_NAMESPACE`, handed on by the command line), the policy's excludedNamespaces) or a
+   matching rule that selects by namespace alone says `exclude: true`: nothing is injected,
+   whatever the pod or other rules say.
 2. Sidecars that a matching rule `require`s are always injected; the pod cannot opt out, and
    an `exclude` rule that selects by pod labels does not exempt it either: the pod's creator
    writes its labels, and nothing a pod's creator writes may skip a required sidecar.
@@ -52,10 +52,15 @@ class Decision:
 
 
 def decide(
-    namespace: str, labels: Mapping[str, str], annotations: Mapping[str, str], policy: Policy
+    namespace: str,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    policy: Policy,
+    own_namespace: str = "",
 ) -> Decision:
-    """Raises `InvalidAnnotations` for an `outrigger.dev/inject` naming unknown sidecars."""
-    if policy.excluded_namespace(namespace):
+    """Raises `InvalidAnnotations` for an `outrigger.dev/inject` naming unknown sidecars.
+    `own_namespace`: the webhook's, never injected into ("": none)."""
+    if policy.excluded_namespace(namespace, own_namespace):
         return Decision((), NAMESPACE_EXCLUDED, (f"namespace {namespace!r} is excluded",))
     matching = policy.matching_rules(namespace, labels)
     by_namespace = [r.name for r in matching if r.exclude and not r.selects_by_labels]

@@ -21,9 +21,10 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 
 
 def inject_workload(
-    document: dict[str, Any], default_namespace: str, policy: Policy
+    document: dict[str, Any], default_namespace: str, policy: Policy, own_namespace: str = ""
 ) -> tuple[dict[str, Any], Injection | None]:
-    """The document with its pod template injected; other kinds come back unchanged (None)."""
+    """The document with its pod template injected; other kinds come back unchanged (None).
+    `own_namespace`: the webhook's, never injected into ("": none)."""
     path = TEMPLATE_PATHS.get(str(document.get("kind")))
     if path is None:
         return document, None
@@ -32,7 +33,7 @@ def inject_workload(
     template = _get(document, path)
     if template is None:
         return document, None  # nothing to inject into; leave the object exactly as it is
-    injection = inject(template, RequestContext(namespace), policy)
+    injection = inject(template, RequestContext(namespace, own_namespace), policy)
     return _replace(document, path, injection.pod), injection
 
 

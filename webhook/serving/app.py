@@ -61,17 +61,19 @@ def create_app(
     metrics: Metrics | None = None,
     background: Background | None = None,
     observer: DecisionObserver | None = None,
+    own_namespace: str = "",
 ) -> AdmissionEndpoint:
     """`policy` returns the policy in force, so a reload takes effect on the next request.
 
     `metrics` (a fresh set by default) is served at `/metrics` and reports `policy()`'s version;
     `background` is entered at startup and left at shutdown (the ASGI lifespan); `observer`
-    is told of each decision after the decision log.
+    is told of each decision after the decision log; `own_namespace`, the webhook's, is never
+    injected into ("": none).
     """
     metrics = Metrics() if metrics is None else metrics
     metrics.follow_policy(policy)
     app = _fastapi_app(policy, metrics, background)
-    return AdmissionEndpoint(app, policy, metrics, observer)
+    return AdmissionEndpoint(app, policy, metrics, observer, own_namespace)
 
 
 def _fastapi_app(
@@ -155,9 +157,11 @@ class AdmissionEndpoint:
         policy: Callable[[], Policy],
         metrics: Metrics | None = None,
         observer: DecisionObserver | None = None,
+        own_namespace: str = "",
     ) -> None:
         self.app = app
         self.policy = policy
+        self.own_namespace = own_namespace
         self.metrics = Metrics() if metrics is None else metrics
         self.observer = observer
         self.budget = BodyBudget()
@@ -229,8 +233,8 @@ class AdmissionEndpoint:
         if not isinstance(request, AdmissionRequest):  # the refusal (400)
             return request, bad_request_verdict(request), None, policy, started
         if is_heavy(request, policy):
-            return partial(_reviewed, request, policy, started)
-        return _reviewed(request, policy, started)
+            return partial(_reviewed, request, policy, self.own_namespace, started)
+        return _reviewed(request, policy, self.own_namespace, started)
 
     def _reviewed_in_full(self, body: bytes) -> Reviewed:
         """`_decided`, heavy or not (in a thread already)."""
@@ -261,8 +265,10 @@ Answer = tuple[int, bytes]  # HTTP status and body
 Reviewed = tuple[Answer, Verdict, AdmissionRequest | None, Policy, float]
 
 
-def _reviewed(request: AdmissionRequest, policy: Policy, started: float) -> Reviewed:
-    answer, verdict = respond_with_verdict(request, policy)
+def _reviewed(
+    request: AdmissionRequest, policy: Policy, own_namespace: str, started: float
+) -> Reviewed:
+    answer, verdict = respond_with_verdict(request, policy, own_namespace)
     return answer, verdict, request, policy, started
 
 

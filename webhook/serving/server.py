@@ -77,6 +77,7 @@ def serve(
     compiled_policy: Callable[[Callable[[], Policy]], Background] | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     decisions: DecisionSink | None = None,
+    own_namespace: str = "",
 ) -> None:
     """Serve until interrupted; generates development certificates if `cert_dir` has none.
 
@@ -91,7 +92,8 @@ def serve(
     same interval as the policy, and a new valid pair is swapped in without a restart
     (`ServingCertificate`). A pair that cannot be served at startup ends the process with a
     message (exit status 1). At most `max_connections` client connections are open at once
-    (`webhook.serving.connections`), fewer if the open-file limit is lower.
+    (`webhook.serving.connections`), fewer if the open-file limit is lower. `own_namespace`,
+    the webhook's, is never injected into ("": none).
     """
     metrics = Metrics() if metrics is None else metrics
     policy_watch: Background | None
@@ -120,7 +122,10 @@ def serve(
     )
     gate = ConnectionGate(_connection_limit(max_connections), metrics)
     observer = decisions.observe if decisions is not None else None
-    endpoint = create_app(policy, metrics=metrics, background=background, observer=observer)
+    endpoint = create_app(
+        policy, metrics=metrics, background=background, observer=observer,
+        own_namespace=own_namespace,
+    )  # fmt: skip
     config = _uvicorn_config(
         endpoint,
         host,
