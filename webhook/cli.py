@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument(
         "--namespace",
-        default=os.environ.get("POD_NAMESPACE"),
+        default=os.environ.get(OWN_NAMESPACE_ENV),
         metavar="NAMESPACE",
         help="the webhook's namespace, never injected (default: $POD_NAMESPACE)",
     )
@@ -401,7 +401,7 @@ def _self_tls_arguments(serve: argparse.ArgumentParser) -> None:
     )
     tls.add_argument(
         "--self-tls-namespace",
-        default=os.environ.get("POD_NAMESPACE"),
+        default=os.environ.get(OWN_NAMESPACE_ENV),
         metavar="NAMESPACE",
         help="namespace of the Secret and of the Service (default: $POD_NAMESPACE)",
     )

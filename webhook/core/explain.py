@@ -218,7 +218,7 @@ def sidecars_of(
         why = f"namespace {namespace!r} is the webhook's own, which it never injects into"
         return Sidecars((), NAMESPACE_EXCLUDED, (why,))
     try:
-        injection = inject(dict(pod), RequestContext(namespace, own_namespace or ""), policy)
+        injection = inject(dict(pod), RequestContext(namespace), policy)  # its own: answered above
     except InjectionDenied as denied:
         return Sidecars((), denied.reason, (), denied=str(denied))
     return Sidecars(injection.injected, injection.reason, injection.explanation, injection.warnings)

@@ -238,8 +238,7 @@ class DirectLines:
         """Write what waits, and from now on a line per injection (at shutdown; a timer
         still set then finds nothing to write)."""
         self.summary_seconds = 0.0
-        groups, self._groups, self._waiting = self._groups, {}, 0
-        self._pending += [self._summary(group, summary.pods) for group, summary in groups.items()]
+        self.write_summaries()
         self.flush()
 
     def _summary(self, group: Group, pods: list[Summarised]) -> bytes:
