@@ -267,6 +267,61 @@ def test_the_classes_envoy_refused_are_denied(path: tuple[str, ...], value: Any)
     assert f"upstreams.a.{'.'.join(path)}" in message
 
 
+@pytest.mark.parametrize(
+    ("annotations", "field", "port", "what"),
+    [
+        pytest.param(
+            {CONFIG: "upstreams: {a: {address: 'api.example.com:443', port: 9901}}"},
+            f"annotation {CONFIG}: upstreams.a.port",
+            9901,
+            "admin interface (envoy.adminPort)",
+            id="upstream-on-admin-port",
+        ),
+        pytest.param(
+            {CONFIG: "upstreams: {a: {address: 'api.example.com:443', port: 9902}}"},
+            f"annotation {CONFIG}: upstreams.a.port",
+            9902,
+            "readiness endpoint (envoy.healthPort)",
+            id="upstream-on-health-port",
+        ),
+        pytest.param(
+            {
+                CONFIG: "upstreams: {a: {address: 'api.example.com:443'}}\n"
+                "routing: {port: 9901, routes: [{pathPrefix: /, upstream: a}]}"
+            },
+            f"annotation {CONFIG}: routing.port",
+            9901,
+            "admin interface (envoy.adminPort)",
+            id="routing-on-admin-port",
+        ),
+        pytest.param(
+            {
+                "outrigger.dev/ambassador-upstream": "api.example.com:443",
+                "outrigger.dev/ambassador-port": "9902",
+            },
+            "annotation outrigger.dev/ambassador-port",
+            9902,
+            "readiness endpoint (envoy.healthPort)",
+            id="single-upstream-on-health-port",
+        ),
+    ],
+)
+def test_a_local_port_envoy_binds_for_itself_is_refused_naming_the_field(
+    annotations: dict[str, str], field: str, port: int, what: str
+) -> None:
+    """Found by the property test above: a listener on the admin or readiness port was
+    denied as a port "bound twice", naming neither the field nor the ports accepted."""
+    pod = pod_for({})
+    pod["metadata"]["annotations"] = {"outrigger.dev/inject": "ambassador", **annotations}
+    with pytest.raises(InjectionDenied) as denied:
+        inject(pod, RequestContext("default"), default_policy())
+    assert denied.value.reason == "invalid-annotation"
+    assert str(denied.value) == (
+        f"{field}: {port} is the ambassador's {what}; "
+        "the app's local ports may be 1024-65535 except 9901, 9902"
+    )
+
+
 # 3. Generated configurations, on the real Envoy ------------------------------------------
 
 

@@ -212,7 +212,7 @@ def test_injecting_twice_equals_injecting_once(policy: Policy) -> None:
         ),
         pytest.param(
             pod({ann.INJECT: "ambassador", **UPSTREAM, AMBASSADOR_PORT: "9901"}),
-            "would bind port 9901 twice",
+            "annotation outrigger.dev/ambassador-port: 9901 is the ambassador's admin interface",
             id="local-port-is-admin-port",
         ),
         pytest.param(

@@ -115,6 +115,15 @@ def _template(**fields: object) -> dict[str, object]:
     return {"name": "a", "container": {"image": "cr.fluentbit.io/fluent/x:1"}, **fields}
 
 
+def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str, object]:
+    """An ambassador template with one upstream parameter and these envoy settings."""
+    return _template(
+        container={"image": "docker.io/envoyproxy/envoy:v1.37.10"},
+        parameters={"u": {"annotation": "outrigger.dev/u", "type": "hostport"}, **parameters},
+        envoy={"upstream": "${u}", **envoy},
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
@@ -193,6 +202,33 @@ def _template(**fields: object) -> dict[str, object]:
             },
             "sidecars[0].envoy.healthPort: a native ambassador needs a readiness endpoint",
             id="native-envoy-without-readiness",
+        ),
+        pytest.param(
+            {"sidecars": [_envoy_template({"listenPort": 9901})]},
+            "envoy.listenPort 9901 is the admin interface (envoy.adminPort)",
+            id="envoy-listen-port-is-admin",
+        ),
+        pytest.param(
+            {"sidecars": [_envoy_template({"listenPort": 80})]},
+            "envoy.listenPort.constrained-int: Input should be greater than or equal to 1024",
+            id="envoy-listen-port-privileged",
+        ),
+        pytest.param(
+            {"sidecars": [_envoy_template({"adminPort": 9902})]},
+            "envoy.adminPort and envoy.healthPort are both 9902",
+            id="envoy-admin-is-health",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _envoy_template(
+                        {"listenPort": "${port}"},
+                        port={"annotation": "outrigger.dev/p", "type": "integer", "minimum": 1},
+                    )
+                ]
+            },
+            "envoy.listenPort: its parameter needs minimum >= 1024 and maximum <= 65535",
+            id="envoy-listen-port-parameter-unbounded",
         ),
         pytest.param(
             {"sidecars": [_template(classicPreStopSleep="${p}", parameters={"p": _P})]},

@@ -46,6 +46,8 @@ DNS_REFRESH_MIN_SECONDS = Decimal("0.001")  # DnsCluster.dns_refresh_rate: gt 1m
 UINT32_MAX = 2**32 - 1  # google.protobuf.UInt32Value: circuit breakers, outlier counts
 SNI_MAX_BYTES = 255  # UpstreamTlsContext.sni: max_bytes
 PORT_MAX = 65535  # SocketAddress.port_value: lte
+# The lowest local port the app may call Envoy on: no privileged ports for a non-root sidecar.
+LOCAL_PORT_MIN = 1024
 MAX_EJECTION_PERCENT = 100  # OutlierDetection.max_ejection_percent: lte
 
 # Bounds on one configuration, so that no annotation makes a review slow or its patch large.
@@ -89,7 +91,7 @@ def _duration(minimum_exclusive: Decimal | None) -> AfterValidator:
 Duration = Annotated[str, _duration(None)]
 PositiveDuration = Annotated[str, _duration(Decimal(0))]
 DnsRefreshDuration = Annotated[str, _duration(DNS_REFRESH_MIN_SECONDS)]
-LocalPort = Annotated[int, Field(ge=1024, le=PORT_MAX)]
+LocalPort = Annotated[int, Field(ge=LOCAL_PORT_MIN, le=PORT_MAX)]
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 RetryOn = Literal[
     "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
@@ -370,8 +372,15 @@ class AmbassadorSpec(_Model):
     @property
     def ports(self) -> list[int]:
         """The local ports Envoy listens on for the app."""
-        ports = [u.port for u in self.upstreams.values() if u.port is not None]
-        return ports + ([self.routing.port] if self.routing else [])
+        return [port for _, port in self.listeners]
+
+    @property
+    def listeners(self) -> list[tuple[str, int]]:
+        """The local ports Envoy listens on for the app, each with the field that sets it."""
+        ports = [
+            (f"upstreams.{n}.port", u.port) for n, u in self.upstreams.items() if u.port is not None
+        ]
+        return ports + ([("routing.port", self.routing.port)] if self.routing else [])
 
     @property
     def secrets(self) -> list[str]:

@@ -447,8 +447,9 @@ def _port_problems(sidecar: RenderedSidecar, ports: Mapping[Any, Any]) -> list[s
     if len(distinct) < len(sidecar.ports):
         twice = sorted(port for port in distinct if sidecar.ports.count(port) > 1)
         return [
-            f"{sidecar.name} would bind port {', '.join(map(str, twice))} twice (for its own "
-            f"listener and its admin interface){_settable(sidecar)}"
+            f"{sidecar.name} would bind port {', '.join(map(str, twice))} twice (its "
+            f"container's ports, admin interface and readiness endpoint must differ)"
+            f"{_settable(sidecar)}"
         ]
     return [
         f"container {ports[port]!r} already uses port {port}, which {sidecar.name} needs "

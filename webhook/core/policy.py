@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from webhook.ambassador.hostport import DNS_NAME
+from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX
 from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs
 from webhook.core.logwatcher import (
     CONFIG_FILE,
@@ -79,9 +80,10 @@ class EnvoySettings(_Model):
 
     # One ${parameter} of type hostport: the one upstream, served on listenPort.
     upstream: str | None = None
-    # The local port the app calls with `upstream`: a number, or one ${parameter} of type
-    # integer.
-    listenPort: str | int = 8081
+    # The local port the app calls with `upstream`: a number from 1024 to 65535, or one
+    # ${parameter} of type integer whose minimum and maximum lie within those; never
+    # adminPort or healthPort (an annotation that sets either is denied, naming it).
+    listenPort: str | Annotated[int, Field(ge=LOCAL_PORT_MIN, le=PORT_MAX)] = 8081
     # One ${parameter} of type ambassador: the full configuration (several upstreams,
     # routing, TLS...), instead of upstream and listenPort.
     config: str | None = None
@@ -101,6 +103,24 @@ class EnvoySettings(_Model):
 
     def secret_allowed(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allowedSecrets)
+
+    @property
+    def reserved_ports(self) -> dict[int, str]:
+        """The ports Envoy binds for itself, which no listener for the app may take."""
+        reserved = {self.adminPort: "admin interface (envoy.adminPort)"}
+        if self.healthPort is not None:
+            reserved[self.healthPort] = "readiness endpoint (envoy.healthPort)"
+        return reserved
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> EnvoySettings:
+        if self.adminPort == self.healthPort:
+            raise ValueError(f"envoy.adminPort and envoy.healthPort are both {self.adminPort}")
+        if isinstance(self.listenPort, int) and self.listenPort in self.reserved_ports:
+            raise ValueError(
+                f"envoy.listenPort {self.listenPort} is the {self.reserved_ports[self.listenPort]}"
+            )
+        return self
 
 
 class SidecarTemplate(_Model):
@@ -240,7 +260,22 @@ class SidecarTemplate(_Model):
                 raise ValueError(f"envoy.{field} must be one ${{parameter}} of type {kind}")
         if self.envoy.upstream is None and self.envoy.config is None:
             raise ValueError("envoy needs an upstream or a config parameter")
+        if isinstance(self.envoy.listenPort, str):
+            self._check_listen_port_parameter(self.envoy.listenPort)
         return self
+
+    def _check_listen_port_parameter(self, listen_port: str) -> None:
+        """The one upstream's local port, set by an annotation: within what Envoy's listener
+        takes (`LOCAL_PORT_MIN`-65535), so that no value the parameter admits fails later."""
+        reference = _REFERENCE.fullmatch(listen_port)
+        assert reference is not None  # checked just before
+        parameter = self.parameters[reference.group(1)]
+        low, high = parameter.minimum, parameter.maximum
+        if low is None or low < LOCAL_PORT_MIN or high is None or high > PORT_MAX:
+            raise ValueError(
+                f"envoy.listenPort: its parameter needs minimum >= {LOCAL_PORT_MIN} and "
+                f"maximum <= {PORT_MAX}"
+            )
 
     @model_validator(mode="after")
     def _log_watcher(self) -> SidecarTemplate:

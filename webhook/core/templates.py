@@ -420,14 +420,19 @@ def _ambassador_spec(
         raise TemplateError(f"set one of {_annotations(template, envoy)}, not both")
     if isinstance(config, AmbassadorSpec):
         spec = config
+        where = [
+            (f"annotation {_config_annotation(template, envoy)}: {f}", p) for f, p in spec.listeners
+        ]
     elif isinstance(upstream, Upstream):
-        port = _substitute(envoy.listenPort, references)
-        spec = single_upstream(upstream, int(port))
+        port = int(_substitute(envoy.listenPort, references))
+        spec = single_upstream(upstream, port)
+        where = [(_listen_port_source(template, envoy), port)]
     else:
         raise TemplateError(
             f"{template.name} needs one of {_annotations(template, envoy)}; expected "
             "host:port, or an ambassador configuration"
         )
+    _check_not_reserved(envoy, where)
     for name in spec.secrets:
         if not envoy.secret_allowed(name):
             raise TemplateError(
@@ -436,6 +441,26 @@ def _ambassador_spec(
                 f"(allowed: {', '.join(envoy.allowedSecrets) or 'none'})"
             )
     return spec
+
+
+def _check_not_reserved(envoy: EnvoySettings, listeners: list[tuple[str, int]]) -> None:
+    """A local port the app would call must not be one Envoy binds for itself: Envoy would
+    refuse its bootstrap (or the pod be denied later, naming no field)."""
+    reserved = envoy.reserved_ports
+    for where, port in listeners:
+        if port in reserved:
+            others = ", ".join(map(str, reserved))
+            raise TemplateError(
+                f"{where}: {port} is the ambassador's {reserved[port]}; the app's local "
+                f"ports may be 1024-65535 except {others}"
+            )
+
+
+def _listen_port_source(template: SidecarTemplate, envoy: EnvoySettings) -> str:
+    """Where the one upstream's local port comes from, as a message names it."""
+    if isinstance(envoy.listenPort, int):
+        return "the policy's envoy.listenPort"
+    return f"annotation {template.parameters[_parameter(envoy.listenPort)].annotation}"
 
 
 def _parameter(reference: str) -> str:
