@@ -13,8 +13,11 @@ It creates the benchmark pod (`bench/request.json`'s) with `dryRun=All` in the t
 ROUNDS times over one keep-alive connection, and reports per series the median and mean time
 of a creation, what each webhook adds to the creation without one, and the ratio of
 Outrigger's addition to the replay's (target <= 1.15). The pods of one series are alike (one
-workload's replicas) or, with `--distinct`, each has its own pod-template-hash label
-(pods of distinct workloads).
+workload's replicas) or, with `--distinct`, each has its own pod-template-hash label and
+kubectl.kubernetes.io/restartedAt annotation (pods of distinct revisions: the webhook
+memoises on what its injector reads, every annotation but only the labels its rules select
+on, so each of these is a pod never seen) or, with `--replicas`, each has its own
+StatefulSet pod-name and pod-index labels (a StatefulSet's replicas).
 """
 
 from __future__ import annotations
@@ -45,13 +48,23 @@ from webhook.core.policy import default_policy  # noqa: E402
 REQUEST_FILE = ROOT / "bench" / "request.json"
 MAX_RATIO = 1.15
 SERIES = ("none", "outrigger", "replay")
+# What `kubectl rollout restart` sets on a workload's pod template (the distinct series).
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=300, help="creations per series")
-    parser.add_argument(
-        "--distinct", action="store_true", help="a new pod-template-hash label per pod"
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument(
+        "--distinct",
+        action="store_true",
+        help="a new revision per pod: its own pod-template-hash label and restartedAt annotation",
+    )
+    kinds.add_argument(
+        "--replicas",
+        action="store_true",
+        help="a StatefulSet's replicas: their own pod-name and pod-index labels",
     )
     args = parser.parse_args(argv)
     try:
@@ -65,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(plane.stop)
         pod = json.loads(REQUEST_FILE.read_text())["request"]["object"]
         namespaces = _namespaces(plane, stack, work, pod)
-        times = _create(plane, pod, namespaces, args.rounds, args.distinct)
+        times = _create(plane, pod, namespaces, args.rounds, _kind(args))
         calls = _reviews(namespaces["outrigger-url"])
     creations = args.rounds + 20
     print(f"Outrigger answered {calls[0] / creations:.2f} reviews per creation, in "
@@ -131,9 +144,13 @@ def _replay(work: Path, certs: Path, pod: dict[str, Any]) -> Iterator[str]:
         process.wait(10)
 
 
+def _kind(args: argparse.Namespace) -> str:
+    return "distinct" if args.distinct else "replicas" if args.replicas else "alike"
+
+
 def _create(
     plane: ControlPlane, pod: dict[str, Any], namespaces: dict[str, str], rounds: int,
-    distinct: bool,
+    kind: str,
 ) -> dict[str, list[float]]:  # fmt: skip
     """Seconds per dry-run creation, per series, the series taking turns."""
     connection = http.client.HTTPSConnection(
@@ -143,10 +160,7 @@ def _create(
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     for index in range(-20, rounds):  # 20 to warm up every connection and cache
         for name in SERIES:
-            body = dict(pod, metadata={**pod["metadata"], "namespace": namespaces[name]})
-            if distinct:
-                labels = {**body["metadata"]["labels"], "pod-template-hash": f"h{index + 20}"}
-                body["metadata"] = {**body["metadata"], "labels": labels}
+            body = dict(pod, metadata=_metadata(pod["metadata"], namespaces[name], kind, index))
             data = json.dumps(body).encode()
             path = f"/api/v1/namespaces/{namespaces[name]}/pods?dryRun=All"
             started = time.perf_counter()
@@ -164,8 +178,25 @@ def _create(
     return times
 
 
+def _metadata(metadata: dict[str, Any], namespace: str, kind: str, index: int) -> dict[str, Any]:
+    """The pod's metadata in `namespace`, as the `index`th pod of its kind of series."""
+    labels, annotations = metadata["labels"], metadata["annotations"]
+    if kind == "distinct":  # a new revision, as `kubectl rollout restart` makes one
+        labels = {**labels, "pod-template-hash": f"h{index + 20}"}
+        annotations = {**annotations, RESTARTED_AT: str(index)}
+    elif kind == "replicas":  # as a StatefulSet's controller labels each of its pods
+        replica = f"web-{index + 20}"
+        labels = {**labels, "statefulset.kubernetes.io/pod-name": replica}
+        labels["apps.kubernetes.io/pod-index"] = str(index + 20)
+    return {**metadata, "namespace": namespace, "labels": labels, "annotations": annotations}
+
+
 def _report(times: dict[str, list[float]], args: argparse.Namespace) -> int:
-    kind = "distinct pods" if args.distinct else "pods of one workload"
+    kind = {
+        "distinct": "distinct pods",
+        "replicas": "a StatefulSet's replicas",
+        "alike": "pods of one workload",
+    }[_kind(args)]
     print(f"{args.rounds} dry-run creations per series, {kind}, interleaved")
     print(f"{'series':<12}{'median ms':>11}{'mean ms':>10}{'added, median':>15}{'mean':>8}")
     base = {f: f(times["none"]) for f in (statistics.median, statistics.fmean)}

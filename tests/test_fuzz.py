@@ -303,7 +303,7 @@ def test_the_one_pass_decode_answers_as_the_two_passes(monkeypatch: pytest.Monke
             continue
         bodies.append(unsafe_case(rng)[1])
     fast = [decoded(body) for body in bodies]
-    taken = sum(review_module._created_in_one_pass(body) is not None for body in bodies)
-    monkeypatch.setattr(review_module, "_created_in_one_pass", lambda _body: None)
+    taken = sum(review_module._created_in_one_pass(body, None) is not None for body in bodies)
+    monkeypatch.setattr(review_module, "_created_in_one_pass", lambda _body, _labels: None)
     assert [decoded(body) for body in bodies] == fast
     assert taken > len(REQUESTS) // 2, taken

@@ -161,8 +161,8 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     )
     if draw(st.integers(0, 9)):  # one pod in ten has no annotations at all
         metadata["annotations"] = draw(annotation_values)
-    if draw(st.booleans()):
-        metadata["labels"] = draw(st.sampled_from([{"tier": "frontend"}, {"app": "web"}]))
+    if draw(st.booleans()):  # some a rule reads, some per replica (left out of the memo key)
+        metadata["labels"] = draw(LABELS)
     spec: dict[str, Any] = {"containers": draw(containers())}
     mounts_data = any(c.get("volumeMounts") for c in spec["containers"])
     if mounts_data or draw(st.booleans()):
@@ -186,6 +186,13 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     return {"metadata": metadata, "spec": spec}
 
 
+LABELS = st.dictionaries(
+    st.sampled_from(
+        ["tier", "app", "app.kubernetes.io/component", "statefulset.kubernetes.io/pod-name"]
+    ),
+    st.sampled_from(["frontend", "web", "operator", "web-0"]),
+    max_size=3,
+)
 TOKEN_SUFFIXES = st.sampled_from(["abcde", "x7k2p", "zz9qq"] * 4 + ["*"])
 
 

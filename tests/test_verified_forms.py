@@ -60,7 +60,8 @@ def app() -> dict[str, Any]:
 
 
 def request(pod: dict[str, Any]) -> Any:
-    parsed = parse(orjson.dumps(admission_review(pod, namespace="shop", uid="u1")))
+    body = orjson.dumps(admission_review(pod, namespace="shop", uid="u1"))
+    parsed = parse(body, POLICY.selector_label_keys)  # as the server parses
     assert isinstance(parsed, envelope.AdmissionRequest), parsed
     return parsed
 
@@ -116,6 +117,32 @@ def test_the_form_is_per_namespace_and_per_policy() -> None:
     assert not envelope._VERIFIED.holds(other, changed)
 
 
+def test_the_replicas_of_a_statefulset_share_a_form() -> None:
+    """Each replica has labels of its own; those no rule reads are left out of the form."""
+    fresh()
+    replicas = [stored(app(), suffix, f"web-{n}") for n, suffix in enumerate(("abcde", "fghij"))]
+    for n, pod in enumerate(replicas):
+        pod["metadata"]["labels"] = {"app": "web", "statefulset.kubernetes.io/pod-name": f"web-{n}"}
+    first, second = replicas
+    assert checked_form(copy.deepcopy(first), frozenset({"app"})) == checked_form(
+        copy.deepcopy(second), frozenset({"app"})
+    )
+    read = frozenset({"statefulset.kubernetes.io/pod-name"})
+    assert checked_form(copy.deepcopy(first), read) != checked_form(copy.deepcopy(second), read)
+    assert answer(first) == ("", "already-injected")
+    assert not is_heavy(request(second), POLICY)  # a replica of its form was checked
+    assert answer(second) == ("", "already-injected")
+
+
+def test_labels_that_are_not_all_strings_stay_whole_in_the_form() -> None:
+    """`inject` denies such a pod: no form without them may stand for it."""
+    pods = [stored(app(), "abcde", "web-1") for _ in range(2)]
+    pods[0]["metadata"]["labels"] = {"app": "web", "replica": 1}
+    pods[1]["metadata"]["labels"] = {"app": "web", "replica": 2}
+    read = frozenset({"app"})
+    assert checked_form(pods[0], read) != checked_form(pods[1], read)
+
+
 def test_the_form_leaves_the_pod_as_it_came() -> None:
     """The envelope hands the decoded pod on to `mutation`: its token volume is renamed for
     the form only."""
@@ -136,13 +163,17 @@ def test_two_token_volumes_have_no_form() -> None:
 def test_a_remembered_answer_is_the_full_check_s_answer(
     pod: dict[str, Any], suffixes: list[str]
 ) -> None:
-    """Generated pods, stored twice with different names and token volumes: the second pod's
-    answer, with the first one's check remembered, is what a full check of it answers."""
+    """Generated pods, stored twice with different names, token volumes and a replica's own
+    label: the second pod's answer, with the first one's check remembered, is what a full
+    check of it answers."""
     try:
         first, second = (stored(pod, suffix, f"p-{suffix}") for suffix in suffixes[:2])
     except InjectionDenied:
         event("denied")
         return
+    for replica, suffix in ((first, suffixes[0]), (second, suffixes[1])):
+        labels = replica["metadata"].get("labels") or {}
+        replica["metadata"]["labels"] = {**labels, "apps.kubernetes.io/pod-index": suffix}
     fresh()
     full = answer(second)
     event(full[1])

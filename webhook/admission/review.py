@@ -121,11 +121,15 @@ def bad_request_verdict(refusal: tuple[int, bytes]) -> Verdict:
     return Verdict("bad_request", "malformed", message=printable(text))
 
 
-def decode_review(body: bytes) -> AdmissionRequest:
+def decode_review(body: bytes, read_labels: frozenset[str] | None = None) -> AdmissionRequest:
     """The request, or `BadReview`. The common cases, the creation of a pod and its coming
     back injected, are read in one pass; anything else (another request, a body the typed
-    decoder refuses) by the two passes below, which set every answer."""
-    created = _created_in_one_pass(body)
+    decoder refuses) by the two passes below, which set every answer.
+
+    `read_labels`: the labels the policy's rules read (`Policy.selector_label_keys`), the
+    only ones kept in the `pod_json` of a pod to inject, so that pods which differ in other
+    labels only (a StatefulSet's, an indexed Job's) share an answer; None keeps them all."""
+    created = _created_in_one_pass(body, read_labels)
     if created is not None:
         return created
     try:
@@ -156,13 +160,15 @@ def decode_review(body: bytes) -> AdmissionRequest:
             whole = orjson.loads(pod_json)
         except orjson.JSONDecodeError as error:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
-        return _injected(uid, request, metadata, pod_json, whole)
+        return _injected(uid, request, metadata, pod_json, whole, read_labels)
     if pod is not None:
-        return _admission_request(uid, request, metadata, *_pod_to_inject(pod))
+        return _admission_request(uid, request, metadata, *_pod_to_inject(pod, read_labels))
     return _admission_request(uid, request, metadata, pod_json)
 
 
-def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
+def _created_in_one_pass(
+    body: bytes, read_labels: frozenset[str] | None
+) -> AdmissionRequest | None:
     """The creation of a pod, decoded in one pass; None for anything else."""
     try:
         review = wire.decode_review_with_pod(body)
@@ -182,12 +188,15 @@ def _created_in_one_pass(body: bytes) -> AdmissionRequest | None:
     if pod is None:
         return None
     if STATUS in (metadata.get("annotations") or {}):
-        return _injected_in_one_pass(body, request, metadata)
-    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod))
+        return _injected_in_one_pass(body, request, metadata, read_labels)
+    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod, read_labels))
 
 
 def _injected_in_one_pass(
-    body: bytes, request: wire.RequestWithPod, metadata: wire.ObjectMeta
+    body: bytes,
+    request: wire.RequestWithPod,
+    metadata: wire.ObjectMeta,
+    read_labels: frozenset[str] | None,
 ) -> AdmissionRequest | None:
     """An injected pod coming back (every reinvocation): the request and the metadata from
     the one pass, the whole object read from the body by orjson (the two passes would
@@ -197,7 +206,7 @@ def _injected_in_one_pass(
         pod_json = orjson.dumps(whole)
     except (orjson.JSONDecodeError, orjson.JSONEncodeError, KeyError, TypeError):
         return None
-    return _injected(request["uid"], request, metadata, pod_json, whole)
+    return _injected(request["uid"], request, metadata, pod_json, whole, read_labels)
 
 
 def _injected(
@@ -206,20 +215,22 @@ def _injected(
     metadata: wire.ObjectMeta,
     pod_json: bytes,
     whole: Any,
+    read_labels: frozenset[str] | None,
 ) -> AdmissionRequest:
     """A pod with a status: what `mutation` reads is the whole of it, fields the partial
     decoder skips included, and its checked form is what `VerifiedForms` remembers."""
-    form = checked_form(whole)
+    form = checked_form(whole, read_labels)
     checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
     return _admission_request(uid, request, metadata, pod_json, checked=checked, pod=whole)
 
 
-def _pod_to_inject(pod: wire.Pod) -> tuple[bytes, str | None]:
+def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[bytes, str | None]:
     """The pod as `mutation` takes it, and its token volume's name: without what the
     injector never reads but the API server makes different in every pod (its name, and
-    its token volume's name, normalised), so that the pods of one workload share an answer.
-    The name and owner stay in the request for the decision log and the Events."""
-    unnamed = _unnamed(pod)
+    its token volume's name, normalised) or a controller sets per replica (labels the rules
+    do not read), so that the pods of one workload share an answer. The name and owner stay
+    in the request for the decision log and the Events."""
+    unnamed = _unnamed(pod, read_labels)
     token = token_volume(unnamed)
     if token is not None:
         rename_volume(cast(dict[str, Any], unnamed), token, TOKEN_VOLUME_PLACEHOLDER)
@@ -291,19 +302,22 @@ def _created_pod(request: wire.Request) -> wire.Pod | None:
 def review(body: bytes, policy: Policy, own_namespace: str = "") -> tuple[int, bytes]:
     """The whole envelope: HTTP status and response body for one request body.
     `own_namespace`: the webhook's, never injected into ("": none)."""
-    request = parse(body)
+    request = parse(body, policy.selector_label_keys)
     if isinstance(request, AdmissionRequest):
         return respond_with_verdict(request, policy, own_namespace)[0]
     return request
 
 
-def parse(body: bytes) -> AdmissionRequest | tuple[int, bytes]:
-    """The request, or the HTTP status and body that refuse it (400).
+def parse(
+    body: bytes, read_labels: frozenset[str] | None = None
+) -> AdmissionRequest | tuple[int, bytes]:
+    """The request, or the HTTP status and body that refuse it (400); `read_labels` as for
+    `decode_review`.
 
     Nothing is logged here: a refused body is the caller's one WARNING line (the decision
     log), without a traceback, since any client can send one at will."""
     try:
-        return decode_review(body)
+        return decode_review(body, read_labels)
     except BadReview as error:
         return 400, _refusal(str(error))
     except Exception as error:  # whatever a decoder raises on a hostile body: still a 400
@@ -383,11 +397,16 @@ def _mutation(
     return mutation(orjson.dumps(pod), request.namespace, policy, own_namespace=own_namespace)
 
 
-def _unnamed(pod: wire.Pod) -> wire.Pod:
+def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
     metadata = pod.get("metadata")
     if not isinstance(metadata, dict):
         return pod
     kept = {key: value for key, value in metadata.items() if key in _READ_METADATA}
+    labels = metadata.get("labels")
+    if labels and read_labels is not None:
+        # The decoder took only string values, so no label the injector would refuse is
+        # dropped; the patch never touches labels, so it is the same with or without them.
+        kept["labels"] = {key: value for key, value in labels.items() if key in read_labels}
     return cast(wire.Pod, {**pod, "metadata": kept})
 
 

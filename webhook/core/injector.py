@@ -565,16 +565,18 @@ def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:
     return renamed
 
 
-def checked_form(pod: Any) -> bytes | None:
+def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes | None:
     """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
-    labels, annotations and spec, its token volume renamed to the placeholder; None where
-    that cannot be said plainly (not objects, several token volumes, nested past what orjson
-    writes). The pod is renamed in place for the encoding (`rename_volume`), then back: the
-    envelope hands it on to `mutation` as it came.
+    labels (only those in `read_labels`, the policy's `selector_label_keys`, when given and
+    every value is a string), annotations and spec, its token volume renamed to the
+    placeholder; None where that cannot be said plainly (not objects, several token volumes,
+    nested past what orjson writes). The pod is renamed in place for the encoding
+    (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
 
     `inject` reads nothing else of a pod: name, uid, owners, managed fields and status only
-    pass through. So the check of an injected pod, which the API server asks for again after
-    its own plugins ran, is made once per form, not once per pod."""
+    pass through, and other labels only for their type. So the check of an injected pod,
+    which the API server asks for again after its own plugins ran, is made once per form,
+    not once per pod, nor once per replica of a StatefulSet."""
     metadata, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (0, 0)
     if not isinstance(metadata, dict) or not isinstance(spec, dict):
         return None
@@ -582,7 +584,8 @@ def checked_form(pod: Any) -> bytes | None:
     if name is None and _token_volumes(pod):  # several, or one named as the placeholder
         return None
     renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
-    form = {"labels": metadata.get("labels"), "annotations": metadata.get("annotations")}
+    form = {"labels": _read(metadata.get("labels"), read_labels)}
+    form["annotations"] = metadata.get("annotations")
     try:
         return orjson.dumps({**form, "spec": spec})
     except orjson.JSONEncodeError:
@@ -590,6 +593,16 @@ def checked_form(pod: Any) -> bytes | None:
     finally:
         for item in renamed:
             item["name"] = name
+
+
+def _read(labels: Any, read_labels: frozenset[str] | None) -> Any:
+    """The labels `inject` reads for more than their type (strings: a pod with any other is
+    denied, so such labels are kept whole)."""
+    if read_labels is None or not isinstance(labels, dict):
+        return labels
+    if not all(isinstance(value, str) for value in labels.values()):
+        return labels
+    return {key: value for key, value in labels.items() if key in read_labels}
 
 
 def normalises_token_volumes(policy: Policy) -> bool:

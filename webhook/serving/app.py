@@ -229,7 +229,7 @@ class AdmissionEndpoint:
         """What was decided about `body`, or the work that decides it (a heavy pod)."""
         started = time.perf_counter()
         policy = self.policy()
-        request = parse(body)
+        request = parse(body, policy.selector_label_keys)
         if not isinstance(request, AdmissionRequest):  # the refusal (400)
             return request, bad_request_verdict(request), None, policy, started
         if is_heavy(request, policy):

@@ -1,0 +1,96 @@
+"""Pods that differ only in what the injector never reads share one memoised answer.
+
+The API server makes every pod's name and token volume different, and a StatefulSet's or an
+indexed Job's controller gives each replica labels of its own (`statefulset.kubernetes.io/
+pod-name`, `apps.kubernetes.io/pod-index`, `batch.kubernetes.io/job-completion-index`).
+None of these changes what is injected unless a rule selects on it; `tests/test_properties.py`
+checks, for generated pods, that the answer is the one the whole pod gives.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import FIXTURES, admission_review
+from webhook.admission import review as envelope
+from webhook.core.policy import Policy, default_policy, load_policy
+
+PLATFORM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
+
+
+def replica(index: int, **labels: str) -> dict[str, Any]:
+    """The `index`th pod of StatefulSet web, as its controller and the API server make it."""
+    token = f"kube-api-access-{index:05d}"
+    mount = {"name": token, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    return {
+        "metadata": {
+            "name": f"web-{index}",
+            "labels": {
+                "app": "web",
+                "statefulset.kubernetes.io/pod-name": f"web-{index}",
+                "apps.kubernetes.io/pod-index": str(index),
+                **labels,
+            },
+            "annotations": {"outrigger.dev/inject": "log-watcher"},
+        },
+        "spec": {
+            "containers": [
+                {"name": "app", "image": "registry.example.com/app:1", "volumeMounts": [mount]}
+            ],
+            "volumes": [{"name": token, "projected": {"sources": []}}],
+        },
+    }
+
+
+def answered(
+    pod: dict[str, Any], policy: Policy, namespace: str = "shop"
+) -> tuple[dict[str, Any], list[Any]]:
+    body = orjson.dumps(admission_review(pod, namespace=namespace))
+    status, answer = envelope.review(body, policy)
+    assert status == 200
+    response: dict[str, Any] = orjson.loads(answer)["response"]
+    patch = orjson.loads(base64.b64decode(response["patch"])) if "patch" in response else []
+    return response, patch
+
+
+def misses() -> int:
+    return int(envelope._memoised_mutation.cache_info().misses)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("policy", [default_policy(), PLATFORM], ids=["default", "platform"])
+def test_the_replicas_of_a_statefulset_share_one_answer(policy: Policy) -> None:
+    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    first, patch = answered(replica(0), policy)
+    assert first["allowed"] and patch, first
+    before = misses()
+    for index in range(1, 6):
+        _, again = answered(replica(index), policy)
+        # The token volume's own name is in the patch (the log-watcher's mounts sit beside
+        # it): only that differs.
+        assert again == orjson.loads(
+            orjson.dumps(patch).replace(
+                b"kube-api-access-00000", f"kube-api-access-{index:05d}".encode()
+            )
+        )
+    assert misses() == before
+
+
+def test_a_label_a_rule_selects_on_still_makes_its_own_answer() -> None:
+    """The platform policy's `frontend` rule requires the log-watcher for `tier: frontend`
+    pods of prod-* namespaces, and its `operator` rule excludes
+    `app.kubernetes.io/component: operator` ones."""
+    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    plain = replica(0)
+    del plain["metadata"]["annotations"]
+    assert "patch" not in answered(plain, PLATFORM, "prod-eu")[0]
+    frontend = replica(1, tier="frontend")
+    del frontend["metadata"]["annotations"]
+    _, patch = answered(frontend, PLATFORM, "prod-eu")
+    assert any(op["path"] == "/spec/initContainers" for op in patch), patch
+    operator = replica(2, **{"app.kubernetes.io/component": "operator"})
+    assert "patch" not in answered(operator, PLATFORM)[0]
+    assert "patch" in answered(replica(3), PLATFORM)[0]
