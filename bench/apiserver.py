@@ -13,11 +13,13 @@ It creates the benchmark pod (`bench/request.json`'s) with `dryRun=All` in the t
 ROUNDS times over one keep-alive connection, and reports per series the median and mean time
 of a creation, what each webhook adds to the creation without one, and the ratio of
 Outrigger's addition to the replay's (target <= 1.15). The pods of one series are alike (one
-workload's replicas) or, with `--distinct`, each has its own pod-template-hash label and
-kubectl.kubernetes.io/restartedAt annotation (pods of distinct revisions: the webhook
-memoises on what its injector reads, every annotation but only the labels its rules select
-on, so each of these is a pod never seen) or, with `--replicas`, each has its own
-StatefulSet pod-name and pod-index labels (a StatefulSet's replicas).
+workload's replicas) or each differs from the others:
+
+- `--distinct`: its app container has a name of its own (pods of distinct workloads, each of
+  a shape the webhook has never seen: it memoises on what its injector reads);
+- `--replicas`: its own StatefulSet pod-name and pod-index labels (a StatefulSet's replicas);
+- `--revisions`: its own pod-template-hash label and kubectl.kubernetes.io/restartedAt
+  annotation (the revisions `kubectl rollout restart` makes).
 """
 
 from __future__ import annotations
@@ -48,24 +50,22 @@ from webhook.core.policy import default_policy  # noqa: E402
 REQUEST_FILE = ROOT / "bench" / "request.json"
 MAX_RATIO = 1.15
 SERIES = ("none", "outrigger", "replay")
-# What `kubectl rollout restart` sets on a workload's pod template (the distinct series).
+# What `kubectl rollout restart` sets on a workload's pod template (the revisions series).
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+# The series other than pods alike: what the report calls them, and how each pod differs.
+KINDS = {
+    "distinct": ("distinct pods", "a workload of its own per pod: its own app container name"),
+    "replicas": ("a StatefulSet's replicas", "their own pod-name and pod-index labels"),
+    "revisions": ("revisions of one workload", "their own pod-template-hash and restartedAt"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=300, help="creations per series")
     kinds = parser.add_mutually_exclusive_group()
-    kinds.add_argument(
-        "--distinct",
-        action="store_true",
-        help="a new revision per pod: its own pod-template-hash label and restartedAt annotation",
-    )
-    kinds.add_argument(
-        "--replicas",
-        action="store_true",
-        help="a StatefulSet's replicas: their own pod-name and pod-index labels",
-    )
+    for kind, (described, meaning) in KINDS.items():
+        kinds.add_argument(f"--{kind}", action="store_true", help=f"{described}: {meaning}")
     args = parser.parse_args(argv)
     try:
         assets = find_assets()
@@ -145,7 +145,7 @@ def _replay(work: Path, certs: Path, pod: dict[str, Any]) -> Iterator[str]:
 
 
 def _kind(args: argparse.Namespace) -> str:
-    return "distinct" if args.distinct else "replicas" if args.replicas else "alike"
+    return next((kind for kind in KINDS if getattr(args, kind)), "alike")
 
 
 def _create(
@@ -160,7 +160,7 @@ def _create(
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     for index in range(-20, rounds):  # 20 to warm up every connection and cache
         for name in SERIES:
-            body = dict(pod, metadata=_metadata(pod["metadata"], namespaces[name], kind, index))
+            body = _pod(pod, namespaces[name], kind, index)
             data = json.dumps(body).encode()
             path = f"/api/v1/namespaces/{namespaces[name]}/pods?dryRun=All"
             started = time.perf_counter()
@@ -178,25 +178,27 @@ def _create(
     return times
 
 
-def _metadata(metadata: dict[str, Any], namespace: str, kind: str, index: int) -> dict[str, Any]:
-    """The pod's metadata in `namespace`, as the `index`th pod of its kind of series."""
+def _pod(pod: dict[str, Any], namespace: str, kind: str, index: int) -> dict[str, Any]:
+    """The benchmark pod in `namespace`, as the `index`th pod of its kind of series."""
+    metadata = {**pod["metadata"], "namespace": namespace}
     labels, annotations = metadata["labels"], metadata["annotations"]
-    if kind == "distinct":  # a new revision, as `kubectl rollout restart` makes one
-        labels = {**labels, "pod-template-hash": f"h{index + 20}"}
-        annotations = {**annotations, RESTARTED_AT: str(index)}
+    spec = pod["spec"]
+    if kind == "distinct":  # the app container of a workload of its own
+        app = {**spec["containers"][0], "name": f"app-{index + 20}"}
+        spec = {**spec, "containers": [app, *spec["containers"][1:]]}
     elif kind == "replicas":  # as a StatefulSet's controller labels each of its pods
         replica = f"web-{index + 20}"
         labels = {**labels, "statefulset.kubernetes.io/pod-name": replica}
         labels["apps.kubernetes.io/pod-index"] = str(index + 20)
-    return {**metadata, "namespace": namespace, "labels": labels, "annotations": annotations}
+    elif kind == "revisions":  # a new revision, as `kubectl rollout restart` makes one
+        labels = {**labels, "pod-template-hash": f"h{index + 20}"}
+        annotations = {**annotations, RESTARTED_AT: str(index)}
+    metadata.update(labels=labels, annotations=annotations)
+    return {**pod, "metadata": metadata, "spec": spec}
 
 
 def _report(times: dict[str, list[float]], args: argparse.Namespace) -> int:
-    kind = {
-        "distinct": "distinct pods",
-        "replicas": "a StatefulSet's replicas",
-        "alike": "pods of one workload",
-    }[_kind(args)]
+    kind = KINDS[_kind(args)][0] if _kind(args) in KINDS else "pods of one workload"
     print(f"{args.rounds} dry-run creations per series, {kind}, interleaved")
     print(f"{'series':<12}{'median ms':>11}{'mean ms':>10}{'added, median':>15}{'mean':>8}")
     base = {f: f(times["none"]) for f in (statistics.median, statistics.fmean)}

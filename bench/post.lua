@@ -1,12 +1,12 @@
 -- wrk script: POST one AdmissionReview body on every request (keep-alive is wrk's default).
 -- bench/run.py writes the compact body to a file and names it in BENCH_BODY, so the body is read
 -- once here, at load time, and never per request.
--- With BENCH_DISTINCT=1 every request carries a different pod, as a new revision of a workload
--- makes it (`kubectl rollout restart`): a counter in a kubectl.kubernetes.io/restartedAt
--- annotation and in front of its pod-template-hash label. The webhook memoises on what the
--- injector reads, which leaves out a pod's name and the labels no rule selects on but keeps
--- every annotation, so its memo of recent pods never answers: the cost of a pod never seen
--- before. Without it, every pod is alike, as the replicas of one workload are.
+-- With BENCH_DISTINCT=1 every request carries a pod of a shape never seen: its app container is
+-- named with a counter (`app-<n>`), as the pods of distinct workloads differ in what the
+-- injector reads. The webhook memoises on that alone (its name, the labels no rule selects on
+-- and the annotations not Outrigger's are left out, so a workload's replicas and revisions
+-- share an answer), so its memo never answers: the cost of a pod never seen before. Without
+-- it, every pod is alike, as the replicas of one workload are.
 local path = os.getenv("BENCH_BODY")
 if path == nil then
   error("BENCH_BODY must name the request body file")
@@ -24,13 +24,10 @@ local function split(body, marker)
 end
 
 if os.getenv("BENCH_DISTINCT") == "1" then
-  -- The labels come before the annotations in the benchmark pod.
-  local head, rest = split(wrk.body, '"pod-template-hash":"')
-  local middle, tail = split(rest, '"annotations":{')
+  local head, tail = split(wrk.body, '"containers":[{"name":"app')
   local counter = math.random(1, 1000000000)
   request = function()
     counter = counter + 1
-    local restarted = '"kubectl.kubernetes.io/restartedAt":"' .. counter .. '",'
-    return wrk.format(nil, nil, nil, head .. counter .. "-" .. middle .. restarted .. tail)
+    return wrk.format(nil, nil, nil, head .. "-" .. counter .. tail)
   end
 end

@@ -102,6 +102,9 @@ annotation_values = st.fixed_dictionaries(
         "outrigger.dev/ambassador-memory-request": st.sampled_from(["100M", "512Mi", "4Gi"]),
         "outrigger.dev/unknown": st.just("x"),
         "example.com/a~b/c": st.just("kept"),
+        # Not Outrigger's (left out of the memo key), and one a template writes (kept).
+        "kubectl.kubernetes.io/restartedAt": st.just("2026-12-07T10:00:00Z"),
+        "log-watcher.outrigger.dev/fluent-bit.yaml": st.just("stale"),
     },
 )
 
@@ -239,6 +242,7 @@ def test_injection_is_valid_and_idempotent(
     # The webhook decodes only what the injector reads (webhook.admission.wire): its patch must be
     # exactly the patch made from the whole pod.
     assert operations == diff(pod, inject(pod, RequestContext(namespace), policy).pod)
+    assert_writes_only_outrigger_annotations(operations)
     injected = jsonpatch.apply_patch(pod, operations)
     validate_strict(as_pod(injected))
     status = orjson.loads(injected["metadata"]["annotations"][ann.STATUS])
@@ -254,6 +258,17 @@ def test_injection_is_valid_and_idempotent(
     if IS_ROOT and ambassadors(injected) and ENVOY_SAMPLE["left"] > 0:
         ENVOY_SAMPLE["left"] -= 1  # a bounded sample: each costs an Envoy start
         validate_pod(injected)
+
+
+def assert_writes_only_outrigger_annotations(operations: list[dict[str, Any]]) -> None:
+    """What the memo key rests on (`read_annotations`): the injection writes no annotation
+    whose key lacks `outrigger.dev/`, so the others never change the patch."""
+    for operation in operations:
+        path = operation["path"]
+        if path == "/metadata/annotations":
+            assert all(ann.PREFIX in key for key in operation["value"]), operation
+        elif path.startswith("/metadata/annotations/"):
+            assert ann.PREFIX.replace("/", "~1") in path, operation
 
 
 def assert_raised_by_the_sidecars(

@@ -1,10 +1,12 @@
 """Pods that differ only in what the injector never reads share one memoised answer.
 
-The API server makes every pod's name and token volume different, and a StatefulSet's or an
+The API server makes every pod's name and token volume different, a StatefulSet's or an
 indexed Job's controller gives each replica labels of its own (`statefulset.kubernetes.io/
-pod-name`, `apps.kubernetes.io/pod-index`, `batch.kubernetes.io/job-completion-index`).
-None of these changes what is injected unless a rule selects on it; `tests/test_properties.py`
-checks, for generated pods, that the answer is the one the whole pod gives.
+pod-name`, `apps.kubernetes.io/pod-index`, `batch.kubernetes.io/job-completion-index`), and
+each revision of a workload has annotations of its own (`kubectl.kubernetes.io/restartedAt`,
+a Helm chart's `checksum/config`). None of these changes what is injected (a label does
+where a rule selects on it); `tests/test_properties.py` checks, for generated pods, that the
+answer is the one the whole pod gives.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tests.conftest import FIXTURES, admission_review
 from webhook.admission import review as envelope
 from webhook.core.policy import Policy, default_policy, load_policy
 
+DEFAULT = default_policy()
 PLATFORM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
 
 
@@ -61,7 +64,7 @@ def misses() -> int:
     return int(envelope._memoised_mutation.cache_info().misses)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("policy", [default_policy(), PLATFORM], ids=["default", "platform"])
+@pytest.mark.parametrize("policy", [DEFAULT, PLATFORM], ids=["default", "platform"])
 def test_the_replicas_of_a_statefulset_share_one_answer(policy: Policy) -> None:
     envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
     first, patch = answered(replica(0), policy)
@@ -94,3 +97,36 @@ def test_a_label_a_rule_selects_on_still_makes_its_own_answer() -> None:
     operator = replica(2, **{"app.kubernetes.io/component": "operator"})
     assert "patch" not in answered(operator, PLATFORM)[0]
     assert "patch" in answered(replica(3), PLATFORM)[0]
+
+
+def test_the_revisions_of_a_workload_share_one_answer() -> None:
+    """`kubectl rollout restart` and a Helm chart's config checksum annotate each revision."""
+    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    first = replica(0)
+    first["metadata"]["annotations"]["checksum/config"] = "0" * 64
+    _, patch = answered(first, DEFAULT)
+    before = misses()
+    for revision in range(1, 4):
+        pod = replica(0)
+        pod["metadata"]["annotations"].update(
+            {"kubectl.kubernetes.io/restartedAt": f"2026-12-07T10:0{revision}:00Z"}
+        )
+        pod["metadata"]["annotations"]["checksum/config"] = str(revision) * 64
+        assert answered(pod, DEFAULT)[1] == patch
+    assert misses() == before
+
+
+def test_an_annotation_a_template_writes_still_makes_its_own_answer() -> None:
+    """A pod that already holds the log-watcher's configuration annotation gets it replaced,
+    not added: that annotation stays in what the answer is memoised on."""
+    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    policy = DEFAULT
+    path = "/metadata/annotations/" + policy.templates["log-watcher"].config_annotation.replace(
+        "/", "~1"
+    )
+    _, patch = answered(replica(0), policy)
+    assert [op["op"] for op in patch if op["path"] == path] == ["add"]
+    holding = replica(0)
+    holding["metadata"]["annotations"][policy.templates["log-watcher"].config_annotation] = "x"
+    _, replaced = answered(holding, policy)
+    assert [op["op"] for op in replaced if op["path"] == path] == ["replace"]

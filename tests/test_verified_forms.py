@@ -134,6 +134,22 @@ def test_the_replicas_of_a_statefulset_share_a_form() -> None:
     assert answer(second) == ("", "already-injected")
 
 
+def test_the_revisions_of_a_workload_share_a_form() -> None:
+    """Annotations not Outrigger's (`kubectl rollout restart`'s) are left out of the form;
+    Outrigger's own are in it."""
+    fresh()
+    first, second = stored(app(), "abcde", "web-1"), stored(app(), "fghij", "web-2")
+    restarted = "kubectl.kubernetes.io/restartedAt"
+    first["metadata"]["annotations"][restarted] = "2026-12-07T10:00:00Z"
+    second["metadata"]["annotations"][restarted] = "2026-12-07T11:00:00Z"
+    assert checked_form(copy.deepcopy(first)) == checked_form(copy.deepcopy(second))
+    assert answer(first) == ("", "already-injected")
+    assert not is_heavy(request(second), POLICY)
+    assert answer(second) == ("", "already-injected")
+    second["metadata"]["annotations"]["outrigger.dev/log-path"] = "/logs"
+    assert checked_form(copy.deepcopy(first)) != checked_form(copy.deepcopy(second))
+
+
 def test_labels_that_are_not_all_strings_stay_whole_in_the_form() -> None:
     """`inject` denies such a pod: no form without them may stand for it."""
     pods = [stored(app(), "abcde", "web-1") for _ in range(2)]

@@ -29,6 +29,7 @@ from webhook.core.injector import (
     checked_form,
     inject,
     normalises_token_volumes,
+    read_annotations,
     rename_volume,
     token_volume,
 )
@@ -227,8 +228,9 @@ def _injected(
 def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[bytes, str | None]:
     """The pod as `mutation` takes it, and its token volume's name: without what the
     injector never reads but the API server makes different in every pod (its name, and
-    its token volume's name, normalised) or a controller sets per replica (labels the rules
-    do not read), so that the pods of one workload share an answer. The name and owner stay
+    its token volume's name, normalised), a controller sets per replica (labels the rules
+    do not read) or a new revision changes (annotations not Outrigger's), so that the pods
+    of one workload, and of its revisions of one shape, share an answer. The name and owner stay
     in the request for the decision log and the Events."""
     unnamed = _unnamed(pod, read_labels)
     token = token_volume(unnamed)
@@ -402,11 +404,13 @@ def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
     if not isinstance(metadata, dict):
         return pod
     kept = {key: value for key, value in metadata.items() if key in _READ_METADATA}
-    labels = metadata.get("labels")
+    labels, annotations = metadata.get("labels"), metadata.get("annotations")
     if labels and read_labels is not None:
         # The decoder took only string values, so no label the injector would refuse is
         # dropped; the patch never touches labels, so it is the same with or without them.
         kept["labels"] = {key: value for key, value in labels.items() if key in read_labels}
+    if annotations:
+        kept["annotations"] = read_annotations(annotations)
     return cast(wire.Pod, {**pod, "metadata": kept})
 
 

@@ -568,15 +568,16 @@ def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:
 def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes | None:
     """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
     labels (only those in `read_labels`, the policy's `selector_label_keys`, when given and
-    every value is a string), annotations and spec, its token volume renamed to the
+    every value is a string), annotations (`read_annotations`) and spec, its token volume
+    renamed to the
     placeholder; None where that cannot be said plainly (not objects, several token volumes,
     nested past what orjson writes). The pod is renamed in place for the encoding
     (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
 
-    `inject` reads nothing else of a pod: name, uid, owners, managed fields and status only
-    pass through, and other labels only for their type. So the check of an injected pod,
-    which the API server asks for again after its own plugins ran, is made once per form,
-    not once per pod, nor once per replica of a StatefulSet."""
+    `inject` reads nothing else of a pod: name, uid, owners, managed fields, status and
+    other annotations only pass through, and other labels only for their type. So the
+    check of an injected pod, which the API server asks for again after its own plugins ran,
+    is made once per form, not once per pod, replica or revision of one shape."""
     metadata, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (0, 0)
     if not isinstance(metadata, dict) or not isinstance(spec, dict):
         return None
@@ -585,7 +586,10 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
         return None
     renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
     form = {"labels": _read(metadata.get("labels"), read_labels)}
-    form["annotations"] = metadata.get("annotations")
+    annotations = metadata.get("annotations")
+    form["annotations"] = (
+        read_annotations(annotations) if isinstance(annotations, dict) else annotations
+    )
     try:
         return orjson.dumps({**form, "spec": spec})
     except orjson.JSONEncodeError:
@@ -593,6 +597,18 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
     finally:
         for item in renamed:
             item["name"] = name
+
+
+def read_annotations(annotations: Mapping[str, Any]) -> dict[str, Any]:
+    """The annotations `inject` reads or writes: those whose key holds `outrigger.dev/` (the
+    pod's own settings, the status, and what templates add: `<name>.outrigger.dev/...`,
+    `<name>.sds.outrigger.dev/...`). Others only pass through: the patch is the same with or
+    without them, so pods that differ only there (a `kubectl rollout restart`'s restartedAt,
+    a Helm chart's config checksum) can share an answer."""
+    return {key: value for key, value in annotations.items() if _MARK in key}
+
+
+_MARK = ann.PREFIX
 
 
 def _read(labels: Any, read_labels: frozenset[str] | None) -> Any:
