@@ -28,6 +28,7 @@ from webhook.core.injector import (
     RequestContext,
     checked_form,
     inject,
+    labels_read,
     normalises_token_volumes,
     read_annotations,
     rename_volume,
@@ -230,8 +231,8 @@ def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[b
     injector never reads but the API server makes different in every pod (its name, and
     its token volume's name, normalised), a controller sets per replica (labels the rules
     do not read) or a new revision changes (annotations not Outrigger's), so that the pods
-    of one workload, and of its revisions of one shape, share an answer. The name and owner stay
-    in the request for the decision log and the Events."""
+    of one workload, and of its revisions of one shape, share an answer. The name and owner
+    stay in the request for the decision log and the Events."""
     unnamed = _unnamed(pod, read_labels)
     token = token_volume(unnamed)
     if token is not None:
@@ -405,10 +406,8 @@ def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
         return pod
     kept = {key: value for key, value in metadata.items() if key in _READ_METADATA}
     labels, annotations = metadata.get("labels"), metadata.get("annotations")
-    if labels and read_labels is not None:
-        # The decoder took only string values, so no label the injector would refuse is
-        # dropped; the patch never touches labels, so it is the same with or without them.
-        kept["labels"] = {key: value for key, value in labels.items() if key in read_labels}
+    if labels:
+        kept["labels"] = labels_read(labels, read_labels)
     if annotations:
         kept["annotations"] = read_annotations(annotations)
     return cast(wire.Pod, {**pod, "metadata": kept})

@@ -569,10 +569,9 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
     """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
     labels (only those in `read_labels`, the policy's `selector_label_keys`, when given and
     every value is a string), annotations (`read_annotations`) and spec, its token volume
-    renamed to the
-    placeholder; None where that cannot be said plainly (not objects, several token volumes,
-    nested past what orjson writes). The pod is renamed in place for the encoding
-    (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
+    renamed to the placeholder; None where that cannot be said plainly (not objects, several
+    token volumes, nested past what orjson writes). The pod is renamed in place for the
+    encoding (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
 
     `inject` reads nothing else of a pod: name, uid, owners, managed fields, status and
     other annotations only pass through, and other labels only for their type. So the
@@ -585,7 +584,7 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
     if name is None and _token_volumes(pod):  # several, or one named as the placeholder
         return None
     renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
-    form = {"labels": _read(metadata.get("labels"), read_labels)}
+    form = {"labels": labels_read(metadata.get("labels"), read_labels)}
     annotations = metadata.get("annotations")
     form["annotations"] = (
         read_annotations(annotations) if isinstance(annotations, dict) else annotations
@@ -605,15 +604,13 @@ def read_annotations(annotations: Mapping[str, Any]) -> dict[str, Any]:
     `<name>.sds.outrigger.dev/...`). Others only pass through: the patch is the same with or
     without them, so pods that differ only there (a `kubectl rollout restart`'s restartedAt,
     a Helm chart's config checksum) can share an answer."""
-    return {key: value for key, value in annotations.items() if _MARK in key}
+    return {key: value for key, value in annotations.items() if ann.PREFIX in key}
 
 
-_MARK = ann.PREFIX
-
-
-def _read(labels: Any, read_labels: frozenset[str] | None) -> Any:
-    """The labels `inject` reads for more than their type (strings: a pod with any other is
-    denied, so such labels are kept whole)."""
+def labels_read(labels: Any, read_labels: frozenset[str] | None) -> Any:
+    """Of `labels`, those in `read_labels` (None: all), the only ones `inject` reads for
+    more than their type: the patch never touches labels. Labels that are not all strings
+    are kept whole (`inject` denies such a pod)."""
     if read_labels is None or not isinstance(labels, dict):
         return labels
     if not all(isinstance(value, str) for value in labels.values()):
