@@ -214,6 +214,11 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="envoy-listen-port-privileged",
         ),
         pytest.param(
+            {"sidecars": [_envoy_template({"listenAddress": "localhost"})]},
+            "sidecars[0].envoy.listenAddress: must be an IP address, such as 127.0.0.1 or ::1",
+            id="envoy-listen-address-a-name",
+        ),
+        pytest.param(
             {"sidecars": [_envoy_template({"adminPort": 9902})]},
             "envoy.adminPort and envoy.healthPort are both 9902",
             id="envoy-admin-is-health",

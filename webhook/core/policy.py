@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webhook.ambassador.hostport import DNS_NAME
 from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX
-from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs
+from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs, is_ip_address
 from webhook.core.logwatcher import (
     CONFIG_FILE,
     MULTILINE_PARSERS,
@@ -87,7 +87,8 @@ class EnvoySettings(_Model):
     # One ${parameter} of type ambassador: the full configuration (several upstreams,
     # routing, TLS...), instead of upstream and listenPort.
     config: str | None = None
-    # Where the app's listeners bind: the pod's loopback, out of other pods' reach.
+    # Where the app's listeners bind: the pod's loopback, out of other pods' reach. An IP
+    # address (Envoy refuses a name such as localhost: "malformed IP address").
     listenAddress: str = "127.0.0.1"
     # Envoy's admin API, on 127.0.0.1 only; no container of the pod may take the port.
     adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
@@ -103,6 +104,13 @@ class EnvoySettings(_Model):
 
     def secret_allowed(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allowedSecrets)
+
+    @field_validator("listenAddress")
+    @classmethod
+    def _an_ip_address(cls, address: str) -> str:
+        if not is_ip_address(address):
+            raise ValueError("must be an IP address, such as 127.0.0.1 or ::1")
+        return address
 
     @property
     def reserved_ports(self) -> dict[int, str]:
