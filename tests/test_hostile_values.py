@@ -206,7 +206,7 @@ def test_hostile_values_are_named_denials(
 )
 def test_policy_parameters_refuse_control_characters(value: str, parameter: str) -> None:
     """A platform's string, pattern and path parameters take no control character either."""
-    declared: dict[str, Any] = {"annotation": "outrigger.dev/x"}
+    declared: dict[str, Any] = {"annotation": "outrigger.dev/x", "required": True}
     if parameter == "pattern":
         declared["pattern"] = "[a-z]+$"
     elif parameter == "path":

@@ -214,9 +214,81 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="envoy-listen-port-privileged",
         ),
         pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={"image": "${img}"},
+                        parameters={"img": {**_P, "type": "string", "default": "x:1"}},
+                    )
+                ]
+            },
+            "container.image: a pod may choose it only through one ${parameter} of type image",
+            id="image-from-a-string-parameter",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={"image": "cr.fluentbit.io/fluent/${tag}"},
+                        parameters={"tag": {**_P, "type": "string", "default": "x:1"}},
+                    )
+                ]
+            },
+            "container.image: a pod may choose it only through one ${parameter} of type image",
+            id="image-with-a-reference-inside",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={"image": "${img}"},
+                        parameters={"img": {**_P, "type": "image", "default": "evil.example/x:1"}},
+                    )
+                ]
+            },
+            "container.image: image 'evil.example/x:1' is not in images.allowed",
+            id="image-parameter-default-not-allowed",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={"image": "cr.fluentbit.io/fluent/x:1", "args": ["${p}"]},
+                        parameters={"p": _P},
+                    )
+                ]
+            },
+            "container refers to ${p}, whose parameter has no default and is not required",
+            id="reference-may-be-unset",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={
+                            "image": "docker.io/envoyproxy/envoy:v1.37.10",
+                            "ports": [{"containerPort": "${envoy.health-port}"}],
+                        },
+                        parameters={"u": {"annotation": "outrigger.dev/u", "type": "hostport"}},
+                        envoy={"upstream": "${u}", "healthPort": None},
+                    )
+                ]
+            },
+            "refers to ${envoy.health-port}; envoy.healthPort is null",
+            id="health-port-reference-without-one",
+        ),
+        pytest.param(
             {"sidecars": [_envoy_template({"listenAddress": "localhost"})]},
-            "sidecars[0].envoy.listenAddress: must be an IP address, such as 127.0.0.1 or ::1",
+            "sidecars[0].envoy.listenAddress: must be an IP address every pod has",
             id="envoy-listen-address-a-name",
+        ),
+        *(
+            pytest.param(
+                {"sidecars": [_envoy_template({"listenAddress": address})]},
+                "sidecars[0].envoy.listenAddress: must be an IP address every pod has",
+                id=f"envoy-listen-address-{address}",
+            )
+            for address in ("10.1.2.3", "::ffff:127.0.0.1", "::1%lo", "fe80::1")
         ),
         pytest.param(
             {"sidecars": [_envoy_template({"adminPort": 9902})]},
@@ -228,7 +300,7 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
                 "sidecars": [
                     _envoy_template(
                         {"listenPort": "${port}"},
-                        port={"annotation": "outrigger.dev/p", "type": "integer", "minimum": 1},
+                        port={**_P, "type": "integer", "minimum": 1, "default": 8081},
                     )
                 ]
             },
@@ -236,7 +308,11 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="envoy-listen-port-parameter-unbounded",
         ),
         pytest.param(
-            {"sidecars": [_template(classicPreStopSleep="${p}", parameters={"p": _P})]},
+            {
+                "sidecars": [
+                    _template(classicPreStopSleep="${p}", parameters={"p": {**_P, "default": "5"}})
+                ]
+            },
             "classicPreStopSleep must be a number or one ${parameter} of type integer",
             id="pre-stop-not-integer",
         ),
@@ -245,7 +321,7 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
                 "sidecars": [
                     _template(
                         classicPreStopSleep="${p}",
-                        parameters={"p": {**_P, "type": "integer", "minimum": 0}},
+                        parameters={"p": {**_P, "type": "integer", "minimum": 0, "default": 5}},
                     )
                 ]
             },
@@ -323,3 +399,52 @@ def test_docs_show_the_platform_team_policy() -> None:
     page = (FIXTURES.parent.parent / "docs" / "platform" / "policy.md").read_text()
     policy = (POLICIES / "good-platform-team.yaml").read_text()
     assert f"```yaml\n{policy}```" in page
+
+
+def _with_log_watcher(**settings: object) -> dict[str, object]:
+    """The default policy, its log-watcher's settings changed."""
+    document = default_policy().model_dump(mode="json")
+    for template in document["sidecars"]:
+        if template.get("logWatcher"):
+            template["logWatcher"] = {**template["logWatcher"], **settings}
+    return document
+
+
+def test_literal_log_files_are_read_as_patterns() -> None:
+    """`logWatcher.files` written in the policy (not a parameter) is checked as a pod's
+    patterns are at load, and rendered as patterns (it was a TypeError on every pod)."""
+    from webhook.core.injector import RequestContext, inject
+    from webhook.core.policy import parse_policy
+
+    policy = parse_policy(_with_log_watcher(files="*.log, app/*.txt"))
+    pod = {
+        "metadata": {"annotations": {"outrigger.dev/inject": "log-watcher"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1"}]},
+    }
+    injected = inject(pod, RequestContext("shop"), policy).pod
+    config = injected["metadata"]["annotations"]["log-watcher.outrigger.dev/fluent-bit.yaml"]
+    assert "/var/log/app/*.log,/var/log/app/app/*.txt" in config
+    for bad in ("", "../up.log", ",".join(["*.log"] * 9)):
+        with pytest.raises(PolicyError, match=r"logWatcher\.files: "):
+            parse_policy(_with_log_watcher(files=bad))
+
+
+def test_a_line_buffer_below_fluent_bits_chunk_is_refused() -> None:
+    """32k is 32,000 bytes: Fluent Bit's tail refuses to start under its 32,768-byte chunk
+    (checked on the 4.2 binary); 33k starts."""
+    from webhook.core.policy import parse_policy
+
+    with pytest.raises(PolicyError, match=r"bufferMaxSize: must be at least 33k"):
+        parse_policy(_with_log_watcher(bufferMaxSize="32k"))
+    parse_policy(_with_log_watcher(bufferMaxSize="33k"))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "::"])
+def test_addresses_every_pod_has_are_listen_addresses(address: str) -> None:
+    from webhook.core.policy import parse_policy
+
+    document = default_policy().model_dump(mode="json")
+    for template in document["sidecars"]:
+        if template.get("envoy"):
+            template["envoy"]["listenAddress"] = address
+    parse_policy(document)

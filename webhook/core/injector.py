@@ -206,6 +206,15 @@ def _sidecars(
         )
     except TemplateError as error:
         raise ann.InvalidAnnotations([str(error)]) from None
+    # The policy's load checks let a pod choose an image only among the allowed ones; this
+    # holds whatever a template's rendering becomes.
+    problems = [
+        f"{sidecar.name}: {problem}"
+        for sidecar in rendered
+        if (problem := policy.image_problem(str(sidecar.container.get("image"))))
+    ]
+    if problems:
+        raise ann.InvalidAnnotations(problems)
     return rendered, (*warnings, *idle)
 
 

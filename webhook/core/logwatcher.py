@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from webhook.core.logoutputs import STDOUT, LogOutput, output_entries, record_filters
 
@@ -57,6 +57,8 @@ GLOBS_ACCEPTED: Final = (
 # The record stream every input is tagged with, and every output matches.
 TAG: Final = "app.logs"
 _SIZE_KB = r"[1-9][0-9]{0,6}k"
+# Fluent Bit's tail: its default buffer_chunk_size, below which buffer_max_size is refused.
+TAIL_CHUNK_BYTES: Final = 32768
 _SIZE_MB = r"[1-9][0-9]{0,3}MB"
 
 
@@ -91,8 +93,20 @@ class LogWatcherSettings(BaseModel):
     # The input's buffer: past it, tail pauses instead of growing past the memory limit. A
     # quarter of the container's memory limit at most, whatever this says.
     memBufLimit: Annotated[str, Field(pattern=f"^{_SIZE_MB}$")] = "16MB"
-    # The longest line read whole; a longer one is truncated, not the file skipped.
+    # The longest line read whole; a longer one is truncated, not the file skipped. At least
+    # 33k: Fluent Bit's k is 1000 bytes, and tail refuses to start below its 32768-byte
+    # buffer_chunk_size ("buffer_max_size must be >= buffer_chunk").
     bufferMaxSize: Annotated[str, Field(pattern=f"^{_SIZE_KB}$")] = "256k"
+
+    @field_validator("bufferMaxSize")
+    @classmethod
+    def _not_below_a_chunk(cls, size: str) -> str:
+        if int(size.removesuffix("k")) * 1000 < TAIL_CHUNK_BYTES:
+            raise ValueError(
+                f"must be at least 33k (Fluent Bit's tail reads {TAIL_CHUNK_BYTES} bytes at once)"
+            )
+        return size
+
     # Native placement with a multiline parser: the preStop sleep is at least this. Fluent
     # Bit holds a record's last lines until more come or ~5 s pass, and drops them at
     # SIGTERM: a Job's final stack trace needs 7 s from its write (new file) to be shipped.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -25,9 +26,12 @@ from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX
 from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs, is_ip_address
 from webhook.core.logwatcher import (
     CONFIG_FILE,
+    GLOBS_ACCEPTED,
     MULTILINE_PARSERS,
     STDOUT_FORMATS,
     LogWatcherSettings,
+    parse_globs,
+    pattern_problem,
 )
 from webhook.core.parameters import Parameter, valid_default
 from webhook.core.sidecarresources import Resource, ResourceOverride, check_template
@@ -88,7 +92,8 @@ class EnvoySettings(_Model):
     # routing, TLS...), instead of upstream and listenPort.
     config: str | None = None
     # Where the app's listeners bind: the pod's loopback, out of other pods' reach. An IP
-    # address (Envoy refuses a name such as localhost: "malformed IP address").
+    # address every pod has, loopback or unspecified (Envoy refuses a name such as localhost:
+    # "malformed IP address", and cannot bind an address the pod does not own).
     listenAddress: str = "127.0.0.1"
     # Envoy's admin API, on 127.0.0.1 only; no container of the pod may take the port.
     adminPort: Annotated[int, Field(ge=1024, le=65535)] = 9901
@@ -107,9 +112,12 @@ class EnvoySettings(_Model):
 
     @field_validator("listenAddress")
     @classmethod
-    def _an_ip_address(cls, address: str) -> str:
-        if not is_ip_address(address):
-            raise ValueError("must be an IP address, such as 127.0.0.1 or ::1")
+    def _an_address_the_pod_owns(cls, address: str) -> str:
+        if not is_ip_address(address) or "%" in address or not _pod_owns(address):
+            raise ValueError(
+                "must be an IP address every pod has: loopback (such as 127.0.0.1 or ::1) or "
+                "unspecified (0.0.0.0 or ::)"
+            )
         return address
 
     @property
@@ -211,6 +219,9 @@ class SidecarTemplate(_Model):
     @model_validator(mode="after")
     def _references_resolve(self) -> SidecarTemplate:
         known = self.reference_names
+        # Where a pod without the annotation leaves a parameter unset, which the renderer
+        # handles (one upstream or a configuration; a rule's or the default log output).
+        optional = {"envoy": {"upstream", "config"}, "logWatcher": {"output"}}
         for where, value in (
             ("container", self.container),
             ("volumes", self.volumes),
@@ -220,13 +231,30 @@ class SidecarTemplate(_Model):
             ("classicPreStopSleep", self.classicPreStopSleep),
             ("nativePreStopSleep", self.nativePreStopSleep),
         ):
+            if isinstance(value, dict) and where in optional:
+                value = {k: v for k, v in value.items() if k not in optional[where]}
             for reference in _references(value):
                 if reference not in known:
                     raise ValueError(
                         f"{where} refers to ${{{reference}}}, which is not a parameter of this "
                         f"template (known: {', '.join(sorted(known)) or 'none'})"
                     )
+                self._check_always_set(where, reference)
         return self
+
+    def _check_always_set(self, where: str, reference: str) -> None:
+        """A reference the renderer fills for every pod: its parameter has a default or is
+        required (a pod without the annotation would leave it empty), and the readiness
+        port exists."""
+        if reference == "envoy.health-port" and self.envoy and self.envoy.healthPort is None:
+            raise ValueError(f"{where} refers to ${{envoy.health-port}}; envoy.healthPort is null")
+        name, _, part = reference.partition(".")  # a hostport's ${name.host}, ${name.port}
+        parameter = self.parameters.get(name) if part in ("", "host", "port") else None
+        if parameter is not None and parameter.default is None and not parameter.required:
+            raise ValueError(
+                f"{where} refers to ${{{reference}}}, whose parameter has no default and is "
+                "not required: a pod without its annotation would leave it unset"
+            )
 
     @model_validator(mode="after")
     def _pre_stop_sleeps(self) -> SidecarTemplate:
@@ -300,6 +328,7 @@ class SidecarTemplate(_Model):
         self._check_value("logWatcher.logPath", settings.logPath, "path", None)
         if settings.files is not None:
             self._check_value("logWatcher.files", settings.files, "globs", None)
+            self._check_literal_files(settings)
         self._check_value("logWatcher.multiline", settings.multiline, "string", MULTILINE_PARSERS)
         self._check_value("logWatcher.format", settings.format, "string", STDOUT_FORMATS)
         if settings.output is not None:
@@ -328,6 +357,16 @@ class SidecarTemplate(_Model):
                 "of a volume of this template's own (not one of appVolumeMounts)"
             )
         return self
+
+    @staticmethod
+    def _check_literal_files(settings: LogWatcherSettings) -> None:
+        """Patterns written in the policy are checked as a pod's would be."""
+        if settings.files is None or "${" in settings.files:
+            return
+        patterns = parse_globs(settings.files)
+        problem = "not file patterns" if patterns is None else pattern_problem(settings, patterns)
+        if problem:
+            raise ValueError(f"logWatcher.files: {problem} ({GLOBS_ACCEPTED})")
 
     def _check_output(self, output: str) -> None:
         """A literal (the policy checks the name) or one ${parameter} of type string without
@@ -564,8 +603,8 @@ class Policy(_Model):
         if duplicates:
             raise ValueError(f"sidecars: duplicate template names {duplicates}")
         for index, template in enumerate(self.sidecars):
-            image = template.container["image"]
-            if "${" not in str(image) and (problem := self.image_problem(str(image))):
+            problem = self._image_source_problem(template)
+            if problem:
                 raise ValueError(f"sidecars[{index}].container.image: {problem}")
         for index, template in enumerate(self.sidecars):
             for name, parameter in template.parameters.items():
@@ -688,6 +727,22 @@ class Policy(_Model):
     def native(self, template: SidecarTemplate) -> bool:
         return self.nativeSidecars if template.native is None else template.native
 
+    def _image_source_problem(self, template: SidecarTemplate) -> str | None:
+        """A literal image must be allowed; one a pod may choose must be exactly one
+        ${parameter} of type image (whose values, the default included, are checked against
+        images.allowed): a string parameter, or a reference inside a longer value, would let
+        an annotation pick any image."""
+        image = str(template.container["image"])
+        if "${" not in image:
+            return self.image_problem(image)
+        reference = _REFERENCE.fullmatch(image)
+        parameter = template.parameters.get(reference.group(1)) if reference else None
+        if parameter is None or parameter.type != "image":
+            return "a pod may choose it only through one ${parameter} of type image"
+        if isinstance(parameter.default, str):
+            return self.image_problem(parameter.default)
+        return None
+
     def image_problem(self, image: str) -> str | None:
         """Why an image may not be used (not pinned, or outside the allowlist), or None."""
         if not is_pinned_image(image):
@@ -756,6 +811,16 @@ def _requirement_holds(requirement: LabelSelectorRequirement, labels: Mapping[st
             return present
         case _:
             return not present
+
+
+def _pod_owns(address: str) -> bool:
+    """Whether every pod can bind `address`: its loopback (127/8, ::1) or any address. Envoy
+    fails to start on another ("Cannot assign requested address"), an IPv4-mapped one
+    included ("Invalid argument"), and refuses a zone ("malformed IP address")."""
+    parsed = ipaddress.ip_address(address)
+    if isinstance(parsed, ipaddress.IPv4Address):
+        return parsed.is_loopback or parsed.is_unspecified
+    return parsed in (ipaddress.IPv6Address("::1"), ipaddress.IPv6Address("::"))
 
 
 def _references(value: Any) -> Iterator[str]:

@@ -39,6 +39,7 @@ from webhook.core.logwatcher import (
     NO_MULTILINE,
     WatcherConfig,
     config_yaml,
+    parse_globs,
     pattern_problem,
 )
 from webhook.core.podresources import quantity
@@ -307,6 +308,8 @@ def _watcher_config(
     if buffer != settings.memBufLimit:
         settings = settings.model_copy(update={"memBufLimit": buffer})
     files = _substitute(settings.files, references) if settings.files else DEFAULT_FILES
+    if isinstance(files, str):  # a literal of the policy's, checked at load
+        files = parse_globs(files)
     if not isinstance(files, tuple):  # the policy checks the reference's type at load
         raise TypeError(f"logWatcher.files of {template.name} is not a list of patterns")
     problem = pattern_problem(settings, files)
