@@ -278,6 +278,41 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="health-port-reference-without-one",
         ),
         pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={
+                            "image": "cr.fluentbit.io/fluent/x:1",
+                            "volumeMounts": [{"name": "v", "mountPath": "/etc/outrigger/sds/"}],
+                        },
+                        volumes=[{"name": "v", "emptyDir": {}}],
+                    )
+                ]
+            },
+            "container.volumeMounts: '/etc/outrigger/sds' overlaps /etc/outrigger",
+            id="mount-over-outriggers-own",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={
+                            "image": "cr.fluentbit.io/fluent/x:1",
+                            "volumeMounts": [{"name": "v", "mountPath": "/etc"}],
+                        },
+                        volumes=[{"name": "v", "emptyDir": {}}],
+                    )
+                ]
+            },
+            "container.volumeMounts: '/etc' overlaps /etc/log-watcher",
+            id="mount-above-outriggers-own",
+        ),
+        pytest.param(
+            {"sidecars": [{**_template(), "name": "a" * 54}]},
+            "sidecars[0].name: String should have at most 53 characters",
+            id="template-name-too-long-for-its-volumes",
+        ),
+        pytest.param(
             {"sidecars": [_envoy_template({"listenAddress": "localhost"})]},
             "sidecars[0].envoy.listenAddress: must be an IP address every pod has",
             id="envoy-listen-address-a-name",

@@ -25,6 +25,7 @@ from webhook.ambassador.hostport import DNS_NAME
 from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX
 from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs, is_ip_address
 from webhook.core.logwatcher import (
+    CONFIG_DIR,
     CONFIG_FILE,
     GLOBS_ACCEPTED,
     MULTILINE_PARSERS,
@@ -35,6 +36,7 @@ from webhook.core.logwatcher import (
 )
 from webhook.core.parameters import Parameter, valid_default
 from webhook.core.sidecarresources import Resource, ResourceOverride, check_template
+from webhook.core.volumes import normalised
 
 API_VERSION = "outrigger.dev/v1alpha1"
 KIND = "InjectionPolicy"
@@ -45,6 +47,11 @@ ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public"})
 # The Helm chart sets it (downward API) so that the webhook never injects into its own pods;
 # read by the command line, which hands it on (`RequestContext.own_namespace`).
 OWN_NAMESPACE_ENV = "POD_NAMESPACE"
+# 63 (a DNS label) less the longest suffix of the volumes a template adds ("-output-ca").
+TEMPLATE_NAME_MAX = 53
+# Where the webhook mounts files into its sidecars: the watcher's configuration
+# (`CONFIG_DIR`); a log output's CA, the ambassador's Secrets and SDS files (/etc/outrigger/...).
+WEBHOOK_MOUNT_ROOTS = (CONFIG_DIR, "/etc/outrigger")
 
 # A classic sidecar's preStop sleep must leave room in the pod's termination grace period.
 CLASSIC_PRE_STOP_MAX = 300
@@ -143,8 +150,10 @@ class SidecarTemplate(_Model):
     """A sidecar the policy offers: its container, what it brings to the pod, and what a
     pod's annotations may set in it. Injected sidecars are placed in the policy's order."""
 
-    # The name `outrigger.dev/inject` lists, and the injected container's.
-    name: Annotated[str, Field(pattern=_NAME, max_length=63)]
+    # The name `outrigger.dev/inject` lists, and the injected container's. At most 53
+    # characters: the volumes it adds are named after it (`<name>-output-ca` the longest), and
+    # a volume's name is a DNS label of at most 63.
+    name: Annotated[str, Field(pattern=_NAME, max_length=TEMPLATE_NAME_MAX)]
     # What the sidecar is for, for the people who read the policy and its references.
     description: str = ""
     # Placement: true, native (in initContainers, restartPolicy: Always); false, classic (in
@@ -215,6 +224,24 @@ class SidecarTemplate(_Model):
         if "name" in container:
             raise ValueError("container.name is set from the template's name; remove it")
         return container
+
+    @model_validator(mode="after")
+    def _mounts_apart_from_ours(self) -> SidecarTemplate:
+        """The container's own mounts stay clear of the paths the webhook mounts into it
+        (the watcher's configuration, a log output's CA, the ambassador's Secrets and SDS
+        files): the API server refuses a pod with two mounts at one path."""
+        for mount in self.container.get("volumeMounts", ()):
+            path = mount.get("mountPath") if isinstance(mount, dict) else None
+            if not isinstance(path, str) or "${" in path:
+                continue
+            path = normalised(path).rstrip("/") or "/"
+            for ours in WEBHOOK_MOUNT_ROOTS:
+                if _overlaps(path, ours):
+                    raise ValueError(
+                        f"container.volumeMounts: {path!r} overlaps {ours}, where Outrigger "
+                        "mounts files of its own into the sidecar"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _references_resolve(self) -> SidecarTemplate:
@@ -811,6 +838,11 @@ def _requirement_holds(requirement: LabelSelectorRequirement, labels: Mapping[st
             return present
         case _:
             return not present
+
+
+def _overlaps(path: str, root: str) -> bool:
+    """Whether one of the two (normalised) paths is the other or lies under it."""
+    return path == root or root.startswith(path.rstrip("/") + "/") or path.startswith(root + "/")
 
 
 def _pod_owns(address: str) -> bool:
