@@ -313,6 +313,39 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="template-name-too-long-for-its-volumes",
         ),
         pytest.param(
+            {
+                "sidecars": [
+                    _envoy_template(
+                        {"listenPort": "${port}"},
+                        port={
+                            **_P,
+                            "type": "integer",
+                            "minimum": 1024,
+                            "maximum": 65535,
+                            "default": 9901,
+                        },
+                    )
+                ]
+            },
+            "envoy.listenPort: its parameter's default 9901 is the admin interface",
+            id="envoy-listen-port-default-is-admin",
+        ),
+        pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={
+                            "image": "cr.fluentbit.io/fluent/x:1",
+                            "ports": [{"containerPort": "${metrics}"}],
+                        },
+                        parameters={"metrics": {**_P, "type": "integer", "default": 2020}},
+                    )
+                ]
+            },
+            "container: containerPort ${metrics}: its parameter needs minimum >= 1 and maximum",
+            id="port-parameter-unbounded",
+        ),
+        pytest.param(
             {"sidecars": [_envoy_template({"listenAddress": "localhost"})]},
             "sidecars[0].envoy.listenAddress: must be an IP address every pod has",
             id="envoy-listen-address-a-name",

@@ -339,6 +339,32 @@ class SidecarTemplate(_Model):
                 f"envoy.listenPort: its parameter needs minimum >= {LOCAL_PORT_MIN} and "
                 f"maximum <= {PORT_MAX}"
             )
+        assert self.envoy is not None  # the caller's
+        reserved = {str(port): what for port, what in self.envoy.reserved_ports.items()}
+        if str(parameter.default) in reserved:
+            raise ValueError(
+                f"envoy.listenPort: its parameter's default {parameter.default} is the "
+                f"{reserved[str(parameter.default)]}"
+            )
+
+    @model_validator(mode="after")
+    def _port_parameters_bounded(self) -> SidecarTemplate:
+        """A port of the container that a pod sets (one ${parameter}) takes only ports: the
+        API server refuses a pod with any other number."""
+        for key, value in _items(self.container):
+            reference = _REFERENCE.fullmatch(value) if isinstance(value, str) else None
+            if key not in _PORT_FIELDS or reference is None:
+                continue
+            parameter = self.parameters.get(reference.group(1))
+            if parameter is None or parameter.type != "integer":
+                continue  # a reference the other checks name, or a port name
+            low, high = parameter.minimum, parameter.maximum
+            if low is None or low < 1 or high is None or high > PORT_MAX:
+                raise ValueError(
+                    f"container: {key} {value}: its parameter needs minimum >= 1 and "
+                    f"maximum <= {PORT_MAX}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _log_watcher(self) -> SidecarTemplate:
@@ -838,6 +864,21 @@ def _requirement_holds(requirement: LabelSelectorRequirement, labels: Mapping[st
             return present
         case _:
             return not present
+
+
+# The container fields that hold a port number (ports, probes, lifecycle handlers).
+_PORT_FIELDS = frozenset({"containerPort", "port", "hostPort"})
+
+
+def _items(value: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) of the objects nested in `value`."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key, item
+            yield from _items(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _items(item)
 
 
 def _overlaps(path: str, root: str) -> bool:
