@@ -516,3 +516,19 @@ def test_addresses_every_pod_has_are_listen_addresses(address: str) -> None:
         if template.get("envoy"):
             template["envoy"]["listenAddress"] = address
     parse_policy(document)
+
+
+@pytest.mark.parametrize("path", ["logs", "/var/log/a,b", "/proc/logs", "/var/../log"])
+def test_a_literal_log_path_is_checked_as_a_pods_would_be(path: str) -> None:
+    """`/var/log/a,b` loaded, and Fluent Bit read `/var/log/a` and `b` instead (its path is a
+    comma-separated list)."""
+    from webhook.core.policy import parse_policy
+
+    document = _with_log_watcher(logPath=path)
+    for template in document["sidecars"]:  # type: ignore[attr-defined]
+        if template.get("logWatcher"):
+            for mount in template["container"]["volumeMounts"]:
+                if mount["mountPath"] == "/var/log/app":
+                    mount["mountPath"] = path
+    with pytest.raises(PolicyError, match=r"logWatcher\.logPath: expected an absolute"):
+        parse_policy(document)

@@ -20,6 +20,10 @@ from webhook.limits import cache_small, has_control_characters
 ParameterValue = str | int | bool | Upstream | AmbassadorSpec | tuple[str, ...]
 
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
+PATH_ACCEPTED = (
+    "an absolute directory path below / such as /var/log/app (letters, digits, . _ - @ + =; "
+    "no '..' or empty segments; not under /proc or /sys)"
+)
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 # The container runtime refuses a volume mounted under these (procfs, sysfs).
 _KERNEL_FILESYSTEMS = frozenset({"proc", "sys"})
@@ -106,6 +110,12 @@ def _string(parameter: Parameter, text: str) -> str | None:
     return text if len(text) <= 4096 and text.isprintable() else None
 
 
+def valid_path(text: str) -> bool:
+    """Whether `text` is a directory a `path` parameter accepts (`PATH_ACCEPTED`: no comma,
+    on which Fluent Bit splits a path into several)."""
+    return _path(text) is not None
+
+
 def _path(text: str) -> str | None:
     path = text.rstrip("/")
     segments = path.split("/")
@@ -140,10 +150,7 @@ def accepted_values(parameter: Parameter) -> str:
         case "boolean":
             text = '"true" or "false"'
         case "path":
-            text = (
-                "an absolute directory path below / such as /var/log/app (letters, digits, "
-                ". _ - @ + =; no '..' or empty segments; not under /proc or /sys)"
-            )
+            text = PATH_ACCEPTED
         case "hostport":
             text = HOSTPORT_ACCEPTED
         case "globs":

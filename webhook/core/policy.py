@@ -34,7 +34,7 @@ from webhook.core.logwatcher import (
     parse_globs,
     pattern_problem,
 )
-from webhook.core.parameters import Parameter, valid_default
+from webhook.core.parameters import PATH_ACCEPTED, Parameter, valid_default, valid_path
 from webhook.core.sidecarresources import Resource, ResourceOverride, check_template
 from webhook.core.volumes import normalised
 
@@ -379,6 +379,8 @@ class SidecarTemplate(_Model):
                 "logWatcher renders the watcher's configuration; remove container.args"
             )
         self._check_value("logWatcher.logPath", settings.logPath, "path", None)
+        if "${" not in settings.logPath and not valid_path(settings.logPath):
+            raise ValueError(f"logWatcher.logPath: expected {PATH_ACCEPTED}")
         if settings.files is not None:
             self._check_value("logWatcher.files", settings.files, "globs", None)
             self._check_literal_files(settings)
