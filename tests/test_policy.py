@@ -346,6 +346,24 @@ def _envoy_template(envoy: dict[str, object], **parameters: object) -> dict[str,
             id="port-parameter-unbounded",
         ),
         pytest.param(
+            {
+                "sidecars": [
+                    _template(
+                        container={
+                            "image": "cr.fluentbit.io/fluent/x:1",
+                            "resources": {
+                                "requests": {"memory": "512Mi"},
+                                "limits": {"memory": "256Mi"},
+                            },
+                        }
+                    )
+                ]
+            },
+            "sidecars[0].container.resources.memory: the template's request 512Mi is above "
+            "its limit 256Mi",
+            id="request-above-limit",
+        ),
+        pytest.param(
             {"sidecars": [_envoy_template({"listenAddress": "localhost"})]},
             "sidecars[0].envoy.listenAddress: must be an IP address every pod has",
             id="envoy-listen-address-a-name",
@@ -531,4 +549,17 @@ def test_a_literal_log_path_is_checked_as_a_pods_would_be(path: str) -> None:
                 if mount["mountPath"] == "/var/log/app":
                     mount["mountPath"] = path
     with pytest.raises(PolicyError, match=r"logWatcher\.logPath: expected an absolute"):
+        parse_policy(document)
+
+
+def test_a_log_files_default_beyond_the_templates_own_bounds_is_refused() -> None:
+    """Every pod without the annotation was denied for the policy's own default."""
+    from webhook.core.policy import parse_policy
+
+    document = _with_log_watcher(maxFilePatterns=2)
+    for template in document["sidecars"]:  # type: ignore[attr-defined]
+        if template.get("logWatcher"):
+            name = template["logWatcher"]["files"].strip("${}")
+            template["parameters"][name]["default"] = "a.log,b.log,c.log"
+    with pytest.raises(PolicyError, match=r"default: 3 patterns, the cluster policy accepts 2"):
         parse_policy(document)

@@ -35,7 +35,12 @@ from webhook.core.logwatcher import (
     pattern_problem,
 )
 from webhook.core.parameters import PATH_ACCEPTED, Parameter, valid_default, valid_path
-from webhook.core.sidecarresources import Resource, ResourceOverride, check_template
+from webhook.core.sidecarresources import (
+    Resource,
+    ResourceOverride,
+    check_template,
+    requests_above_limits,
+)
 from webhook.core.volumes import normalised
 
 API_VERSION = "outrigger.dev/v1alpha1"
@@ -413,15 +418,24 @@ class SidecarTemplate(_Model):
             )
         return self
 
-    @staticmethod
-    def _check_literal_files(settings: LogWatcherSettings) -> None:
-        """Patterns written in the policy are checked as a pod's would be."""
-        if settings.files is None or "${" in settings.files:
+    def _check_literal_files(self, settings: LogWatcherSettings) -> None:
+        """Patterns written in the policy, literally or as the parameter's default, are
+        checked as a pod's would be (within the template's own maxFilePatterns and
+        maxPatternLength)."""
+        if settings.files is None:
             return
-        patterns = parse_globs(settings.files)
+        reference = _REFERENCE.fullmatch(settings.files)
+        where: str = "logWatcher.files"
+        text: object = settings.files
+        if reference is not None:
+            name = reference.group(1)
+            where, text = f"parameters.{name}.default", self.parameters[name].default
+            if text is None:
+                return
+        patterns = parse_globs(str(text))
         problem = "not file patterns" if patterns is None else pattern_problem(settings, patterns)
         if problem:
-            raise ValueError(f"logWatcher.files: {problem} ({GLOBS_ACCEPTED})")
+            raise ValueError(f"{where}: {problem} ({GLOBS_ACCEPTED})")
 
     def _check_output(self, output: str) -> None:
         """A literal (the policy checks the name) or one ${parameter} of type string without
@@ -673,6 +687,8 @@ class Policy(_Model):
                 **self.containerDefaults.resources,
                 **template.container.get("resources", {}),
             }
+            for problem in requests_above_limits(resources):
+                raise ValueError(f"sidecars[{index}].container.resources.{problem}")
             for problem in check_template(template.name, resources, template.resourceOverrides):
                 raise ValueError(f"sidecars[{index}].resourceOverrides.{problem}")
         for index, template in enumerate(self.sidecars):

@@ -224,6 +224,24 @@ def check_template(
     return problems
 
 
+def requests_above_limits(resources: Mapping[str, Any]) -> list[str]:
+    """The resources whose request is above their limit: the API server refuses such a pod."""
+    requests = resources.get("requests") or {}
+    limits = resources.get("limits") or {}
+    problems = []
+    for resource in requests.keys() & limits.keys():
+        try:
+            above = quantity(requests[resource], resource) > quantity(limits[resource], resource)
+        except NotAQuantity:
+            continue  # named where the template's values are rendered
+        if above:
+            problems.append(
+                f"{resource}: the template's request {requests[resource]} is above its limit "
+                f"{limits[resource]}"
+            )
+    return sorted(problems)
+
+
 def _bound_value(text: str, which: str) -> Decimal:
     if not _VALUE.fullmatch(text):
         raise ValueError(f"{which}: {echo(text)} is not {ACCEPTED_UNITS}")
