@@ -261,7 +261,7 @@ def test_injection_is_valid_and_idempotent(
 
 
 def assert_writes_only_outrigger_annotations(operations: list[dict[str, Any]]) -> None:
-    """What the memo key rests on (`read_annotations`): the injection writes no annotation
+    """What the memo key rests on (`annotations_read`): the injection writes no annotation
     whose key lacks `outrigger.dev/`, so the others never change the patch."""
     for operation in operations:
         path = operation["path"]

@@ -26,11 +26,11 @@ from webhook.core.injector import (
     TOKEN_VOLUME_PLACEHOLDER,
     InjectionDenied,
     RequestContext,
+    annotations_read,
     checked_form,
     inject,
     labels_read,
     normalises_token_volumes,
-    read_annotations,
     rename_volume,
     token_volume,
 )
@@ -409,7 +409,7 @@ def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
     if labels:
         kept["labels"] = labels_read(labels, read_labels)
     if annotations:
-        kept["annotations"] = read_annotations(annotations)
+        kept["annotations"] = annotations_read(annotations)
     return cast(wire.Pod, {**pod, "metadata": kept})
 
 

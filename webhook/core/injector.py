@@ -577,7 +577,7 @@ def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:
 def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes | None:
     """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
     labels (only those in `read_labels`, the policy's `selector_label_keys`, when given and
-    every value is a string), annotations (`read_annotations`) and spec, its token volume
+    every value is a string), annotations (`annotations_read`) and spec, its token volume
     renamed to the placeholder; None where that cannot be said plainly (not objects, several
     token volumes, nested past what orjson writes). The pod is renamed in place for the
     encoding (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
@@ -593,11 +593,10 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
     if name is None and _token_volumes(pod):  # several, or one named as the placeholder
         return None
     renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
-    form = {"labels": labels_read(metadata.get("labels"), read_labels)}
-    annotations = metadata.get("annotations")
-    form["annotations"] = (
-        read_annotations(annotations) if isinstance(annotations, dict) else annotations
-    )
+    form = {
+        "labels": labels_read(metadata.get("labels"), read_labels),
+        "annotations": annotations_read(metadata.get("annotations")),
+    }
     try:
         return orjson.dumps({**form, "spec": spec})
     except orjson.JSONEncodeError:
@@ -607,12 +606,14 @@ def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes |
             item["name"] = name
 
 
-def read_annotations(annotations: Mapping[str, Any]) -> dict[str, Any]:
-    """The annotations `inject` reads or writes: those whose key holds `outrigger.dev/` (the
-    pod's own settings, the status, and what templates add: `<name>.outrigger.dev/...`,
+def annotations_read(annotations: Any) -> Any:
+    """Of `annotations`, those `inject` reads or writes: whose key holds `outrigger.dev/`
+    (the pod's own settings, the status, and what templates add: `<name>.outrigger.dev/...`,
     `<name>.sds.outrigger.dev/...`). Others only pass through: the patch is the same with or
     without them, so pods that differ only there (a `kubectl rollout restart`'s restartedAt,
-    a Helm chart's config checksum) can share an answer."""
+    a Helm chart's config checksum) can share an answer. Not an object: as it is."""
+    if not isinstance(annotations, dict):
+        return annotations
     return {key: value for key, value in annotations.items() if ann.PREFIX in key}
 
 

@@ -288,7 +288,7 @@ class LogOutput(_Model):
         for field, types in _TYPE_FIELDS.items():
             if self._set_apart_from_default(field) and self.type not in types:
                 raise ValueError(f"{field}: only for {', '.join(types)}, not {self.type}")
-        if self.tls.enabled and self.tls.verify and is_ip_address(self.host):
+        if self.tls.enabled and self.tls.verify and _is_ip(self.host):
             raise ValueError(
                 "host: TLS with verify needs a DNS name (Fluent Bit checks the name against "
                 "the certificate's DNS names only: an IP address never matches)"
@@ -534,8 +534,7 @@ def secret_problems(output: LogOutput, allowed: Sequence[str]) -> list[str]:
     ]
 
 
-def is_ip_address(host: str | None) -> bool:
-    """Whether `host` is an IPv4 or IPv6 address (with a zone or not), not a name."""
+def _is_ip(host: str | None) -> bool:
     try:
         ipaddress.ip_address(host or "")
     except ValueError:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from webhook.ambassador.hostport import DNS_NAME
 from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX
-from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs, is_ip_address
+from webhook.core.logoutputs import OUTPUT_ENV, LogOutputs
 from webhook.core.logwatcher import (
     CONFIG_DIR,
     CONFIG_FILE,
@@ -34,7 +34,13 @@ from webhook.core.logwatcher import (
     parse_globs,
     pattern_problem,
 )
-from webhook.core.parameters import PATH_ACCEPTED, Parameter, valid_default, valid_path
+from webhook.core.parameters import (
+    PATH_ACCEPTED,
+    Parameter,
+    typed_default,
+    valid_default,
+    valid_path,
+)
 from webhook.core.sidecarresources import (
     Resource,
     ResourceOverride,
@@ -125,7 +131,7 @@ class EnvoySettings(_Model):
     @field_validator("listenAddress")
     @classmethod
     def _an_address_the_pod_owns(cls, address: str) -> str:
-        if not is_ip_address(address) or "%" in address or not _pod_owns(address):
+        if "%" in address or not _pod_owns(address):
             raise ValueError(
                 "must be an IP address every pod has: loopback (such as 127.0.0.1 or ::1) or "
                 "unspecified (0.0.0.0 or ::)"
@@ -304,8 +310,7 @@ class SidecarTemplate(_Model):
         parameter = self.parameters.get(reference.group(1)) if reference else None
         if parameter is None or parameter.type != "integer":
             raise ValueError(f"{field} must be a number or one ${{parameter}} of type integer")
-        low, high = parameter.minimum, parameter.maximum
-        if low is None or low < 0 or high is None or high > CLASSIC_PRE_STOP_MAX:
+        if not _bounded(parameter, 0, CLASSIC_PRE_STOP_MAX):
             raise ValueError(
                 f"{field}: its parameter needs minimum >= 0 and maximum <= "
                 f"{CLASSIC_PRE_STOP_MAX} (seconds)"
@@ -338,18 +343,17 @@ class SidecarTemplate(_Model):
         reference = _REFERENCE.fullmatch(listen_port)
         assert reference is not None  # checked just before
         parameter = self.parameters[reference.group(1)]
-        low, high = parameter.minimum, parameter.maximum
-        if low is None or low < LOCAL_PORT_MIN or high is None or high > PORT_MAX:
+        if not _bounded(parameter, LOCAL_PORT_MIN, PORT_MAX):
             raise ValueError(
                 f"envoy.listenPort: its parameter needs minimum >= {LOCAL_PORT_MIN} and "
                 f"maximum <= {PORT_MAX}"
             )
         assert self.envoy is not None  # the caller's
-        reserved = {str(port): what for port, what in self.envoy.reserved_ports.items()}
-        if str(parameter.default) in reserved:
+        default = typed_default(parameter)
+        if isinstance(default, int) and default in self.envoy.reserved_ports:
             raise ValueError(
-                f"envoy.listenPort: its parameter's default {parameter.default} is the "
-                f"{reserved[str(parameter.default)]}"
+                f"envoy.listenPort: its parameter's default {default} is the "
+                f"{self.envoy.reserved_ports[default]}"
             )
 
     @model_validator(mode="after")
@@ -363,8 +367,7 @@ class SidecarTemplate(_Model):
             parameter = self.parameters.get(reference.group(1))
             if parameter is None or parameter.type != "integer":
                 continue  # a reference the other checks name, or a port name
-            low, high = parameter.minimum, parameter.maximum
-            if low is None or low < 1 or high is None or high > PORT_MAX:
+            if not _bounded(parameter, 1, PORT_MAX):
                 raise ValueError(
                     f"container: {key} {value}: its parameter needs minimum >= 1 and "
                     f"maximum <= {PORT_MAX}"
@@ -388,7 +391,7 @@ class SidecarTemplate(_Model):
             raise ValueError(f"logWatcher.logPath: expected {PATH_ACCEPTED}")
         if settings.files is not None:
             self._check_value("logWatcher.files", settings.files, "globs", None)
-            self._check_literal_files(settings)
+            self._check_file_patterns(settings)
         self._check_value("logWatcher.multiline", settings.multiline, "string", MULTILINE_PARSERS)
         self._check_value("logWatcher.format", settings.format, "string", STDOUT_FORMATS)
         if settings.output is not None:
@@ -418,12 +421,11 @@ class SidecarTemplate(_Model):
             )
         return self
 
-    def _check_literal_files(self, settings: LogWatcherSettings) -> None:
+    def _check_file_patterns(self, settings: LogWatcherSettings) -> None:
         """Patterns written in the policy, literally or as the parameter's default, are
         checked as a pod's would be (within the template's own maxFilePatterns and
         maxPatternLength)."""
-        if settings.files is None:
-            return
+        assert settings.files is not None  # the caller's
         reference = _REFERENCE.fullmatch(settings.files)
         where: str = "logWatcher.files"
         text: object = settings.files
@@ -899,6 +901,12 @@ def _items(value: Any) -> Iterator[tuple[str, Any]]:
             yield from _items(item)
 
 
+def _bounded(parameter: Parameter, low: int, high: int) -> bool:
+    """Whether every value an integer parameter admits lies within `low`..`high`."""
+    least, most = parameter.minimum, parameter.maximum
+    return least is not None and least >= low and most is not None and most <= high
+
+
 def _overlaps(path: str, root: str) -> bool:
     """Whether one of the two (normalised) paths is the other or lies under it."""
     return path == root or root.startswith(path.rstrip("/") + "/") or path.startswith(root + "/")
@@ -908,7 +916,10 @@ def _pod_owns(address: str) -> bool:
     """Whether every pod can bind `address`: its loopback (127/8, ::1) or any address. Envoy
     fails to start on another ("Cannot assign requested address"), an IPv4-mapped one
     included ("Invalid argument"), and refuses a zone ("malformed IP address")."""
-    parsed = ipaddress.ip_address(address)
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:  # a name, or no address at all
+        return False
     if isinstance(parsed, ipaddress.IPv4Address):
         return parsed.is_loopback or parsed.is_unspecified
     return parsed in (ipaddress.IPv6Address("::1"), ipaddress.IPv6Address("::"))

@@ -29,7 +29,7 @@ from webhook.ambassador.envoy import (
     sds_files,
 )
 from webhook.ambassador.hostport import Upstream
-from webhook.ambassador.spec import AmbassadorSpec, single_upstream
+from webhook.ambassador.spec import LOCAL_PORT_MIN, PORT_MAX, AmbassadorSpec, single_upstream
 from webhook.core.logoutputs import LogOutput, LogOutputs, ca_volumes, container_env
 from webhook.core.logwatcher import (
     CONFIG_DIR,
@@ -455,7 +455,7 @@ def _check_not_reserved(envoy: EnvoySettings, listeners: list[tuple[str, int]]) 
             others = ", ".join(map(str, reserved))
             raise TemplateError(
                 f"{where}: {port} is the ambassador's {reserved[port]}; the app's local "
-                f"ports may be 1024-65535 except {others}"
+                f"ports may be {LOCAL_PORT_MIN}-{PORT_MAX} except {others}"
             )
 
 
