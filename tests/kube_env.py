@@ -429,8 +429,7 @@ class ControlPlane:
         while this one stays up. Stop it with `kill_apiserver` (or `stop`)."""
         (folder / "logs").mkdir(parents=True, exist_ok=True)
         other = ControlPlane(self.assets, folder, self.pki, free_port(), etcd_url=self.etcd_url)
-        other.kubeconfig.write_text(json.dumps(kubeconfig(other.url, self.pki)))
-        other.start_apiserver()
+        _start_apiserver_on_a_free_port(other)
         return other
 
     def stop(self) -> None:
@@ -456,14 +455,32 @@ def start_control_plane(assets: Assets, folder: Path) -> ControlPlane:
     logs.mkdir(parents=True, exist_ok=True)
     pki = make_pki(folder / "pki")
     plane = ControlPlane(assets, folder, pki, free_port())
-    plane.kubeconfig.write_text(json.dumps(kubeconfig(plane.url, pki)))
     try:
         _start_etcd(plane, logs)
-        plane.start_apiserver()
+        _start_apiserver_on_a_free_port(plane)
     except BaseException:
         plane.stop()
         raise
     return plane
+
+
+# Tries at a port for the API server: one found free may be taken before the server binds it
+# (by an outgoing connection's ephemeral port: seen once in a whole test run).
+PORT_ATTEMPTS = 3
+
+
+def _start_apiserver_on_a_free_port(plane: ControlPlane) -> None:
+    """kube-apiserver on `plane.port`, or on another found free if that one was taken."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        plane.kubeconfig.write_text(json.dumps(kubeconfig(plane.url, plane.pki)))
+        try:
+            plane.start_apiserver()
+            return
+        except RuntimeError as error:
+            if "address already in use" not in str(error) or attempt == PORT_ATTEMPTS:
+                raise
+            plane.kill_apiserver()  # exited already: forgotten
+            plane.port = free_port()
 
 
 def _start_etcd(plane: ControlPlane, logs: Path) -> None:

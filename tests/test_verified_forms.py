@@ -8,6 +8,7 @@ full check gives, for every pod of that form and for no other.
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
@@ -19,7 +20,15 @@ from tests.conftest import admission_review
 from tests.test_properties import pods
 from webhook.admission import review as envelope
 from webhook.admission.review import is_heavy, parse, respond_with_verdict
-from webhook.core.injector import InjectionDenied, RequestContext, checked_form, inject
+from webhook.core.injector import (
+    TOKEN_VOLUME_PLACEHOLDER,
+    InjectionDenied,
+    RequestContext,
+    checked_form,
+    inject,
+    normalise_token_volume,
+)
+from webhook.core.patch import diff
 from webhook.core.policy import default_policy, parse_policy
 
 POLICY = default_policy()
@@ -71,6 +80,14 @@ def answer(pod: dict[str, Any]) -> tuple[str, str]:
     return orjson.loads(body)["response"].get("patch", ""), verdict.reason
 
 
+def form(pod: dict[str, Any], read: frozenset[str] | None = None) -> bytes | None:
+    """The checked form of a copy of `pod`, its token volume normalised, as the envelope
+    makes it."""
+    pod = copy.deepcopy(pod)
+    normalise_token_volume(pod)
+    return checked_form(pod, read)
+
+
 def fresh() -> None:
     envelope._VERIFIED = envelope.VerifiedForms()
 
@@ -78,7 +95,7 @@ def fresh() -> None:
 def test_pods_of_one_workload_share_a_form_and_the_second_is_answered_at_once() -> None:
     fresh()
     first, second = stored(app(), "abcde", "web-1"), stored(app(), "fghij", "web-2")
-    assert checked_form(copy.deepcopy(first)) == checked_form(copy.deepcopy(second))
+    assert form(first) == form(second)
     assert is_heavy(request(second), POLICY)  # the whole pod to check, in a thread
     assert answer(first) == ("", "already-injected")
     assert not is_heavy(request(second), POLICY)  # a pod of its form was checked
@@ -90,7 +107,7 @@ def test_a_pod_that_differs_in_what_inject_reads_is_checked_in_full() -> None:
     assert answer(stored(app(), "abcde", "web-1"))[1] == "already-injected"
     tampered = stored(app(), "fghij", "web-2")
     tampered["spec"]["initContainers"][0]["image"] = "cr.fluentbit.io/fluent/fluent-bit:4.1.0"
-    assert checked_form(copy.deepcopy(tampered)) != checked_form(stored(app(), "abcde", "web-1"))
+    assert form(tampered) != form(stored(app(), "abcde", "web-1"))
     patch, reason = answer(tampered)
     assert reason == "reinjected" and patch
 
@@ -124,11 +141,9 @@ def test_the_replicas_of_a_statefulset_share_a_form() -> None:
     for n, pod in enumerate(replicas):
         pod["metadata"]["labels"] = {"app": "web", "statefulset.kubernetes.io/pod-name": f"web-{n}"}
     first, second = replicas
-    assert checked_form(copy.deepcopy(first), frozenset({"app"})) == checked_form(
-        copy.deepcopy(second), frozenset({"app"})
-    )
+    assert form(first, frozenset({"app"})) == form(second, frozenset({"app"}))
     read = frozenset({"statefulset.kubernetes.io/pod-name"})
-    assert checked_form(copy.deepcopy(first), read) != checked_form(copy.deepcopy(second), read)
+    assert form(first, read) != form(second, read)
     assert answer(first) == ("", "already-injected")
     assert not is_heavy(request(second), POLICY)  # a replica of its form was checked
     assert answer(second) == ("", "already-injected")
@@ -142,12 +157,12 @@ def test_the_revisions_of_a_workload_share_a_form() -> None:
     restarted = "kubectl.kubernetes.io/restartedAt"
     first["metadata"]["annotations"][restarted] = "2026-12-07T10:00:00Z"
     second["metadata"]["annotations"][restarted] = "2026-12-07T11:00:00Z"
-    assert checked_form(copy.deepcopy(first)) == checked_form(copy.deepcopy(second))
+    assert form(first) == form(second)
     assert answer(first) == ("", "already-injected")
     assert not is_heavy(request(second), POLICY)
     assert answer(second) == ("", "already-injected")
     second["metadata"]["annotations"]["outrigger.dev/log-path"] = "/logs"
-    assert checked_form(copy.deepcopy(first)) != checked_form(copy.deepcopy(second))
+    assert form(first) != form(second)
 
 
 def test_labels_that_are_not_all_strings_stay_whole_in_the_form() -> None:
@@ -159,13 +174,45 @@ def test_labels_that_are_not_all_strings_stay_whole_in_the_form() -> None:
     assert checked_form(pods[0], read) != checked_form(pods[1], read)
 
 
-def test_the_form_leaves_the_pod_as_it_came() -> None:
-    """The envelope hands the decoded pod on to `mutation`: its token volume is renamed for
-    the form only."""
+def test_a_reinjected_pod_s_patch_names_its_own_token_volume() -> None:
+    """The envelope checks an injected pod with its token volume named as the placeholder
+    (the sidecars' mounts of it then compare alike from pod to pod); a patch that touches
+    the token volume or its mounts is made from the pod as sent, and names its own."""
+    fresh()
+    tampered = stored(app(), "abcde", "web-2")
+    tampered["spec"]["initContainers"][0]["image"] = "cr.fluentbit.io/fluent/fluent-bit:4.1.0"
+    tampered["spec"]["containers"][0]["volumeMounts"].reverse()  # the token mount first
+    patch, reason = answer(tampered)
+    written = base64.b64decode(patch)
+    assert reason == "reinjected"
+    assert b"kube-api-access-abcde" in written and TOKEN_VOLUME_PLACEHOLDER.encode() not in written
+    came = copy.deepcopy(tampered)
+    assert orjson.loads(written) == diff(came, inject(came, RequestContext("shop"), POLICY).pod)
+
+
+def injected_body(pod: dict[str, Any]) -> bytes:
+    return orjson.dumps(admission_review(pod, namespace="shop", uid="u1"))
+
+
+def test_an_injected_pod_is_read_in_one_typed_pass_as_the_passes_read_it() -> None:
+    """The reinvocation's body is read at once (`_injected_at_once`), the whole spec but
+    not the managed fields; a body that pass would read otherwise than the passes (a field
+    of the wrong type, strings orjson refuses in what it skips) is left to them."""
     pod = stored(app(), "abcde", "web-1")
-    before = copy.deepcopy(pod)
-    assert checked_form(pod) is not None
-    assert pod == before
+    pod["metadata"]["managedFields"] = [{"manager": "kube-controller-manager"}]
+    body = injected_body(pod)
+    at_once = envelope._injected_at_once(body, None)
+    assert at_once is not None and at_once == request(pod)._replace(pod=at_once.pod)
+    assert at_once.pod["spec"] == request(pod).pod["spec"]
+    assert "managedFields" not in at_once.pod["metadata"]
+    wrong_type = copy.deepcopy(pod)
+    wrong_type["spec"]["containers"][0]["ports"] = "8080"
+    unreadable = body.replace(b'"kube-controller-manager"', b'"kube-\\ud800"')
+    not_utf8 = body.replace(b'"kube-controller-manager"', b'"kube-\x80"')
+    for refused in (injected_body(wrong_type), unreadable, not_utf8):
+        assert envelope._injected_at_once(refused, None) is None
+    assert envelope.parse(unreadable)[0] == 400  # type: ignore[index]
+    assert envelope.parse(not_utf8)[0] == 400  # type: ignore[index]
 
 
 def test_two_token_volumes_have_no_form() -> None:
@@ -199,13 +246,14 @@ def test_a_remembered_answer_is_the_full_check_s_answer(
 
 
 @settings(max_examples=100, deadline=None)
-@given(pod=pods(), tamper=st.booleans())
-def test_an_injected_pod_read_as_decoded_answers_as_its_bytes(
-    pod: dict[str, Any], tamper: bool
+@given(pod=pods(), tamper=st.booleans(), reorder=st.booleans())
+def test_an_injected_pod_read_as_decoded_answers_as_the_pod_sent(
+    pod: dict[str, Any], tamper: bool, reorder: bool
 ) -> None:
-    """The envelope hands `mutation` the whole pod it decoded, rather than the bytes to
-    decode again: for generated pods coming back injected (tampered with or not), the
-    answer is the one the bytes give."""
+    """The envelope hands `mutation` the whole pod it decoded, its token volume named as the
+    placeholder, rather than the pod as sent: for generated pods coming back injected
+    (tampered with or not, the token mounts first or last), the answer is the one the pod
+    as sent gives."""
     pod["metadata"].setdefault("annotations", {}).update(ANNOTATIONS)
     try:
         came_back = stored(pod, "x1y2z", "web-1")
@@ -213,16 +261,19 @@ def test_an_injected_pod_read_as_decoded_answers_as_its_bytes(
         return
     if tamper:
         came_back["spec"]["initContainers"][0]["image"] = "registry.example.com/other:1"
+    if reorder:
+        for container in came_back["spec"]["containers"]:
+            container["volumeMounts"].reverse()
     parsed = request(came_back)
     assert parsed.pod is not None
-    event("memoised" if len(parsed.pod_json) <= 4096 else "read as decoded")
+    event("normalised" if parsed.token_volume else "several token volumes: as sent")
     try:
-        from_decoded = envelope.mutation(parsed.pod_json, "shop", POLICY, parsed.pod)
+        from_decoded = envelope._mutation(parsed, POLICY, "")
     except InjectionDenied as error:
         from_decoded = str(error)  # type: ignore[assignment]
-    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
     try:
-        from_bytes = envelope._mutated(orjson.loads(parsed.pod_json), "shop", "", POLICY)
+        as_sent = envelope._mutated(copy.deepcopy(came_back), "shop", "", POLICY)
     except InjectionDenied as error:
-        from_bytes = str(error)  # type: ignore[assignment]
-    assert from_decoded == from_bytes
+        as_sent = str(error)  # type: ignore[assignment]
+    event(as_sent.reason if isinstance(as_sent, envelope.Mutation) else "denied")
+    assert from_decoded == as_sent

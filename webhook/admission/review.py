@@ -13,7 +13,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
@@ -30,14 +30,16 @@ from webhook.core.injector import (
     checked_form,
     inject,
     labels_read,
+    normalise_token_volume,
     normalises_token_volumes,
+    read_parts,
     rename_volume,
     token_volume,
 )
 from webhook.core.patch import diff
 from webhook.core.policy import Policy
 from webhook.core.selection import ALREADY_INJECTED
-from webhook.limits import MAX_CACHED_BYTES, cache_small, printable
+from webhook.limits import cache_small, printable
 
 log = logging.getLogger("outrigger.admission")
 
@@ -72,7 +74,8 @@ class AdmissionRequest(NamedTuple):
     uid: str
     namespace: str
     # The pod as canonical JSON of what the injector reads (see `webhook.admission.wire`); None when
-    # the request is no pod creation.
+    # the request is no pod creation. A pod with a status: its checked form (`checked_form`),
+    # as `mutation` reads `pod` instead.
     pod_json: bytes | None
     name: str
     owner: str = ""  # Kind/name of the controlling owner, for the decision log
@@ -82,8 +85,8 @@ class AdmissionRequest(NamedTuple):
     # A pod with a status: a digest of what `inject` reads of it (`checked_form`), under
     # which an earlier check that it holds what the policy renders is remembered.
     checked: bytes | None = None
-    # The name of the pod's token volume, where `pod_json` holds it as the placeholder
-    # (`rename_volume`), so that pods of one workload share their answer.
+    # The name of the pod's token volume, where `pod_json` (and `pod`) hold it as the
+    # placeholder (`rename_volume`), so that pods of one workload share their answer.
     token_volume: str | None = None
     # A pod with a status: the whole of it as this request decoded it (never shared), which
     # `mutation` reads rather than decoding `pod_json` again.
@@ -157,12 +160,13 @@ def decode_review(body: bytes, read_labels: frozenset[str] | None = None) -> Adm
         # Whether it holds what its status claims takes the whole of its containers, fields
         # the partial decoder skipped unread included: what `mutation` cannot read (bytes that
         # are not UTF-8, a number past a double) is refused here, not found there.
-        pod_json = bytes(request["object"])
+        sent = bytes(request["object"])
         try:
-            whole = orjson.loads(pod_json)
+            whole = orjson.loads(sent)
         except orjson.JSONDecodeError as error:
             raise BadReview(f"request.object is not valid JSON: {error}") from None
-        return _injected(uid, request, metadata, pod_json, whole, read_labels)
+        injected = _injected(uid, request, metadata, whole, read_labels)
+        return injected or _admission_request(uid, request, metadata, sent, pod=whole)
     if pod is not None:
         return _admission_request(uid, request, metadata, *_pod_to_inject(pod, read_labels))
     return _admission_request(uid, request, metadata, pod_json)
@@ -171,9 +175,50 @@ def decode_review(body: bytes, read_labels: frozenset[str] | None = None) -> Adm
 def _created_in_one_pass(
     body: bytes, read_labels: frozenset[str] | None
 ) -> AdmissionRequest | None:
-    """The creation of a pod, decoded in one pass; None for anything else."""
+    """The creation of a pod, decoded in one pass; None for anything else. A body that
+    names the status annotation is, but for a rare pod, an injected pod coming back (every
+    reinvocation): first read as such (`_injected_at_once`)."""
+    if _STATUS_KEY in body:
+        injected = _injected_at_once(body, read_labels)
+        if injected is not None:
+            return injected
+    created = _pod_creation(wire.decode_review_with_pod, body)
+    if created is None:
+        return None
+    request, pod, metadata = created
+    if STATUS in (metadata.get("annotations") or {}):
+        return _injected_in_one_pass(body, request, metadata, read_labels)
+    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod, read_labels))
+
+
+# How an injected pod's annotations name its status, as the API server writes it.
+_STATUS_KEY = orjson.dumps(STATUS) + b":"
+
+
+def _injected_at_once(body: bytes, read_labels: frozenset[str] | None) -> AdmissionRequest | None:
+    """An injected pod coming back, its review and the whole of its spec read in one typed
+    pass (`wire.decode_review_with_injected_pod`: half the time of the one pass and orjson's
+    of the whole body), its spec checked as the one pass checks it; None for anything else
+    (labels or annotations that are not strings, a pod without a status after all, fields
+    of the wrong type), for the passes below to read or refuse."""
+    created = _pod_creation(wire.decode_review_with_injected_pod, body) if _readable(body) else None
+    if created is None:
+        return None
+    request, pod, metadata = created
+    if STATUS not in (metadata.get("annotations") or {}):
+        return None
     try:
-        review = wire.decode_review_with_pod(body)
+        wire.check_spec(pod.get("spec") or {})
+    except wire.DecodeError:
+        return None
+    return _injected(request["uid"], request, metadata, pod, read_labels)
+
+
+def _pod_creation(decode: Callable[[bytes], Mapping[str, Any]], body: bytes) -> Any:
+    """The request, the pod and its metadata of the creation of a pod, as `decode` reads
+    `body` in one pass; None for anything else."""
+    try:
+        review = decode(body)
     except (wire.DecodeError, RecursionError):
         return None
     request = review.get("request")
@@ -183,15 +228,22 @@ def _created_in_one_pass(
         or request is None
         or not request.get("uid")
         or not _creates_a_pod(request)
+        or request.get("object") is None
     ):
         return None
-    pod = request.get("object")
-    metadata = (pod or {}).get("metadata") or {}
-    if pod is None:
-        return None
-    if STATUS in (metadata.get("annotations") or {}):
-        return _injected_in_one_pass(body, request, metadata, read_labels)
-    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod, read_labels))
+    pod = request["object"]
+    return request, pod, pod.get("metadata") or {}
+
+
+def _readable(body: bytes) -> bool:
+    """Whether orjson reads every string of `body`, those the typed pass skips included:
+    UTF-8 without escaped surrogates (which the API server never writes: Go writes UTF-8 as it
+    is). Otherwise the passes below read it, and refuse what orjson refuses, as before."""
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return False
+    return b"\\ud" not in body and b"\\uD" not in body
 
 
 def _injected_in_one_pass(
@@ -200,30 +252,39 @@ def _injected_in_one_pass(
     metadata: wire.ObjectMeta,
     read_labels: frozenset[str] | None,
 ) -> AdmissionRequest | None:
-    """An injected pod coming back (every reinvocation): the request and the metadata from
-    the one pass, the whole object read from the body by orjson (the two passes would
-    decode it twice more); None where orjson refuses it, for the two passes to say why."""
+    """An injected pod coming back that `_injected_at_once` did not read: the request and
+    the metadata from the one pass, the whole object read from the body by orjson (the two
+    passes would decode it twice more); None where orjson refuses it, for the two passes to
+    say why."""
     try:
         whole = orjson.loads(body)["request"]["object"]
-        pod_json = orjson.dumps(whole)
-    except (orjson.JSONDecodeError, orjson.JSONEncodeError, KeyError, TypeError):
+    except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
-    return _injected(request["uid"], request, metadata, pod_json, whole, read_labels)
+    return _injected(request["uid"], request, metadata, whole, read_labels)
 
 
 def _injected(
     uid: str,
-    request: wire.Request | wire.RequestWithPod,
+    request: wire.AnyRequest,
     metadata: wire.ObjectMeta,
-    pod_json: bytes,
     whole: Any,
     read_labels: frozenset[str] | None,
-) -> AdmissionRequest:
+) -> AdmissionRequest | None:
     """A pod with a status: what `mutation` reads is the whole of it, fields the partial
-    decoder skips included, and its checked form is what `VerifiedForms` remembers."""
+    decoder skips included, its token volume normalised as a pod to inject's is (so that
+    the sidecars, which the API server gives a mount of it, compare alike from pod to pod);
+    and its checked form is what `VerifiedForms` remembers. None, the pod as it came, where
+    orjson cannot write it again (nested past 254 levels): the caller keeps its bytes."""
+    token = normalise_token_volume(whole)
     form = checked_form(whole, read_labels)
+    try:  # without a form, what `inject` reads of it stands for it
+        pod_json = orjson.dumps(read_parts(whole)) if form is None else form
+    except orjson.JSONEncodeError:
+        if token is not None:
+            rename_volume(whole, TOKEN_VOLUME_PLACEHOLDER, token)
+        return None
     checked = None if form is None else hashlib.blake2b(form, digest_size=16).digest()
-    return _admission_request(uid, request, metadata, pod_json, checked=checked, pod=whole)
+    return _admission_request(uid, request, metadata, pod_json, token, checked, whole)
 
 
 def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[bytes, str | None]:
@@ -242,7 +303,7 @@ def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[b
 
 def _admission_request(
     uid: str,
-    request: wire.Request | wire.RequestWithPod,
+    request: wire.AnyRequest,
     metadata: wire.ObjectMeta,
     pod_json: bytes | None,
     token_volume: str | None = None,
@@ -280,7 +341,7 @@ def _reference(owner: wire.OwnerReference) -> OwnerReference | None:
     return OwnerReference(api_version, kind, name, uid)
 
 
-def _creates_a_pod(request: wire.Request | wire.RequestWithPod) -> bool:
+def _creates_a_pod(request: Mapping[str, Any]) -> bool:
     """Whether the request is a CREATE of a v1 Pod (not of a subresource)."""
     return (
         request.get("operation") == "CREATE"
@@ -358,7 +419,7 @@ def answer(
     if _VERIFIED.holds(request, policy):
         return allowed(request), Verdict("unchanged", ALREADY_INJECTED)
     try:
-        result = _mutation(request, request.pod_json, policy, own_namespace)
+        result = _mutation(request, policy, own_namespace)
     except InjectionDenied as error:
         message = printable(str(error))  # logged by the decision log (webhook.serving.decisions)
         verdict = Verdict("denied", error.reason, message=message[:LOGGED_CHARACTERS])
@@ -378,26 +439,42 @@ def answer(
     return allowed(request, result.patch, warnings), verdict
 
 
-def _mutation(
-    request: AdmissionRequest, pod_json: bytes, policy: Policy, own_namespace: str
-) -> Mutation:
-    """`mutation` of the pod with its token volume normalised, shared by the pods of one
+def _mutation(request: AdmissionRequest, policy: Policy, own_namespace: str) -> Mutation:
+    """The mutation of the pod with its token volume normalised, shared by the pods of one
     workload; of the pod as sent where the policy's templates could mind the name, or where
     the answer names the placeholder (it never should: the token mounts are not ours)."""
-    if request.token_volume is None:
-        return mutation(pod_json, request.namespace, policy, request.pod, own_namespace)
-    if _normalises(policy):
+    if request.token_volume is not None and _normalises(policy):
         try:
-            result = mutation(pod_json, request.namespace, policy, own_namespace=own_namespace)
+            result = _mutation_as_read(request, policy, own_namespace)
         except InjectionDenied as error:
             if TOKEN_VOLUME_PLACEHOLDER not in str(error):
                 raise
         else:
             if not result.names_placeholder:
                 return result
-    pod = orjson.loads(pod_json)
-    rename_volume(pod, TOKEN_VOLUME_PLACEHOLDER, request.token_volume)
-    return mutation(orjson.dumps(pod), request.namespace, policy, own_namespace=own_namespace)
+    if request.token_volume is not None:
+        request = _as_sent(request, request.token_volume)
+    return _mutation_as_read(request, policy, own_namespace)
+
+
+def _mutation_as_read(request: AdmissionRequest, policy: Policy, own_namespace: str) -> Mutation:
+    """A pod to inject: `mutation` of its `pod_json`. A pod with a status: `_mutated` of the
+    whole of it as the request decoded it, never memoised (it holds its own name and uid;
+    `VerifiedForms` remembers its form instead)."""
+    if request.pod is not None:
+        return _mutated(request.pod, request.namespace, own_namespace, policy)
+    assert request.pod_json is not None  # answered before: no pod creation
+    return mutation(request.pod_json, request.namespace, policy, own_namespace)
+
+
+def _as_sent(request: AdmissionRequest, token_volume: str) -> AdmissionRequest:
+    """The request with its pod's token volume named again as it was sent."""
+    if request.pod is not None:  # this request's own decoding: renamed in place
+        rename_volume(request.pod, TOKEN_VOLUME_PLACEHOLDER, token_volume)
+        return request._replace(token_volume=None)
+    pod = orjson.loads(cast(bytes, request.pod_json))
+    rename_volume(pod, TOKEN_VOLUME_PLACEHOLDER, token_volume)
+    return request._replace(pod_json=orjson.dumps(pod), token_volume=None)
 
 
 def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
@@ -460,20 +537,14 @@ def _normalises(policy: Policy) -> bool:
 _VERIFIED = VerifiedForms()
 
 
-def mutation(
-    pod_json: bytes, namespace: str, policy: Policy, decoded: Any = None, own_namespace: str = ""
-) -> Mutation:
+def mutation(pod_json: bytes, namespace: str, policy: Policy, own_namespace: str = "") -> Mutation:
     """Inject into the pod and encode the patch; memoised, as pods come in series.
 
     The replicas of a workload are created alike, so a rollout asks the same question once per
     replica. `inject` is a pure function of exactly these arguments (`pod_json` holds every
     field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
     so no cached object is ever shared with a request. Denials raise and are not cached.
-    A pod too large to memoise (an injected pod coming back is its whole self) is read from
-    `decoded`, the request's own decoding of `pod_json`, when given.
     """
-    if decoded is not None and len(pod_json) > MAX_CACHED_BYTES:
-        return _mutated(cast(dict[str, Any], decoded), namespace, own_namespace, policy)
     return _memoised_mutation(pod_json, namespace, own_namespace, policy)
 
 

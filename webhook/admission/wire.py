@@ -167,10 +167,32 @@ class AdmissionReviewWithPod(TypedDict, total=False):
     request: RequestWithPod
 
 
+class InjectedPod(TypedDict, total=False):
+    """A pod that carries a status, as its check reads it: the metadata above, and the whole
+    of its spec (the check compares every field of the sidecars with the rendering). The
+    rest (managedFields, status) is skipped; the patch, if any, only touches the spec and
+    the annotations, which are here, as are their parents."""
+
+    metadata: ObjectMeta | None
+    spec: dict[str, Any] | None
+
+
+class RequestWithInjectedPod(_RequestFields, total=False):
+    object: InjectedPod | None
+
+
+class AdmissionReviewWithInjectedPod(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    request: RequestWithInjectedPod
+
+
+AnyRequest = Request | RequestWithPod | RequestWithInjectedPod
 DecodeError = msgspec.MsgspecError
 MalformedJSON = msgspec.DecodeError
 _review_decoder = msgspec.json.Decoder(AdmissionReview)
 _review_with_pod_decoder = msgspec.json.Decoder(AdmissionReviewWithPod)
+_review_with_injected_pod_decoder = msgspec.json.Decoder(AdmissionReviewWithInjectedPod)
 _pod_decoder = msgspec.json.Decoder(Pod)
 _encoder = msgspec.json.Encoder()
 
@@ -184,6 +206,18 @@ def decode_review_with_pod(body: bytes) -> AdmissionReviewWithPod:
     """The review and its object, read as a pod, in one pass (a third faster than the review,
     then the pod from its raw bytes); raises `DecodeError` where the object is no pod."""
     return _review_with_pod_decoder.decode(body)
+
+
+def decode_review_with_injected_pod(body: bytes) -> AdmissionReviewWithInjectedPod:
+    """The review and its object, read as an injected pod, in one pass; raises `DecodeError`
+    where the object is no such pod (labels or annotations that are not strings included)."""
+    return _review_with_injected_pod_decoder.decode(body)
+
+
+def check_spec(spec: dict[str, Any]) -> None:
+    """Raises `DecodeError` where the partial decoder would refuse `spec` (a field the
+    injector reads, of the wrong type), as it would the spec of a pod to inject."""
+    msgspec.convert(spec, PodSpec)
 
 
 def decode_pod(raw: msgspec.Raw | bytes) -> Pod:

@@ -574,36 +574,46 @@ def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:
     return renamed
 
 
+def normalise_token_volume(pod: Any) -> str | None:
+    """Rename, in place, the one token volume of a pod decoded for this request alone (and
+    its mounts) to TOKEN_VOLUME_PLACEHOLDER (`rename_volume`); returns its name, or None
+    where nothing was renamed (no token volume, several, or one named as the placeholder)."""
+    name = token_volume(pod)
+    if name is not None:
+        rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
+    return name
+
+
 def checked_form(pod: Any, read_labels: frozenset[str] | None = None) -> bytes | None:
-    """A pod that carries a status, decoded for this request alone, as `inject` sees it: its
-    labels (only those in `read_labels`, the policy's `selector_label_keys`, when given and
-    every value is a string), annotations (`annotations_read`) and spec, its token volume
-    renamed to the placeholder; None where that cannot be said plainly (not objects, several
-    token volumes, nested past what orjson writes). The pod is renamed in place for the
-    encoding (`rename_volume`), then back: the envelope hands it on to `mutation` as it came.
+    """A pod that carries a status, its token volume normalised (`normalise_token_volume`),
+    as `inject` sees it (`read_parts`); None where that cannot be said plainly (metadata or
+    spec that are not objects, several token volumes, nested past what orjson writes).
 
     `inject` reads nothing else of a pod: name, uid, owners, managed fields, status and
-    other annotations only pass through, and other labels only for their type. So the
-    check of an injected pod, which the API server asks for again after its own plugins ran,
-    is made once per form, not once per pod, replica or revision of one shape."""
+    other annotations only pass through, and other labels only for their type; of its token
+    volume, only the prefix of the name. So the check of an injected pod, which the API
+    server asks for again after its own plugins ran, is made once per form, not once per
+    pod, replica or revision of one shape."""
     metadata, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (0, 0)
-    if not isinstance(metadata, dict) or not isinstance(spec, dict):
+    if not isinstance(metadata, dict) or not isinstance(spec, dict) or len(_token_volumes(pod)) > 1:
         return None
-    name = token_volume(pod)
-    if name is None and _token_volumes(pod):  # several, or one named as the placeholder
-        return None
-    renamed = [] if name is None else rename_volume(pod, name, TOKEN_VOLUME_PLACEHOLDER)
-    form = {
-        "labels": labels_read(metadata.get("labels"), read_labels),
-        "annotations": annotations_read(metadata.get("annotations")),
-    }
     try:
-        return orjson.dumps({**form, "spec": spec})
+        return orjson.dumps(read_parts(pod, read_labels))
     except orjson.JSONEncodeError:
         return None
-    finally:
-        for item in renamed:
-            item["name"] = name
+
+
+def read_parts(pod: dict[str, Any], read_labels: frozenset[str] | None = None) -> dict[str, Any]:
+    """What `inject` reads of a pod: its labels (only those in `read_labels`, the policy's
+    `selector_label_keys`, when given and every value is a string), its annotations
+    (`annotations_read`) and its spec."""
+    metadata = pod.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    return {
+        "labels": labels_read(metadata.get("labels"), read_labels),
+        "annotations": annotations_read(metadata.get("annotations")),
+        "spec": pod.get("spec"),
+    }
 
 
 def annotations_read(annotations: Any) -> Any:

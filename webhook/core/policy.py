@@ -530,12 +530,18 @@ class SidecarTemplate(_Model):
             added += [self.config_volume_name, self.output_ca_volume_name]
         return tuple(added)
 
+    @cached_property
+    def added_volume_matches(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        """`added_volume_names` as names and the prefixes of its globs: asked of every volume
+        of every injected pod that comes back."""
+        names = self.added_volume_names
+        globs = tuple(added[:-1] for added in names if added.endswith("*"))
+        return frozenset(added for added in names if not added.endswith("*")), globs
+
     def adds_volume(self, name: str) -> bool:
         """Whether `name` is one of the volumes this template adds to a pod."""
-        return any(
-            name == added or (added.endswith("*") and name.startswith(added[:-1]))
-            for added in self.added_volume_names
-        )
+        names, globs = self.added_volume_matches
+        return name in names or name.startswith(globs)
 
     @property
     def reference_names(self) -> frozenset[str]:
