@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -235,6 +236,11 @@ def _pod_creation(decode: Callable[[bytes], Mapping[str, Any]], body: bytes) -> 
     return request, pod, pod.get("metadata") or {}
 
 
+# A surrogate written as an escape (`\ud800`), in either case: one search (two with `in`
+# took 15 us for an 11 KB body).
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD]")
+
+
 def _readable(body: bytes) -> bool:
     """Whether orjson reads every string of `body`, those the typed pass skips included:
     UTF-8 without escaped surrogates (which the API server never writes: Go writes UTF-8 as it
@@ -243,7 +249,7 @@ def _readable(body: bytes) -> bool:
         body.decode()
     except UnicodeDecodeError:
         return False
-    return b"\\ud" not in body and b"\\uD" not in body
+    return _ESCAPED_SURROGATE.search(body) is None
 
 
 def _injected_in_one_pass(
