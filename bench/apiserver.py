@@ -28,6 +28,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -79,27 +80,33 @@ def main(argv: list[str] | None = None) -> int:
         pod = json.loads(REQUEST_FILE.read_text())["request"]["object"]
         namespaces = _namespaces(plane, stack, work, pod)
         times = _create(plane, pod, namespaces, args.rounds, _kind(args))
-        calls = _reviews(namespaces["outrigger-url"])
+        calls, outcomes = _reviews(namespaces["outrigger-url"])
     creations = args.rounds + 20
     print(f"Outrigger answered {calls[0] / creations:.2f} reviews per creation, in "
-          f"{calls[1] / calls[0] * 1e6:.0f} us each on average (its own measure)")  # fmt: skip
+          f"{calls[1] / calls[0] * 1e6:.0f} us each on average (its own measure): "
+          f"{outcomes}")  # fmt: skip
     return _report(times, args)
 
 
-def _reviews(url: str) -> tuple[float, float]:
-    """Outrigger's count of reviews and their seconds, from its /metrics."""
+def _reviews(url: str) -> tuple[tuple[float, float], str]:
+    """Outrigger's count of reviews and their seconds, and its reviews by outcome and
+    reason (`injected/injected 320, unchanged/already-injected 320`), from its /metrics."""
     import ssl
     import urllib.request
 
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # loopback, our own
     text = urllib.request.urlopen(url + "/metrics", context=context).read().decode()
-    found = {}
+    found, outcomes = {}, []
     for line in text.splitlines():
         for suffix in ("count", "sum"):
             if line.startswith(f"outrigger_admission_review_duration_seconds_{suffix} "):
                 found[suffix] = float(line.split()[1])
-    return found["count"], found["sum"]
+        if line.startswith("outrigger_admission_reviews_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if count := float(line.split()[-1]):
+                outcomes.append(f"{labels['outcome']}/{labels['reason']} {count:.0f}")
+    return (found["count"], found["sum"]), ", ".join(outcomes)
 
 
 def _namespaces(
