@@ -89,8 +89,8 @@ class AdmissionRequest(NamedTuple):
     # The name of the pod's token volume, where `pod_json` (and `pod`) hold it as the
     # placeholder (`rename_volume`), so that pods of one workload share their answer.
     token_volume: str | None = None
-    # A pod with a status: the whole of it as this request decoded it (never shared), which
-    # `mutation` reads rather than decoding `pod_json` again.
+    # A pod with a status: all that the check reads of it (its metadata, the whole of its
+    # spec), as this request decoded it (never shared), which `mutation` reads.
     pod: Any = None
 
 
@@ -276,11 +276,11 @@ def _injected(
     whole: Any,
     read_labels: frozenset[str] | None,
 ) -> AdmissionRequest | None:
-    """A pod with a status: what `mutation` reads is the whole of it, fields the partial
-    decoder skips included, its token volume normalised as a pod to inject's is (so that
-    the sidecars, which the API server gives a mount of it, compare alike from pod to pod);
-    and its checked form is what `VerifiedForms` remembers. None, the pod as it came, where
-    orjson cannot write it again (nested past 254 levels): the caller keeps its bytes."""
+    """A pod with a status: what `mutation` reads is `whole`, fields the partial decoder
+    skips included, its token volume normalised as a pod to inject's is (so that the
+    sidecars, which the API server gives a mount of it, compare alike from pod to pod); and
+    its checked form is what `VerifiedForms` remembers. None, the pod as it came, where
+    orjson cannot write it again (nested past 254 levels, a string or number it refuses)."""
     token = normalise_token_volume(whole)
     form = checked_form(whole, read_labels)
     try:  # without a form, what `inject` reads of it stands for it
@@ -448,7 +448,8 @@ def answer(
 def _mutation(request: AdmissionRequest, policy: Policy, own_namespace: str) -> Mutation:
     """The mutation of the pod with its token volume normalised, shared by the pods of one
     workload; of the pod as sent where the policy's templates could mind the name, or where
-    the answer names the placeholder (it never should: the token mounts are not ours)."""
+    the answer names the placeholder (a reinjection that rewrites a list of mounts holding
+    the API server's token mount)."""
     if request.token_volume is not None and _normalises(policy):
         try:
             result = _mutation_as_read(request, policy, own_namespace)
