@@ -392,16 +392,22 @@ def test_any_other_extra_mount_in_an_injected_container_is_a_mismatch(policy: Po
 
 
 def test_a_remembered_sidecar_check_answers_only_for_the_same_content(policy: Policy) -> None:
-    """The check of an injected container is remembered by the JSON of both sides
-    (`webhook.core.volumes`): a pod whose sidecar differs in any value is never taken for the
-    one checked before it, and the same content is answered alike."""
-    volumes._CHECKED_CONTAINERS.clear()
+    """The check of an injected container or volume is remembered by the JSON of both sides
+    (`webhook.core.volumes`): a pod whose sidecar or volume differs in any value is never
+    taken for the one checked before it, and the same content is answered alike."""
+    volumes._CHECKED_ITEMS.clear()
     once = inject(pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}), DEFAULT, policy).pod
     assert inject(copy.deepcopy(once), DEFAULT, policy).reason == ALREADY_INJECTED
-    assert len(volumes._CHECKED_CONTAINERS) == 3  # the app and both sidecars (a deep copy)
+    spec = once["spec"]
+    # The app, both sidecars and every volume (a deep copy shares nothing with the pod).
+    assert len(volumes._CHECKED_ITEMS) == 3 + len(spec["volumes"])
     for field, value in [("image", "registry.example.com/other:1"), ("args", ["-c", "x"]),
                          ("restartPolicy", "Never"), ("ports", [])]:  # fmt: skip
         tampered = copy.deepcopy(once)
         tampered["spec"]["initContainers"][1][field] = value
         assert inject(tampered, DEFAULT, policy).reason == REINJECTED, field
+    shared_logs = next(v for v in spec["volumes"] if "emptyDir" in v)
+    tampered = copy.deepcopy(once)
+    next(v for v in tampered["spec"]["volumes"] if v == shared_logs)["emptyDir"] = {}
+    assert inject(tampered, DEFAULT, policy).reason == REINJECTED
     assert inject(copy.deepcopy(once), DEFAULT, policy).reason == ALREADY_INJECTED

@@ -103,17 +103,19 @@ def contains(actual: Any, expected: Any, key: str = "") -> bool:
         extra = actual[len(expected) :]
         if extra and not (key == "volumeMounts" and all(_token_mount(m) for m in extra)):
             return False
-        held = _container_contains if key in _CONTAINER_LISTS else contains
+        held = _remembered_contains if key in _REMEMBERED_LISTS else contains
         return all(held(a, e) for a, e in zip(actual, expected, strict=False))
     return bool(actual == expected) and type(actual) is type(expected)
 
 
-def _container_contains(actual: Any, expected: Any) -> bool:
-    """`contains` for one container, remembered by the JSON of both: an injected sidecar is
-    checked against the same rendering at every reinvocation of every pod injected alike,
-    and comparing it field by field in Python took a third of such a review. A container
-    that shares lists or objects with the pod as it came (the app's) is compared as it is:
-    what it shares costs nothing there, and its JSON could be large."""
+def _remembered_contains(actual: Any, expected: Any) -> bool:
+    """`contains` for one container or volume, remembered by the JSON of both: an injected
+    sidecar (or volume) is checked against the same rendering at every reinvocation of
+    every pod injected alike, and comparing it field by field in Python took a third of
+    such a review. An item that shares lists or objects with the pod as it came (the app's)
+    is compared as it is: what it shares costs nothing there, and its JSON could be large."""
+    if actual is expected:
+        return True
     if (
         not isinstance(actual, dict)
         or not isinstance(expected, dict)
@@ -128,23 +130,24 @@ def _container_contains(actual: Any, expected: Any) -> bool:
         both = (orjson.dumps(actual), orjson.dumps(expected))
     except (orjson.JSONEncodeError, TypeError):  # not JSON: compared as it is
         return contains(actual, expected)
-    if len(both[0]) + len(both[1]) > _CHECKED_CONTAINER_BYTES:
+    if len(both[0]) + len(both[1]) > _CHECKED_ITEM_BYTES:
         return contains(actual, expected)
-    held = _CHECKED_CONTAINERS.get(both)
+    held = _CHECKED_ITEMS.get(both)
     if held is None:
         held = contains(actual, expected)
-        if len(_CHECKED_CONTAINERS) >= _CHECKED_CONTAINER_ENTRIES:
-            _CHECKED_CONTAINERS.clear()  # a bound, not a policy: refilled by the next reviews
-        _CHECKED_CONTAINERS[both] = held
+        if len(_CHECKED_ITEMS) >= _CHECKED_ITEM_ENTRIES:
+            _CHECKED_ITEMS.clear()  # a bound, not a policy: refilled by the next reviews
+        _CHECKED_ITEMS[both] = held
     return held
 
 
-# Containers checked by `_container_contains`: at most about 4 MiB of keys. Read and written
-# from the event loop and worker threads alike; a lost entry is only checked again.
-_CONTAINER_LISTS = frozenset({"containers", "initContainers"})
-_CHECKED_CONTAINER_BYTES = 16 * 1024
-_CHECKED_CONTAINER_ENTRIES = 256
-_CHECKED_CONTAINERS: dict[tuple[bytes, bytes], bool] = {}
+# Containers and volumes checked by `_remembered_contains`: at most about 4 MiB of keys.
+# Read and written from the event loop and worker threads alike; a lost entry is only
+# checked again.
+_REMEMBERED_LISTS = frozenset({"containers", "initContainers", "volumes"})
+_CHECKED_ITEM_BYTES = 16 * 1024
+_CHECKED_ITEM_ENTRIES = 256
+_CHECKED_ITEMS: dict[tuple[bytes, bytes], bool] = {}
 
 
 def _added_by_api(key: str, value: Any, parent: str) -> bool:
@@ -167,7 +170,8 @@ def _contains_keyed(actual: list[Any], expected: list[Any], field: str, key: str
     by_key = {item.get(field): item for item in actual if isinstance(item, dict)}
     if len(by_key) != len(actual):  # items that are not objects, or keys twice: not ours
         return False
+    held = _remembered_contains if key in _REMEMBERED_LISTS else contains
     for item in expected:
-        if not isinstance(item, dict) or not contains(by_key.pop(item.get(field), None), item):
+        if not isinstance(item, dict) or not held(by_key.pop(item.get(field), None), item):
             return False
     return all(key == "volumeMounts" and _token_mount(extra) for extra in by_key.values())
