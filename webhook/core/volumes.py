@@ -103,9 +103,15 @@ def contains(actual: Any, expected: Any, key: str = "") -> bool:
         extra = actual[len(expected) :]
         if extra and not (key == "volumeMounts" and all(_token_mount(m) for m in extra)):
             return False
-        held = _remembered_contains if key in _REMEMBERED_LISTS else contains
+        held = _item_check(key)
         return all(held(a, e) for a, e in zip(actual, expected, strict=False))
     return bool(actual == expected) and type(actual) is type(expected)
+
+
+def _item_check(key: str) -> Callable[[Any, Any], bool]:
+    """How the items of the list `key` are checked: those of the lists of containers and
+    volumes remembered (`_remembered_contains`), others compared as they are."""
+    return _remembered_contains if key in _REMEMBERED_LISTS else contains
 
 
 def _remembered_contains(actual: Any, expected: Any) -> bool:
@@ -170,7 +176,7 @@ def _contains_keyed(actual: list[Any], expected: list[Any], field: str, key: str
     by_key = {item.get(field): item for item in actual if isinstance(item, dict)}
     if len(by_key) != len(actual):  # items that are not objects, or keys twice: not ours
         return False
-    held = _remembered_contains if key in _REMEMBERED_LISTS else contains
+    held = _item_check(key)
     for item in expected:
         if not isinstance(item, dict) or not held(by_key.pop(item.get(field), None), item):
             return False
