@@ -411,3 +411,93 @@ def test_a_remembered_sidecar_check_answers_only_for_the_same_content(policy: Po
     next(v for v in tampered["spec"]["volumes"] if v == shared_logs)["emptyDir"] = {}
     assert inject(tampered, DEFAULT, policy).reason == REINJECTED
     assert inject(copy.deepcopy(once), DEFAULT, policy).reason == ALREADY_INJECTED
+
+
+# The ServiceAccount plugin's token mount ------------------------------------------------------
+
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_VOLUME = {"name": "kube-api-access-x7k2p", "projected": {"sources": []}}
+
+
+def with_token(**spec: Any) -> dict[str, Any]:
+    """A pod as the ServiceAccount plugin leaves it before the webhooks: its token volume,
+    mounted into the app container with the plugin's fields."""
+    app = {
+        "name": "main-app",
+        "image": "myapp:1.0",
+        "volumeMounts": [
+            {"name": "kube-api-access-x7k2p", "readOnly": True, "mountPath": TOKEN_PATH}
+        ],
+    }
+    return pod({ann.INJECT: "log-watcher,ambassador", **UPSTREAM}, containers=[app],
+               volumes=[TOKEN_VOLUME], **spec)  # fmt: skip
+
+
+def token_mounts(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in container.get("volumeMounts", ()) if m["mountPath"] == TOKEN_PATH]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "classic"])
+def test_sidecars_get_the_token_mount_the_serviceaccount_plugin_would_add(
+    policy: Policy, native: bool
+) -> None:
+    """The plugin runs again after the webhooks and mounts the token into every container
+    without a mount at its path; written by the injection in the plugin's fields and order
+    (last), it leaves the plugin nothing to add, so the API server calls no second time."""
+    policy = parse_policy({**policy.model_dump(mode="json"), "nativeSidecars": native})
+    spec = inject(with_token(), DEFAULT, policy).pod["spec"]
+    sidecars = spec["initContainers"] if native else spec["containers"][1:]
+    assert names(sidecars) == ["log-watcher", "ambassador"]
+    mount = {"name": "kube-api-access-x7k2p", "readOnly": True, "mountPath": TOKEN_PATH}
+    for sidecar in sidecars:
+        assert sidecar["volumeMounts"][-1] == mount and token_mounts(sidecar) == [mount]
+    assert orjson.dumps(mount) == orjson.dumps(sidecars[0]["volumeMounts"][-1])  # field order
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["automount off", "no token volume", "token volume not mounted", "mounted elsewhere"],
+)
+def test_no_token_mount_where_the_plugin_would_add_none(policy: Policy, case: str) -> None:
+    """Without the plugin's volume mounted at its path by a container of the pod (it did not
+    run, or the pod turned it off), the sidecars get none: the plugin would give none."""
+    sent = with_token()
+    spec = sent["spec"]
+    if case == "automount off":
+        spec["automountServiceAccountToken"] = False
+    elif case == "no token volume":
+        del spec["volumes"], spec["containers"][0]["volumeMounts"]
+    elif case == "token volume not mounted":
+        del spec["containers"][0]["volumeMounts"]
+    else:
+        spec["containers"][0]["volumeMounts"][0]["mountPath"] = "/token"
+    injected = inject(sent, DEFAULT, policy).pod["spec"]
+    assert all(not token_mounts(c) for c in injected["initContainers"])
+
+
+def test_the_token_mount_names_the_first_token_volume_as_the_plugin_does(policy: Policy) -> None:
+    sent = with_token()
+    sent["spec"]["volumes"].append({**TOKEN_VOLUME, "name": "kube-api-access-zzzzz"})
+    injected = inject(sent, DEFAULT, policy).pod["spec"]
+    assert {m["name"] for c in injected["initContainers"] for m in token_mounts(c)} == {
+        "kube-api-access-x7k2p"
+    }
+
+
+def test_a_sidecar_mounting_something_at_the_token_path_keeps_it(policy: Policy) -> None:
+    """As the plugin decides: any mount at the path, as written, and none is added."""
+    own = {"name": "own-token", "mountPath": TOKEN_PATH}
+    sidecar = {"name": "log-watcher", "volumeMounts": [own]}
+    mount = volumes.api_token_mount(with_token()["spec"])
+    assert volumes.with_api_token(sidecar, mount) is sidecar
+    other = {"name": "other", "volumeMounts": [{"name": "x", "mountPath": TOKEN_PATH + "/"}]}
+    assert token_mounts(volumes.with_api_token(other, mount)) == [mount]
+
+
+def test_an_injected_pod_with_its_token_mounts_is_injected_already(policy: Policy) -> None:
+    once = inject(with_token(), DEFAULT, policy).pod
+    again = inject(copy.deepcopy(once), DEFAULT, policy)
+    assert again.reason == ALREADY_INJECTED
+    tampered = copy.deepcopy(once)
+    tampered["spec"]["initContainers"][0]["volumeMounts"][-1]["readOnly"] = False
+    assert inject(tampered, DEFAULT, policy).reason == REINJECTED

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -123,6 +124,39 @@ def test_a_pod_the_webhook_injected_is_fine_as_the_api_server_stores_it(
     assert classify(stored, namespace, policy) is None
     again = inject(stored, RequestContext(namespace), policy)
     assert (again.reason, again.pod) == (ALREADY_INJECTED, stored)
+
+
+def reviews(webhook: Webhook) -> float:
+    """The reviews the webhook has answered, by its /metrics."""
+    url = webhook.server.ip_url + "/metrics"
+    with urllib.request.urlopen(url, context=webhook.server.trusting_ca()) as answer:
+        text = answer.read().decode()
+    lines = text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(REVIEWS + "{"))
+
+
+REVIEWS = "outrigger_admission_reviews_total"
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.mark.parametrize("placement", ["native", "classic"])
+def test_the_api_server_calls_the_webhook_once_per_pod(
+    kube: ControlPlane, webhooks: dict[str, Webhook], selected: dict[str, str], placement: str
+) -> None:
+    """The sidecars get the token mount the ServiceAccount plugin gives every container, as
+    the plugin writes it: run again after the webhook, the plugin changes nothing, so the API
+    server does not call the webhook a second time (`reinvocationPolicy: IfNeeded`), and the
+    pod is stored as it would be had the plugin mounted it."""
+    namespace = selected_namespace(kube, selected[placement])
+    before = reviews(webhooks[placement])
+    stored = create(kube, namespace, app_pod("once", BOTH))
+    assert reviews(webhooks[placement]) - before == 1
+    spec = stored["spec"]
+    (token,) = [v["name"] for v in spec["volumes"] if v["name"].startswith("kube-api-access-")]
+    mount = {"name": token, "readOnly": True, "mountPath": TOKEN_PATH}
+    for container in [*spec["containers"], *spec.get("initContainers", ())]:
+        assert [m for m in container["volumeMounts"] if m["mountPath"] == TOKEN_PATH] == [mount]
+    assert len(spec["containers"]) + len(spec.get("initContainers", ())) == 3
 
 
 @pytest.mark.parametrize("placement", ["native", "classic"])

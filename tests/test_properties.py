@@ -196,6 +196,7 @@ LABELS = st.dictionaries(
     st.sampled_from(["frontend", "web", "operator", "web-0"]),
     max_size=3,
 )
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_SUFFIXES = st.sampled_from(["abcde", "x7k2p", "zz9qq"] * 4 + ["*"])
 
 
@@ -206,7 +207,7 @@ def add_token_volume(spec: dict[str, Any], suffix: str) -> None:
     name = f"kube-api-access-{suffix}"
     volume = {"name": name, "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}
     spec["volumes"] = [*spec.get("volumes", ()), volume]
-    mount = {"name": name, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    mount = {"name": name, "readOnly": True, "mountPath": TOKEN_PATH}
     for container in [*spec["containers"], *spec.get("initContainers", ())]:
         if isinstance(container, dict):
             container["volumeMounts"] = [*(container.get("volumeMounts") or ()), dict(mount)]

@@ -69,6 +69,14 @@ def test_the_replicas_of_a_statefulset_share_one_answer(policy: Policy) -> None:
     envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
     first, patch = answered(replica(0), policy)
     assert first["allowed"] and patch, first
+    # The sidecar holds the token mount the ServiceAccount plugin would add after the
+    # webhook (so that the API server does not call again), named as the pod's volume.
+    (sidecars,) = [op["value"] for op in patch if op["path"] == "/spec/initContainers"]
+    assert sidecars[0]["volumeMounts"][-1] == {
+        "name": "kube-api-access-00000",
+        "readOnly": True,
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+    }
     before = misses()
     for index in range(1, 6):
         _, again = answered(replica(index), policy)
@@ -130,3 +138,43 @@ def test_an_annotation_a_template_writes_still_makes_its_own_answer() -> None:
     holding["metadata"]["annotations"][policy.templates["log-watcher"].config_annotation] = "x"
     _, replaced = answered(holding, policy)
     assert [op["op"] for op in replaced if op["path"] == path] == ["replace"]
+
+
+def test_the_placeholder_named_otherwise_in_the_patch_is_never_replaced() -> None:
+    """A memoised answer names each pod's token volume by replacing the placeholder, but only
+    where the placeholder names token mounts alone: here a container named so (a name the API
+    server would refuse, but after the webhooks) is listed in the log-watcher's
+    configuration, and the answer is made from the pod as sent."""
+    pod = replica(3)
+    pod["spec"]["containers"][0]["name"] = "kube-api-access-*"
+    pod["metadata"]["annotations"]["outrigger.dev/log-output"] = "loki"
+    response, patch = answered(pod, PLATFORM)
+    assert response["allowed"]
+    written = orjson.dumps(patch)
+    assert written.count(b"kube-api-access-*") == 1  # the container's name, in the config
+    assert written.count(b"kube-api-access-00003") == 1  # the log-watcher's token mount
+
+
+@pytest.mark.parametrize("suffix", ['q"\\x', "\u00e9t\u00e9", "a" * 3000])
+def test_a_token_volume_of_any_name_is_written_as_json(suffix: str) -> None:
+    """The name joined into a memoised patch is escaped as orjson writes a string (the API
+    server validates names only after the webhooks)."""
+    token = f"kube-api-access-{suffix}"
+    pod = replica(4)
+    pod["spec"]["volumes"][0]["name"] = token
+    pod["spec"]["containers"][0]["volumeMounts"][0]["name"] = token
+    response, patch = answered(pod, DEFAULT)
+    assert response["allowed"]
+    (sidecars,) = [op["value"] for op in patch if op["path"] == "/spec/initContainers"]
+    assert sidecars[0]["volumeMounts"][-1]["name"] == token
+
+
+def test_a_token_volume_name_that_makes_the_patch_too_large_is_denied() -> None:
+    """Its normalised pod's patch is small; named, it would pass MAX_PATCH_BYTES."""
+    token = "kube-api-access-" + "a" * envelope.MAX_PATCH_BYTES
+    pod = replica(5)
+    pod["spec"]["volumes"][0]["name"] = token
+    pod["spec"]["containers"][0]["volumeMounts"][0]["name"] = token
+    response, _ = answered(pod, DEFAULT)
+    assert not response["allowed"]
+    assert "more than the 524288 accepted" in response["status"]["message"]

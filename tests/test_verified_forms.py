@@ -32,6 +32,7 @@ from webhook.core.patch import diff
 from webhook.core.policy import default_policy, parse_policy
 
 POLICY = default_policy()
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN = {
     "name": "kube-api-access-abcde",
     "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},
@@ -49,7 +50,7 @@ def stored(pod: dict[str, Any], suffix: str, name: str) -> dict[str, Any]:
     result["metadata"].update({"name": name, "uid": f"uid-{name}", "resourceVersion": "1"})
     token = {**TOKEN, "name": f"kube-api-access-{suffix}"}
     result["spec"]["volumes"] = [*result["spec"].get("volumes", ()), token]
-    mount = {"name": token["name"], "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    mount = {"name": token["name"], "readOnly": True, "mountPath": TOKEN_PATH}
     for field in ("initContainers", "containers"):
         for container in result["spec"].get(field, ()):
             container["volumeMounts"] = [*container.get("volumeMounts", ()), mount]

@@ -33,7 +33,14 @@ from webhook.core.selection import (
 )
 from webhook.core.sidecarresources import Override
 from webhook.core.templates import RenderedSidecar, TemplateError, render, with_app_containers
-from webhook.core.volumes import contains, mount_conflicts, with_mounts, without_mounts
+from webhook.core.volumes import (
+    api_token_mount,
+    contains,
+    mount_conflicts,
+    with_api_token,
+    with_mounts,
+    without_mounts,
+)
 from webhook.limits import MAX_ANNOTATION_BYTES, cache_small, echo
 
 Pod = dict[str, Any]
@@ -287,8 +294,9 @@ def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...
     containers: list[dict[str, Any]] = spec["containers"]
     if mounts:
         containers = [with_mounts(container, mounts) for container in containers]
-    native = [s.container for s in sidecars if s.native]
-    classic = [s.container for s in sidecars if not s.native]
+    token = api_token_mount(spec)
+    native = [with_api_token(s.container, token) for s in sidecars if s.native]
+    classic = [with_api_token(s.container, token) for s in sidecars if not s.native]
     injected = {**spec, "containers": [*containers, *classic]}
     if native:
         # First, so that the app's own init containers can already use them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -28,6 +28,63 @@ def without_mounts(container: Container, removed: Callable[[object], bool]) -> C
     if not kept:
         return {key: value for key, value in container.items() if key != "volumeMounts"}
     return {**container, "volumeMounts": kept}
+
+
+# Where the ServiceAccount admission plugin mounts the pod's API token volume
+# (`DefaultAPITokenMountPath`), in every container that mounts nothing there.
+API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def api_token_mount(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The mount of the pod's API token that the ServiceAccount admission plugin gives each
+    container without a mount at API_TOKEN_PATH, where the pod shows the plugin mounted it
+    (its first volume named `kube-api-access-...`, mounted there by one of its containers,
+    and `automountServiceAccountToken` not false); None otherwise.
+
+    The plugin runs again after the webhooks and would append this very mount to the
+    sidecars, and that change would make the API server call the webhook a second time
+    (`reinvocationPolicy: IfNeeded`) for every pod. Written by the injection, in the plugin's
+    order of fields, it leaves the plugin nothing to do: the pod ends the same."""
+    if spec.get("automountServiceAccountToken") is False:
+        return None
+    name = _first_token_volume(spec.get("volumes"))
+    if name is None:
+        return None
+    for field in ("containers", "initContainers"):
+        for container in _list(spec.get(field)):
+            mounts = container.get("volumeMounts") if isinstance(container, dict) else None
+            for mount in _list(mounts):
+                if _at_token_path(mount) and mount.get("name") == name:
+                    return {"name": name, "readOnly": True, "mountPath": API_TOKEN_PATH}
+    return None
+
+
+def _first_token_volume(volumes: Any) -> str | None:
+    """The name of the first of `volumes` named as the plugin names its token volume."""
+    for volume in _list(volumes):
+        name = volume.get("name") if isinstance(volume, dict) else None
+        if isinstance(name, str) and name.startswith(_TOKEN_MOUNT):
+            return name
+    return None
+
+
+def with_api_token(container: Container, mount: dict[str, Any] | None) -> Container:
+    """`container` with the plugin's token `mount` (`api_token_mount`), unless it mounts
+    something at that path already (as the plugin decides: the path as written)."""
+    if mount is None:
+        return container
+    for existing in _list(container.get("volumeMounts")):
+        if _at_token_path(existing):
+            return container
+    return with_mounts(container, [mount])
+
+
+def _at_token_path(mount: Any) -> bool:
+    return isinstance(mount, dict) and mount.get("mountPath") == API_TOKEN_PATH
+
+
+def _list(value: Any) -> list[Any] | tuple[()]:
+    return value if isinstance(value, list) else ()
 
 
 def mount_conflicts(containers: Sequence[Container], path: str) -> list[str]:
