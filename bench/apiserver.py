@@ -9,7 +9,8 @@ naming the Kubernetes binaries, as for the tests) starts etcd and kube-apiserver
   same uvicorn and TLS as the floor, registered for a second namespace;
 - a third namespace that no webhook selects.
 
-It creates the benchmark pod (`bench/request.json`'s) with `dryRun=All` in the three, in turn,
+It creates the benchmark pod (`bench/request.json`'s, without the token volume the API server
+gives each pod a name of its own) with `dryRun=All` in the three, in turn,
 ROUNDS times over one keep-alive connection, and reports per series the median and mean time
 of a creation, what each webhook adds to the creation without one, and the ratio of
 Outrigger's addition to the replay's (target <= 1.15). The pods of one series are alike (one
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(folder)
         plane = start_control_plane(assets, work / "kube")
         stack.callback(plane.stop)
-        pod = json.loads(REQUEST_FILE.read_text())["request"]["object"]
+        pod = _as_templated(json.loads(REQUEST_FILE.read_text())["request"]["object"])
         namespaces = _namespaces(plane, stack, work, pod)
         times = _create(plane, pod, namespaces, args.rounds, _kind(args))
         calls, outcomes = _reviews(namespaces["outrigger-url"])
@@ -139,7 +140,8 @@ def _replay(work: Path, certs: Path, pod: dict[str, Any]) -> Iterator[str]:
     command += ["--port", str(port), "--ssl-certfile", str(certs / "tls.crt")]
     command += ["--ssl-keyfile", str(certs / "tls.key"), "--http", "httptools"]
     command += ["--loop", "uvloop", "--no-access-log", "--log-level", "warning"]
-    env = {**os.environ, "REPLAY_RESPONSE": str(response)}
+    token = next(v["name"] for v in review["request"]["object"]["spec"]["volumes"])
+    env = {**os.environ, "REPLAY_RESPONSE": str(response), "REPLAY_TOKEN_VOLUME": token}
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     try:
         time.sleep(2)
@@ -149,6 +151,26 @@ def _replay(work: Path, certs: Path, pod: dict[str, Any]) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _as_templated(pod: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark pod as a controller creates it from its template: without the token
+    volume and mounts the request file holds, which the API server adds to each pod under a
+    name of its own (`kube-api-access-` and five random characters)."""
+    spec = pod["spec"]
+    token = {v["name"] for v in spec["volumes"] if v["name"].startswith("kube-api-access-")}
+    containers = [
+        {**c, "volumeMounts": [m for m in c["volumeMounts"] if m["name"] not in token]}
+        for c in spec["containers"]
+    ]
+    for container in containers:
+        if not container["volumeMounts"]:
+            del container["volumeMounts"]
+    volumes = [v for v in spec["volumes"] if v["name"] not in token]
+    spec = {**spec, "containers": containers, "volumes": volumes}
+    if not volumes:
+        del spec["volumes"]
+    return {**pod, "spec": spec}
 
 
 def _kind(args: argparse.Namespace) -> str:
