@@ -16,7 +16,7 @@ A field the injector starts to read must be added here.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Generic, TypedDict, TypeVar
 
 import msgspec
 
@@ -127,14 +127,18 @@ class Pod(TypedDict, total=False):
     spec: PodSpec | None
 
 
+Object = TypeVar("Object")
+
+
 class GroupVersionKind(TypedDict):
     group: str
     version: str
     kind: str
 
 
-class _RequestFields(TypedDict, total=False):
-    """What both ways of decoding a request read besides its object."""
+class _Request(TypedDict, Generic[Object], total=False):
+    """What every way of decoding a request reads besides its object, and its object as
+    `Object` reads it."""
 
     uid: str
     kind: GroupVersionKind
@@ -142,29 +146,13 @@ class _RequestFields(TypedDict, total=False):
     namespace: str
     subResource: str
     dryRun: bool | None
+    object: Object
 
 
-class Request(_RequestFields, total=False):
-    # Kept as raw JSON (`null` included): decoded, partially, only for a pod to mutate.
-    object: msgspec.Raw
-
-
-class AdmissionReview(TypedDict, total=False):
+class _Review(TypedDict, Generic[Object], total=False):
     apiVersion: str
     kind: str
-    request: Request
-
-
-class RequestWithPod(_RequestFields, total=False):
-    """A `Request` whose object is decoded as a pod in the same pass (`decode_review_with_pod`)."""
-
-    object: Pod | None
-
-
-class AdmissionReviewWithPod(TypedDict, total=False):
-    apiVersion: str
-    kind: str
-    request: RequestWithPod
+    request: _Request[Object]
 
 
 class InjectedPod(TypedDict, total=False):
@@ -177,16 +165,15 @@ class InjectedPod(TypedDict, total=False):
     spec: dict[str, Any] | None
 
 
-class RequestWithInjectedPod(_RequestFields, total=False):
-    object: InjectedPod | None
-
-
-class AdmissionReviewWithInjectedPod(TypedDict, total=False):
-    apiVersion: str
-    kind: str
-    request: RequestWithInjectedPod
-
-
+# The object kept as raw JSON (`null` included): decoded, partially, only for a pod to mutate.
+Request = _Request[msgspec.Raw]
+AdmissionReview = _Review[msgspec.Raw]
+# The object decoded as a pod in the same pass (`decode_review_with_pod`).
+RequestWithPod = _Request[Pod | None]
+AdmissionReviewWithPod = _Review[Pod | None]
+# The object decoded as an injected pod in the same pass (`decode_review_with_injected_pod`).
+RequestWithInjectedPod = _Request[InjectedPod | None]
+AdmissionReviewWithInjectedPod = _Review[InjectedPod | None]
 AnyRequest = Request | RequestWithPod | RequestWithInjectedPod
 DecodeError = msgspec.MsgspecError
 MalformedJSON = msgspec.DecodeError
