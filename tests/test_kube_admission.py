@@ -34,7 +34,7 @@ from tests.kube_webhook import (
     running_webhook,
     selected_namespace,
 )
-from tests.test_properties import pods
+from tests.test_properties import TOKEN_PATH, pods
 from webhook.core.audit import classify
 from webhook.core.injector import InjectionDenied, RequestContext, inject
 from webhook.core.policy import load_policy
@@ -136,7 +136,6 @@ def reviews(webhook: Webhook) -> float:
 
 
 REVIEWS = "outrigger_admission_reviews_total"
-TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @pytest.mark.parametrize("placement", ["native", "classic"])

@@ -17,7 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import admission_review
-from tests.test_properties import pods
+from tests.test_properties import TOKEN_PATH, pods
 from webhook.admission import review as envelope
 from webhook.admission.review import is_heavy, parse, respond_with_verdict
 from webhook.core.injector import (
@@ -32,7 +32,6 @@ from webhook.core.patch import diff
 from webhook.core.policy import default_policy, parse_policy
 
 POLICY = default_policy()
-TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN = {
     "name": "kube-api-access-abcde",
     "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]},

@@ -599,15 +599,13 @@ def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Po
     _within_bound(operations)
     warnings, injected, reason = injection.warnings, injection.injected, injection.reason
     named = _names_placeholder(warnings)
-    parts = tuple(operations.split(_PLACEHOLDER))
-    if len(parts) == 1 or named:
-        patch = pybase64.b64encode_as_string(operations)
-        return Mutation(patch, warnings, injected, reason, named or len(parts) > 1)
-    if operations.count(_PLACEHOLDER_MOUNT) == len(parts) - 1:
+    parts = operations.split(_PLACEHOLDER)
+    if len(parts) > 1 and not named and operations.count(_PLACEHOLDER_MOUNT) == len(parts) - 1:
         # Each pod's token volume named at its answer: the sidecars' token mounts (and the
         # app's, where a reinjection rewrites their lists) are the only mention of it.
-        return Mutation(None, warnings, injected, reason, token_operations=parts)
-    return Mutation(pybase64.b64encode_as_string(operations), warnings, injected, reason, True)
+        return Mutation(None, warnings, injected, reason, token_operations=tuple(parts))
+    patch = pybase64.b64encode_as_string(operations)
+    return Mutation(patch, warnings, injected, reason, named or len(parts) > 1)
 
 
 def _within_bound(operations: bytes) -> bytes:

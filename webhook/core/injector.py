@@ -34,9 +34,11 @@ from webhook.core.selection import (
 from webhook.core.sidecarresources import Override
 from webhook.core.templates import RenderedSidecar, TemplateError, render, with_app_containers
 from webhook.core.volumes import (
+    TOKEN_VOLUME_PREFIX,
     api_token_mount,
     contains,
     mount_conflicts,
+    token_volume_names,
     with_api_token,
     with_mounts,
     without_mounts,
@@ -529,8 +531,7 @@ def _list(value: Any, where: str) -> list[Any]:
 
 
 # What the API server makes different in every pod of one workload: the ServiceAccount
-# plugin's token volume, named `kube-api-access-` and five random characters.
-TOKEN_VOLUME_PREFIX = "kube-api-access-"
+# plugin's token volume (named TOKEN_VOLUME_PREFIX and five random characters).
 TOKEN_VOLUME_PLACEHOLDER = TOKEN_VOLUME_PREFIX + "*"  # not a volume name anyone can give
 
 
@@ -544,14 +545,7 @@ def token_volume(pod: Any) -> str | None:
 def _token_volumes(pod: Any) -> list[str]:
     """The names of the pod's volumes that are named as a token volume."""
     spec = pod.get("spec") if isinstance(pod, dict) else None
-    volumes = spec.get("volumes") if isinstance(spec, dict) else None
-    return [
-        name
-        for volume in (volumes if isinstance(volumes, list) else ())
-        if isinstance(volume, dict)
-        and isinstance(name := volume.get("name"), str)
-        and name.startswith(TOKEN_VOLUME_PREFIX)
-    ]
+    return token_volume_names(spec.get("volumes") if isinstance(spec, dict) else None)
 
 
 def rename_volume(pod: Pod, old: str, new: str) -> list[dict[str, Any]]:

@@ -31,8 +31,10 @@ def without_mounts(container: Container, removed: Callable[[object], bool]) -> C
 
 
 # Where the ServiceAccount admission plugin mounts the pod's API token volume
-# (`DefaultAPITokenMountPath`), in every container that mounts nothing there.
+# (`DefaultAPITokenMountPath`), in every container that mounts nothing there, and how it
+# names that volume: `kube-api-access-` and five random characters.
 API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_VOLUME_PREFIX = "kube-api-access-"
 
 
 def api_token_mount(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -47,9 +49,10 @@ def api_token_mount(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     order of fields, it leaves the plugin nothing to do: the pod ends the same."""
     if spec.get("automountServiceAccountToken") is False:
         return None
-    name = _first_token_volume(spec.get("volumes"))
-    if name is None:
+    names = token_volume_names(spec.get("volumes"))
+    if not names:
         return None
+    name = names[0]
     for field in ("containers", "initContainers"):
         for container in _list(spec.get(field)):
             mounts = container.get("volumeMounts") if isinstance(container, dict) else None
@@ -59,13 +62,15 @@ def api_token_mount(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _first_token_volume(volumes: Any) -> str | None:
-    """The name of the first of `volumes` named as the plugin names its token volume."""
-    for volume in _list(volumes):
-        name = volume.get("name") if isinstance(volume, dict) else None
-        if isinstance(name, str) and name.startswith(_TOKEN_MOUNT):
-            return name
-    return None
+def token_volume_names(volumes: Any) -> list[str]:
+    """The names, in order, of `volumes` named as the plugin names its token volume."""
+    return [
+        name
+        for volume in _list(volumes)
+        if isinstance(volume, dict)
+        and isinstance(name := volume.get("name"), str)
+        and name.startswith(TOKEN_VOLUME_PREFIX)
+    ]
 
 
 def with_api_token(container: Container, mount: dict[str, Any] | None) -> Container:
@@ -128,7 +133,6 @@ API_DEFAULTS = frozenset(
     }
 )
 _DEFAULTED_MAPS = frozenset({"requests", "limits"})  # LimitRanger's defaults
-_TOKEN_MOUNT = "kube-api-access-"
 # Lists whose items are known by a key and whose order means nothing to Kubernetes. Where the
 # token volume and its mounts sit depends on whether the ServiceAccount plugin ran before the
 # injection (the webhook) or after it (`outrigger inject`, then a create): the order of the
@@ -224,7 +228,7 @@ def _added_by_api(key: str, value: Any, parent: str) -> bool:
 
 
 def _token_mount(mount: Any) -> bool:
-    return isinstance(mount, dict) and str(mount.get("name", "")).startswith(_TOKEN_MOUNT)
+    return isinstance(mount, dict) and str(mount.get("name", "")).startswith(TOKEN_VOLUME_PREFIX)
 
 
 def _contains_keyed(actual: list[Any], expected: list[Any], field: str, key: str) -> bool:
