@@ -28,6 +28,28 @@ HELM = ROOT / ".cache" / "bin" / "helm"
 FETCH_HELM = ROOT / "charts" / "fetch-helm.py"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to run the suite against compiled modules older than the sources: the
+    extension, not the edited source, is what Python imports (make recompiles them)."""
+    newer = stale_sources()
+    if newer:
+        pytest.exit(
+            f"{len(newer)} source(s) changed since the hot path was compiled ({newer[0]}...): "
+            "run `make .venv/.compiled` (make test does), or delete webhook/**/*.so",
+            returncode=4,
+        )
+
+
+def stale_sources() -> list[str]:
+    """The package's sources newer than its oldest compiled module (none when none is)."""
+    built = [path.stat().st_mtime for path in (ROOT / "webhook").rglob("*.so")]
+    if not built:
+        return []
+    oldest = min(built)
+    sources = (ROOT / "webhook").rglob("*.py")
+    return sorted(str(path.relative_to(ROOT)) for path in sources if path.stat().st_mtime > oldest)
+
+
 @pytest.fixture(scope="session")
 def policy() -> Policy:
     return default_policy()

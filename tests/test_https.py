@@ -232,6 +232,14 @@ def applied(response: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
 # Health -------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    os.environ.get("OUTRIGGER_COMPILE") == "0", reason="OUTRIGGER_COMPILE=0: pure Python asked for"
+)
+def test_the_server_runs_the_compiled_hot_path(client: httpx.Client, server: Server) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert "; hot path compiled" in server.log.read_text(errors="replace")
+
+
 @pytest.mark.parametrize(("path", "status"), [("/healthz", "ok"), ("/readyz", "ready")])
 def test_health_endpoints(client: httpx.Client, path: str, status: str) -> None:
     reply = client.get(path)

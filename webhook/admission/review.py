@@ -160,6 +160,14 @@ def decode_review(body: bytes, read_labels: frozenset[str] | None = None) -> Adm
     created = _created_in_one_pass(body, read_labels)
     if created is not None:
         return created
+    return decode_in_two_passes(body, read_labels)
+
+
+def decode_in_two_passes(
+    body: bytes, read_labels: frozenset[str] | None = None
+) -> AdmissionRequest:
+    """`decode_review` without its one pass: the review, then its pod from its raw bytes. Any
+    body (the one pass takes only the common cases, and must answer as this does)."""
     try:
         review = wire.decode_review(body)
     except wire.MalformedJSON as error:
