@@ -15,10 +15,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 # The toolchain of the compiled hot path: a C compiler and the C library's headers
-# (build-essential 12.9 is bookworm's, and pulls gcc and libc6-dev), and mypyc with what it
-# type-checks by, outside the venv (only the build sees them, through PYTHONPATH).
+# (build-essential 12.9 is bookworm's, and pulls gcc and libc6-dev); Python's headers, which
+# the python image has, from Debian where the base's Python is Debian's own (as in a Debian
+# stand-in for the image); and mypyc with what it type-checks by, outside the venv (only the
+# build sees them, through PYTHONPATH).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential=12.9 \
+    && if [ ! -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+        apt-get install -y --no-install-recommends 'python3.11-dev=3.11.*'; \
+    fi \
     && rm -rf /var/lib/apt/lists/* \
     && pip install --no-cache-dir --only-binary=:all: --target /opt/build-tools \
         setuptools==84.2.1 mypy==2.4.1 types-PyYAML==6.0.12.20261122
