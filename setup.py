@@ -2,7 +2,8 @@
 
 The modules listed under `[tool.outrigger] compiled` in pyproject.toml (the injector, the
 differ, the review envelope and what they call per review) are type-checked Python that mypyc
-turns into C extensions, taking about 40% off the server's work for a pod never seen before
+turns into C extensions: a review of a pod never seen before takes about 40% less time in
+process, and the server about a fifth less CPU per such request
 (docs/operators/performance.md). Nothing else changes: the same sources, run interpreted when
 not compiled.
 

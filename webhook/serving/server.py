@@ -162,7 +162,7 @@ def serve(
 
 def hot_path() -> str:
     """Whether the review's modules run compiled (mypyc, setup.py) or interpreted: an install
-    that could not compile them works alike, at about 1.4 times the CPU per new pod."""
+    that could not compile them works alike, at about 1.2 times the CPU per new pod."""
     compiled = (review.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
     return "compiled" if compiled else "interpreted (not compiled: see setup.py)"
 
