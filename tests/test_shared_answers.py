@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, admission_review
 from webhook.admission import review as envelope
@@ -178,3 +180,27 @@ def test_a_token_volume_name_that_makes_the_patch_too_large_is_denied() -> None:
     response, _ = answered(pod, DEFAULT)
     assert not response["allowed"]
     assert "more than the 524288 accepted" in response["status"]["message"]
+
+
+_PIECES = [
+    envelope._PLACEHOLDER,
+    envelope._PLACEHOLDER_MOUNT,
+    envelope._PLACEHOLDER_MOUNT[:-1],  # a mount cut short
+    envelope._MOUNT_BEFORE + envelope._PLACEHOLDER,  # the mount's start alone
+    envelope._PLACEHOLDER + envelope._MOUNT_AFTER,  # its end alone
+    b"*",
+    b"kube-api-access-",
+    b'{"op":"add","path":"/spec/initContainers","value":[',
+    b"**",
+]
+
+
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=12)), max_size=12))
+def test_the_split_at_the_placeholder_is_bytes_split(pieces: list[bytes]) -> None:
+    """The patch is split at the placeholder as `bytes.split` splits it, and found to name
+    token mounts alone exactly where it is as often in a mount as in the whole."""
+    operations = b"".join(pieces)
+    parts, in_mounts_only = envelope.split_at_placeholder(operations)
+    assert parts == operations.split(envelope._PLACEHOLDER)
+    mounts = operations.count(envelope._PLACEHOLDER_MOUNT)
+    assert in_mounts_only == (mounts == len(parts) - 1)

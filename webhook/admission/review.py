@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any, NamedTuple, cast
 
 import orjson
@@ -57,6 +58,8 @@ _PLACEHOLDER = orjson.dumps(TOKEN_VOLUME_PLACEHOLDER)[1:-1]  # as it is written 
 _PLACEHOLDER_MOUNT = orjson.dumps(
     {"name": TOKEN_VOLUME_PLACEHOLDER, "readOnly": True, "mountPath": API_TOKEN_PATH}
 )
+# The mount around its name.
+_MOUNT_BEFORE, _MOUNT_AFTER = _PLACEHOLDER_MOUNT.split(_PLACEHOLDER)
 # The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
 MAX_PATCH_BYTES = 512 * 1024
 # Pods whose part the injector reads is larger than this are answered off the event loop:
@@ -199,7 +202,8 @@ def decode_in_two_passes(
         injected = _injected(uid, request, metadata, whole, read_labels)
         return injected or _admission_request(uid, request, metadata, sent, pod=whole)
     if pod is not None:
-        return _admission_request(uid, request, metadata, *_pod_to_inject(pod, read_labels))
+        pod_json, token = _pod_to_inject(pod, read_labels)  # not *: compiled, a direct call
+        return _admission_request(uid, request, metadata, pod_json, token)
     return _admission_request(uid, request, metadata, pod_json)
 
 
@@ -219,7 +223,8 @@ def _created_in_one_pass(
     request, pod, metadata = created
     if STATUS in (metadata.get("annotations") or {}):
         return _injected_in_one_pass(body, request, metadata, read_labels)
-    return _admission_request(request["uid"], request, metadata, *_pod_to_inject(pod, read_labels))
+    pod_json, token = _pod_to_inject(pod, read_labels)  # not *: compiled, a direct call
+    return _admission_request(request["uid"], request, metadata, pod_json, token)
 
 
 # How an injected pod's annotations name its status, as the API server writes it.
@@ -607,13 +612,27 @@ def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Po
     _within_bound(operations)
     warnings, injected, reason = injection.warnings, injection.injected, injection.reason
     named = _names_placeholder(warnings)
-    parts = operations.split(_PLACEHOLDER)
-    if len(parts) > 1 and not named and operations.count(_PLACEHOLDER_MOUNT) == len(parts) - 1:
+    parts, in_mounts_only = split_at_placeholder(operations)
+    if len(parts) > 1 and not named and in_mounts_only:
         # Each pod's token volume named at its answer: the sidecars' token mounts (and the
         # app's, where a reinjection rewrites their lists) are the only mention of it.
         return Mutation(None, warnings, injected, reason, token_operations=tuple(parts))
     patch = pybase64.b64encode_as_string(operations)
     return Mutation(patch, warnings, injected, reason, named or len(parts) > 1)
+
+
+def split_at_placeholder(operations: bytes) -> tuple[list[bytes], bool]:
+    """`operations.split(_PLACEHOLDER)`, and whether each placeholder names the volume of a
+    token mount (is inside `_PLACEHOLDER_MOUNT`, where it is the name): the parts around it
+    end and start as the mount does around its name (a mount's end holds no `{`, so two
+    mounts cannot share bytes). Checked on the parts, where `count(_PLACEHOLDER_MOUNT)`
+    searched the whole patch again: 0.9 us of a new pod's 6 KB patch."""
+    parts = operations.split(_PLACEHOLDER)
+    in_mounts_only = all(
+        before.endswith(_MOUNT_BEFORE) and after.startswith(_MOUNT_AFTER)
+        for before, after in pairwise(parts)
+    )
+    return parts, in_mounts_only
 
 
 def _within_bound(operations: bytes) -> bytes:
