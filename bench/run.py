@@ -163,6 +163,8 @@ def _benchmark(settings: Settings) -> int:
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"bench: load average is {load:.2f} before starting: figures will be noisy")
+    interpreter = _interpreter()
+    print(f"bench: servers run on {interpreter}")
     with tempfile.TemporaryDirectory(prefix="outrigger-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         certs = _checked_certs(settings.cert_dir or _make_certs(work / "certs"))
@@ -183,12 +185,44 @@ def _benchmark(settings: Settings) -> int:
         body_file = work / "request.json"
         body_file.write_bytes(body)
         runs = _measure(wrk, targets, body_file, settings)
-        facts: dict[str, float] = {"request_bytes": len(body), "loadavg_1m_before": load}
+        facts: dict[str, Any] = {
+            "request_bytes": len(body),
+            "loadavg_1m_before": load,
+            "interpreter": interpreter,
+        }
         if not settings.floor_only:
             large_file = work / "large.json"
             large_file.write_bytes(_large_request(body))
             facts |= _memory_after_large_pods(wrk, targets[1].server, large_file, settings)
     return _report(runs, settings, facts)
+
+
+# What the servers' interpreter is: its build matters as much as the code (measured
+# 2026-12-07: a new pod's review 47 us in process on a CPython built without
+# --enable-optimizations and with a shared libpython, as pyenv builds by default, 37 us on
+# Debian's python3.11, whose interpreter links libpython statically; the python image's is
+# built with --enable-optimizations and --with-lto).
+_DESCRIBE_INTERPRETER = """
+import os, platform, sys, sysconfig
+configured = sysconfig.get_config_var("CONFIG_ARGS") or ""
+with open("/proc/self/maps") as maps:  # what it runs on, whatever sysconfig says
+    shared = "libpython shared" if "libpython" in maps.read() else "libpython linked in"
+named = "named" if "--enable-optimizations" in configured else "not named"
+print(f"{platform.python_implementation()} {platform.python_version()} "
+      f"({os.path.realpath(sys.executable)}; "
+      f"{shared}; --enable-optimizations {named} in its configure arguments)")
+"""
+
+
+def _interpreter() -> str:
+    """The servers' interpreter: version, path and build, as one line."""
+    described = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", _DESCRIBE_INTERPRETER],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return described.stdout.strip()
 
 
 def _find_wrk() -> str:
@@ -511,7 +545,7 @@ def _best(runs: list[Run], server: str) -> Best:
     )
 
 
-def _report(runs: list[Run], settings: Settings, facts: dict[str, float]) -> int:
+def _report(runs: list[Run], settings: Settings, facts: dict[str, Any]) -> int:
     """Print the best run of each target and the verdicts; save everything as JSON."""
     names = list(dict.fromkeys(run.server for run in runs))
     best = {name: _best(runs, name) for name in names}
