@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import kubernetes_validate
 import pytest
@@ -24,6 +25,7 @@ KUBERNETES_VERSION = "1.31.0"
 POD_RESOURCES_VERSION = "1.34.0"
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+T = TypeVar("T")
 HELM = ROOT / ".cache" / "bin" / "helm"
 FETCH_HELM = ROOT / "charts" / "fetch-helm.py"
 
@@ -67,6 +69,19 @@ def validate_strict(obj: dict[str, Any]) -> None:
 def as_pod(pod: dict[str, Any]) -> dict[str, Any]:
     """A pod template or pod body as a complete Pod object, for schema validation."""
     return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
+def fields(record: Any) -> dict[str, Any]:
+    """A review record's fields by name (`AdmissionRequest`, `Verdict`...: plain classes,
+    compared by identity), every field its constructor takes: to compare two by value."""
+    names = inspect.signature(type(record)).parameters
+    return {name: getattr(record, name) for name in names}
+
+
+def replaced(record: T, **changes: Any) -> T:
+    """A copy of a review record with `changes` (what NamedTuple's `_replace` did)."""
+    made: T = type(record)(**{**fields(record), **changes})
+    return made
 
 
 def admission_review(

@@ -41,3 +41,27 @@ def test_each_listed_module_is_imported_compiled(module: str) -> None:
 )
 def test_the_server_reports_the_hot_path_compiled() -> None:
     assert hot_path() == "compiled"
+
+
+@pytest.mark.skipif(
+    os.environ.get("OUTRIGGER_COMPILE") == "0", reason="OUTRIGGER_COMPILE=0: pure Python asked for"
+)
+def test_the_records_of_a_review_are_read_only() -> None:
+    """A memoised answer (`Mutation`) is shared by every pod of its shape: compiled, no field
+    of it, or of the other records a review makes, can be written (their fields are Final,
+    which mypyc enforces at run time; interpreted, mypy does)."""
+    from webhook.admission.review import AdmissionRequest, Mutation, OwnerReference, Verdict
+    from webhook.core.injector import Injection, RequestContext
+
+    records = [
+        (Mutation("patch", (), ("log-watcher",), "injected"), "patch"),
+        (AdmissionRequest("uid", "shop", b"{}", "web-"), "pod_json"),
+        (Verdict("injected", "injected"), "outcome"),
+        (Injection({}, "injected"), "pod"),
+        (RequestContext("shop"), "namespace"),
+        (OwnerReference("apps/v1", "ReplicaSet", "web", "uid"), "uid"),
+    ]
+    for record, field in records:
+        with pytest.raises(AttributeError):
+            setattr(record, field, "changed")
+        assert getattr(record, field) != "changed"

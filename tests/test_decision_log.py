@@ -14,6 +14,7 @@ from typing import TextIO
 
 import pytest
 
+from tests.conftest import replaced
 from webhook.admission.review import AdmissionRequest, Verdict
 from webhook.serving import decisions
 from webhook.serving.decisions import log_decision
@@ -171,7 +172,7 @@ DENIED = Verdict("denied", "invalid-annotation", message="annotation outrigger.d
 
 def test_injections_are_summarised_per_owner_within_the_interval(pipe: Pipe) -> None:
     _handler = direct(pipe, json_lines=True, summary_seconds=0.05)
-    second = REQUEST._replace(uid="uid-2")
+    second = replaced(REQUEST, uid="uid-2")
 
     async def injections() -> list[bytes]:
         log_decision(REQUEST, INJECTED, "v1", 0.000214, "c1")
@@ -206,10 +207,10 @@ def test_summaries_part_on_anything_a_platform_team_tells_apart(pipe: Pipe) -> N
     _handler = direct(pipe, json_lines=True, summary_seconds=60)
     variants = [
         (REQUEST, INJECTED, "v1", "c1"),
-        (REQUEST._replace(namespace="shop-2"), INJECTED, "v1", "c1"),
-        (REQUEST._replace(owner=""), INJECTED, "v1", "c1"),
-        (REQUEST, INJECTED._replace(reason="reinjected"), "v1", "c1"),
-        (REQUEST, INJECTED._replace(sidecars=("log-watcher",)), "v1", "c1"),
+        (replaced(REQUEST, namespace="shop-2"), INJECTED, "v1", "c1"),
+        (replaced(REQUEST, owner=""), INJECTED, "v1", "c1"),
+        (REQUEST, replaced(INJECTED, reason="reinjected"), "v1", "c1"),
+        (REQUEST, replaced(INJECTED, sidecars=("log-watcher",)), "v1", "c1"),
         (REQUEST, INJECTED, "v2", "c1"),
         (REQUEST, INJECTED, "v1", "c2"),
     ]
@@ -231,13 +232,13 @@ def test_a_full_summary_is_written_at_once_and_waiting_pods_are_bounded(pipe: Pi
 
     async def injections() -> tuple[list[bytes], list[bytes]]:
         for n in range(200):
-            log_decision(REQUEST._replace(uid=f"w{n}"), INJECTED, "v", 0.001)
+            log_decision(replaced(REQUEST, uid=f"w{n}"), INJECTED, "v", 0.001)
         await asyncio.sleep(0)
         full = pipe.lines(2)  # two summaries filled: written without waiting for the timer
         written = sum(json.loads(line)["count"] for line in full)
         # Pods of many owners, none filling its summary: all written at PODS_WAITING.
         for n in range(decisions.PODS_WAITING - (200 - written)):
-            log_decision(OTHER._replace(owner=f"ReplicaSet/o{n % 500}"), INJECTED, "v", 0.001)
+            log_decision(replaced(OTHER, owner=f"ReplicaSet/o{n % 500}"), INJECTED, "v", 0.001)
         await asyncio.sleep(0)
         return full, pipe.lines(501)
 
@@ -271,7 +272,7 @@ def test_a_summary_line_stays_under_what_container_runtimes_split(pipe: Pipe, na
 
     async def injections() -> None:
         for n in range(100):
-            log_decision(REQUEST._replace(name=name, uid=f"{n:036d}"), INJECTED, "v", 0.001)
+            log_decision(replaced(REQUEST, name=name, uid=f"{n:036d}"), INJECTED, "v", 0.001)
         assert decisions._direct is not None
         decisions._direct.write_summaries()
 

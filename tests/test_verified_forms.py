@@ -16,7 +16,7 @@ import orjson
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import admission_review
+from tests.conftest import admission_review, fields, replaced
 from tests.test_properties import TOKEN_PATH, pods
 from webhook.admission import review as envelope
 from webhook.admission.review import is_heavy, parse, respond_with_verdict
@@ -129,7 +129,7 @@ def test_the_form_is_per_namespace_and_per_policy() -> None:
     assert answer(pod)[1] == "already-injected"
     other = request(pod)
     assert envelope._VERIFIED.holds(other, POLICY)
-    assert not envelope._VERIFIED.holds(other._replace(namespace="lab"), POLICY)
+    assert not envelope._VERIFIED.holds(replaced(other, namespace="lab"), POLICY)
     changed = parse_policy({**POLICY.model_dump(mode="json"), "unknownAnnotations": "Deny"})
     assert not envelope._VERIFIED.holds(other, changed)
 
@@ -202,7 +202,8 @@ def test_an_injected_pod_is_read_in_one_typed_pass_as_the_passes_read_it() -> No
     pod["metadata"]["managedFields"] = [{"manager": "kube-controller-manager"}]
     body = injected_body(pod)
     at_once = envelope._injected_at_once(body, None)
-    assert at_once is not None and at_once == request(pod)._replace(pod=at_once.pod)
+    assert at_once is not None
+    assert fields(at_once) == {**fields(request(pod)), "pod": at_once.pod}
     assert at_once.pod["spec"] == request(pod).pod["spec"]
     assert "managedFields" not in at_once.pod["metadata"]
     wrong_type = copy.deepcopy(pod)
@@ -276,4 +277,7 @@ def test_an_injected_pod_read_as_decoded_answers_as_the_pod_sent(
     except InjectionDenied as error:
         as_sent = str(error)  # type: ignore[assignment]
     event(as_sent.reason if isinstance(as_sent, envelope.Mutation) else "denied")
-    assert from_decoded == as_sent
+    if isinstance(as_sent, envelope.Mutation) and isinstance(from_decoded, envelope.Mutation):
+        assert fields(from_decoded) == fields(as_sent)
+    else:
+        assert from_decoded == as_sent
