@@ -75,7 +75,12 @@ def fields(record: Any) -> dict[str, Any]:
     """A review record's fields by name (`AdmissionRequest`, `Verdict`...: plain classes,
     compared by identity), every field its constructor takes: to compare two by value."""
     names = inspect.signature(type(record)).parameters
-    return {name: getattr(record, name) for name in names}
+    return {name: _by_value(getattr(record, name)) for name in names}
+
+
+def _by_value(value: Any) -> Any:
+    """A record held by a record (a request's `OwnerReference`) by its fields too."""
+    return fields(value) if type(value).__module__.startswith("webhook.") else value
 
 
 def replaced(record: T, **changes: Any) -> T:

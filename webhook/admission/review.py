@@ -42,7 +42,7 @@ from webhook.core.patch import diff
 from webhook.core.policy import Policy
 from webhook.core.selection import ALREADY_INJECTED
 from webhook.core.volumes import API_TOKEN_PATH
-from webhook.limits import cache_small, printable
+from webhook.limits import MAX_CACHED_BYTES, printable
 
 log = logging.getLogger("outrigger.admission")
 
@@ -151,7 +151,8 @@ class OwnerReference:
 
 
 class Mutation:
-    """The answer for one pod: a base64 JSON Patch (None: nothing to change) and warnings.
+    """The answer for one pod: a base64 JSON Patch (None: nothing to change) and warnings
+    (escaped by `printable`).
 
     `reason`: the selection's (webhook.core.selection), or `reinjected`.
     `names_placeholder`: the patch or a warning holds TOKEN_VOLUME_PLACEHOLDER.
@@ -536,9 +537,8 @@ def answer(
     if result.reason == ALREADY_INJECTED and not result.patch and not result.warnings:
         _VERIFIED.remember(request, policy)
     outcome = "injected" if result.patch else "unchanged"
-    warnings = tuple(printable(warning) for warning in result.warnings)
-    verdict = Verdict(outcome, result.reason, result.injected, warnings=warnings)
-    return allowed(request, result.patch, warnings), verdict
+    verdict = Verdict(outcome, result.reason, result.injected, warnings=result.warnings)
+    return allowed(request, result.patch, result.warnings), verdict
 
 
 def _mutation(request: AdmissionRequest, policy: Policy, own_namespace: str) -> Mutation:
@@ -647,22 +647,29 @@ def mutation(pod_json: bytes, namespace: str, policy: Policy, own_namespace: str
     replica. `inject` is a pure function of exactly these arguments (`pod_json` holds every
     field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
     so no cached object is ever shared with a request. Denials raise and are not cached.
+    Pods past MAX_CACHED_BYTES are not kept (`cache_small`'s rule, checked here: its wrapper
+    cost a memoised answer 2% of its instructions).
     """
+    if len(pod_json) > MAX_CACHED_BYTES:
+        return _decoded_mutation(pod_json, namespace, own_namespace, policy)
     return _memoised_mutation(pod_json, namespace, own_namespace, policy)
 
 
-@cache_small(1024, lambda pod_json, *_: len(pod_json))
-def _memoised_mutation(
+def _decoded_mutation(
     pod_json: bytes, namespace: str, own_namespace: str, policy: Policy
 ) -> Mutation:
     return _mutated(cast(dict[str, Any], orjson.loads(pod_json)), namespace, own_namespace, policy)
 
 
+_memoised_mutation = lru_cache(maxsize=1024)(_decoded_mutation)
+
+
 def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Policy) -> Mutation:
     injection = inject(pod, RequestContext(namespace, own_namespace), policy)
+    # Escaped once, here, and kept so in the memo (3% of a memoised answer's instructions).
+    warnings = tuple(printable(warning) for warning in injection.warnings)
     if injection.pod is pod:
-        named = _names_placeholder(injection.warnings)
-        return Mutation(None, injection.warnings, (), injection.reason, named)
+        return Mutation(None, warnings, (), injection.reason, _names_placeholder(warnings))
     try:
         operations = orjson.dumps(diff(pod, injection.pod))
     except orjson.JSONEncodeError:  # orjson writes 254 levels; a Pod's fields nest a dozen
@@ -671,7 +678,7 @@ def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Po
             "invalid-pod",
         ) from None
     _within_bound(operations)
-    warnings, injected, reason = injection.warnings, injection.injected, injection.reason
+    injected, reason = injection.injected, injection.reason
     named = _names_placeholder(warnings)
     parts, in_mounts_only = split_at_placeholder(operations)
     if len(parts) > 1 and not named and in_mounts_only:

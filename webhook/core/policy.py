@@ -744,10 +744,10 @@ class Policy(_Model):
                     )
                 owners[name] = template.name
 
-    def __hash__(self) -> int:
-        # By identity, so that a policy can key caches of what is built from it; equal
-        # policies loaded twice only miss each other's cache entries.
-        return id(self)
+    # By identity, so that a policy can key caches of what is built from it; equal policies
+    # loaded twice only miss each other's cache entries. object's own: a C slot, hashed in a
+    # third of the time of a method returning id(self), several times per review.
+    __hash__ = object.__hash__
 
     @cached_property
     def templates(self) -> dict[str, SidecarTemplate]:
