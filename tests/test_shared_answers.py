@@ -21,7 +21,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, admission_review
 from webhook.admission import review as envelope
+from webhook.core.injector import Injection, RequestContext, inject
+from webhook.core.patch import diff
 from webhook.core.policy import Policy, default_policy, load_policy
+from webhook.limits import Recent
 
 DEFAULT = default_policy()
 PLATFORM = load_policy(FIXTURES / "policies" / "good-platform-team.yaml")
@@ -63,12 +66,12 @@ def answered(
 
 
 def misses() -> int:
-    return int(envelope._memoised_mutation.cache_info().misses)  # type: ignore[attr-defined]
+    return envelope.ANSWERS.misses
 
 
 @pytest.mark.parametrize("policy", [DEFAULT, PLATFORM], ids=["default", "platform"])
 def test_the_replicas_of_a_statefulset_share_one_answer(policy: Policy) -> None:
-    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    envelope.ANSWERS.clear()
     first, patch = answered(replica(0), policy)
     assert first["allowed"] and patch, first
     # The sidecar holds the token mount the ServiceAccount plugin would add after the
@@ -96,7 +99,7 @@ def test_a_label_a_rule_selects_on_still_makes_its_own_answer() -> None:
     """The platform policy's `frontend` rule requires the log-watcher for `tier: frontend`
     pods of prod-* namespaces, and its `operator` rule excludes
     `app.kubernetes.io/component: operator` ones."""
-    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    envelope.ANSWERS.clear()
     plain = replica(0)
     del plain["metadata"]["annotations"]
     assert "patch" not in answered(plain, PLATFORM, "prod-eu")[0]
@@ -111,7 +114,7 @@ def test_a_label_a_rule_selects_on_still_makes_its_own_answer() -> None:
 
 def test_the_revisions_of_a_workload_share_one_answer() -> None:
     """`kubectl rollout restart` and a Helm chart's config checksum annotate each revision."""
-    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    envelope.ANSWERS.clear()
     first = replica(0)
     first["metadata"]["annotations"]["checksum/config"] = "0" * 64
     _, patch = answered(first, DEFAULT)
@@ -129,7 +132,7 @@ def test_the_revisions_of_a_workload_share_one_answer() -> None:
 def test_an_annotation_a_template_writes_still_makes_its_own_answer() -> None:
     """A pod that already holds the log-watcher's configuration annotation gets it replaced,
     not added: that annotation stays in what the answer is memoised on."""
-    envelope._memoised_mutation.cache_clear()  # type: ignore[attr-defined]
+    envelope.ANSWERS.clear()
     policy = DEFAULT
     path = "/metadata/annotations/" + policy.templates["log-watcher"].config_annotation.replace(
         "/", "~1"
@@ -204,3 +207,72 @@ def test_the_split_at_the_placeholder_is_bytes_split(pieces: list[bytes]) -> Non
     assert parts == operations.split(envelope._PLACEHOLDER)
     mounts = operations.count(envelope._PLACEHOLDER_MOUNT)
     assert in_mounts_only == (mounts == len(parts) - 1)
+
+
+def shaped(app_name: str, **security: int) -> dict[str, Any]:
+    """A new shape of pod: `replica(0)` with its app container named `app_name`."""
+    pod = replica(0)
+    pod["metadata"]["annotations"]["outrigger.dev/inject"] = "log-watcher,ambassador"
+    pod["metadata"]["annotations"]["outrigger.dev/ambassador-upstream"] = "api.example.com:443"
+    pod["spec"]["containers"][0]["name"] = app_name
+    if security:
+        pod["spec"]["securityContext"] = security
+    return pod
+
+
+def injected_sidecars(injection: Injection) -> list[dict[str, Any]]:
+    return list(injection.pod["spec"]["initContainers"])
+
+
+def test_new_pods_that_ask_alike_share_their_sidecars_and_their_json() -> None:
+    """Pods of new shapes (here a new app container name each, and their token volumes named
+    as the answers name them) get the very sidecar containers the pods before them got,
+    whose JSON is written once (`Injection.written`), and their patches hold that JSON."""
+    first, second = (
+        inject(orjson.loads(pod_json(shaped(name))), RequestContext("shop"), DEFAULT)
+        for name in ("app", "api")
+    )
+    assert [id(c) for c in injected_sidecars(first)] == [id(c) for c in injected_sidecars(second)]
+    assert [(id(c), json) for c, json in second.written] == [
+        (id(c), orjson.dumps(c)) for c in injected_sidecars(second)
+    ]
+    envelope.ANSWERS.clear()
+    for name in ("web", "worker"):
+        pod = shaped(name)
+        _, patch = answered(pod, DEFAULT)
+        assert patch == diff(pod, inject(pod, RequestContext("shop"), DEFAULT).pod)
+
+
+def test_a_sidecar_made_for_one_pod_is_its_own() -> None:
+    """The log-watcher runs as the app's user, so pods of other users get other containers:
+    nothing of one pod's sidecars is kept for the next."""
+    root, other = (
+        inject(shaped("app", runAsUser=user, runAsGroup=user), RequestContext("shop"), DEFAULT)
+        for user in (1000, 2000)
+    )
+    watchers = [injected_sidecars(injection)[0] for injection in (root, other)]
+    assert [w["securityContext"]["runAsUser"] for w in watchers] == [1000, 2000]
+    for injection in (root, other):
+        for container, json in injection.written:
+            assert orjson.loads(json) == container
+
+
+def pod_json(pod: dict[str, Any]) -> bytes:
+    """The pod as a review hands it to `mutation` (its token volume named the placeholder)."""
+    request = envelope.decode_review(orjson.dumps(admission_review(pod, namespace="shop")))
+    assert request.pod_json is not None
+    return request.pod_json
+
+
+def test_recent_keeps_the_last_used_values() -> None:
+    recent: Recent[str, int] = Recent(2)
+    recent.keep("a", 1)
+    recent.keep("b", 2)
+    assert recent.get("a") == 1  # now the most recently used
+    recent.keep("c", 3)
+    assert (recent.get("b"), recent.get("a"), recent.get("c")) == (None, 1, 3)
+    assert recent.misses == 1
+    recent.keep("a", 4)
+    assert recent.get("a") == 4
+    recent.clear()
+    assert recent.get("a") is None

@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from functools import lru_cache, wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, Generic, ParamSpec, TypeVar
 
 # The largest value one outrigger.dev/ annotation may have (Kubernetes allows 256 KiB for
 # all of a pod's annotations together).
-MAX_ANNOTATION_BYTES = 16 * 1024
+MAX_ANNOTATION_BYTES: Final = 16 * 1024
 # Inputs larger than this are worked out afresh each time rather than kept in a cache.
-MAX_CACHED_BYTES = 4 * 1024
+MAX_CACHED_BYTES: Final = 4 * 1024
 # How much of a bad value a message repeats.
-ECHO_CHARACTERS = 64
+ECHO_CHARACTERS: Final = 64
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 # How `echo` shows a value that is not a string: as str() does, but bounded in depth and size.
-_SHAPE = reprlib.Repr()
+_SHAPE: Final = reprlib.Repr()
 _SHAPE.maxlevel = 4
 _SHAPE.maxdict = _SHAPE.maxlist = _SHAPE.maxtuple = _SHAPE.maxset = 16
 _SHAPE.maxstring = _SHAPE.maxother = _SHAPE.maxlong = ECHO_CHARACTERS
@@ -53,6 +55,42 @@ def cache_small(
     return decorate
 
 
+Key = TypeVar("Key", bound=Hashable)
+Value = TypeVar("Value")
+
+
+class Recent(Generic[Key, Value]):
+    """At most `size` values by key, the least recently used forgotten first: an `lru_cache`
+    whose caller makes the value (from what it has at hand: the key need not be all that
+    makes it). Used from the event loop and the worker threads alike, hence the lock."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._values: OrderedDict[Key, Value] = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0  # `get`s that found nothing
+
+    def get(self, key: Key) -> Value | None:
+        with self._lock:
+            value = self._values.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self._values.move_to_end(key)
+            return value
+
+    def keep(self, key: Key, value: Value) -> None:
+        with self._lock:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            if len(self._values) > self._size:
+                self._values.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
 def echo(value: Any) -> str:
     """`repr(value)` for a message, cut to a prefix and the length when it is long. An object or
     a list is shown a few levels and items deep: a hostile pod may nest one past the recursion
@@ -75,7 +113,7 @@ def has_control_characters(text: str) -> bool:
 
 
 # C0 controls, DEL and the C1 controls (8-bit CSI and friends).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from itertools import pairwise
@@ -42,38 +40,39 @@ from webhook.core.patch import diff
 from webhook.core.policy import Policy
 from webhook.core.selection import ALREADY_INJECTED
 from webhook.core.volumes import API_TOKEN_PATH
-from webhook.limits import MAX_CACHED_BYTES, printable
+from webhook.limits import MAX_CACHED_BYTES, Recent, printable
 
 log = logging.getLogger("outrigger.admission")
 
-API_VERSION = "admission.k8s.io/v1"
-KIND = "AdmissionReview"
-_POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
-_PATCH_TYPE = "JSONPatch"
-_PLACEHOLDER = orjson.dumps(TOKEN_VOLUME_PLACEHOLDER)[1:-1]  # as it is written in a patch
+API_VERSION: Final = "admission.k8s.io/v1"
+KIND: Final = "AdmissionReview"
+_POD_KIND: Final = {"group": "", "version": "v1", "kind": "Pod"}
+_PATCH_TYPE: Final = "JSONPatch"
+_PLACEHOLDER: Final = orjson.dumps(TOKEN_VOLUME_PLACEHOLDER)[1:-1]  # as it is written in a patch
 # The API server's token mount, named with the placeholder, as orjson writes it: of the
 # ServiceAccount plugin's fields and order (`api_token_mount`, and the app containers' mounts
 # as the API server sends them). Quotes in a string are escaped, so these bytes in a patch
 # are such an object and nothing else.
-_PLACEHOLDER_MOUNT = orjson.dumps(
+_PLACEHOLDER_MOUNT: Final = orjson.dumps(
     {"name": TOKEN_VOLUME_PLACEHOLDER, "readOnly": True, "mountPath": API_TOKEN_PATH}
 )
 # The mount around its name.
-_MOUNT_BEFORE, _MOUNT_AFTER = _PLACEHOLDER_MOUNT.split(_PLACEHOLDER)
+_MOUNT_BEFORE: Final = _PLACEHOLDER_MOUNT.split(_PLACEHOLDER)[0]
+_MOUNT_AFTER: Final = _PLACEHOLDER_MOUNT.split(_PLACEHOLDER)[1]
 # The largest JSON Patch answered; etcd takes objects of about 1.5 MiB, the pod included.
 MAX_PATCH_BYTES = 512 * 1024
 # Pods whose part the injector reads is larger than this are answered off the event loop:
 # about a millisecond of work (a 10 KB injected pod's full check takes 0.3 ms here, and a hop
 # to a thread and back costs more than that under load: it was 2 KiB, which sent every
 # reinvocation of an injected pod to a thread).
-HEAVY_POD_BYTES = 32 * 1024
+HEAVY_POD_BYTES: Final = 32 * 1024
 # The reason of an answer to anything but a pod creation (other kinds, operations...).
-NOT_A_POD_CREATION = "not-a-pod-creation"
+NOT_A_POD_CREATION: Final = "not-a-pod-creation"
 # How much of a denial one log line repeats.
-LOGGED_CHARACTERS = 1024
+LOGGED_CHARACTERS: Final = 1024
 # Of a value nested past what the decoders read (msgspec: the Python recursion limit, about a
 # thousand levels) or orjson writes (254); a Pod's fields nest a dozen.
-_TOO_DEEP = "its arrays and objects nest too deeply"
+_TOO_DEEP: Final = "its arrays and objects nest too deeply"
 
 
 class BadReview(ValueError):
@@ -98,7 +97,9 @@ class AdmissionRequest:
     `token_volume`: the name of the pod's token volume, where `pod_json` (and `pod`) hold it
     as the placeholder (`rename_volume`), so that pods of one workload share their answer.
     `pod`: a pod with a status: all that the check reads of it (its metadata, the whole of
-    its spec), as this request decoded it (never shared), which `mutation` reads."""
+    its spec), as this request decoded it (never shared), which `mutation` reads.
+    `decoded`: a pod to inject: `pod_json` as this request decoded it (never shared), which
+    `mutation` injects into where it remembers no answer, rather than decode it again."""
 
     def __init__(
         self,
@@ -112,6 +113,7 @@ class AdmissionRequest:
         checked: bytes | None = None,
         token_volume: str | None = None,
         pod: Any = None,
+        decoded: Any = None,
     ) -> None:
         self.uid: Final = uid
         self.namespace: Final = namespace
@@ -123,9 +125,11 @@ class AdmissionRequest:
         self.checked: Final = checked
         self.token_volume: Final = token_volume
         self.pod: Final = pod
+        self.decoded: Final = decoded
 
-    def named_as_sent(self, pod_json: bytes | None) -> AdmissionRequest:
-        """This request with `pod_json`, whose token volume is named as the pod names it."""
+    def named_as_sent(self, pod_json: bytes | None, decoded: Any = None) -> AdmissionRequest:
+        """This request with `pod_json` (`decoded`), whose token volume is named as the pod
+        names it."""
         return AdmissionRequest(
             self.uid,
             self.namespace,
@@ -137,6 +141,7 @@ class AdmissionRequest:
             self.checked,
             None,
             self.pod,
+            decoded,
         )
 
 
@@ -264,33 +269,29 @@ def decode_in_two_passes(
         injected = _injected(uid, request, metadata, whole, read_labels)
         return injected or _admission_request(uid, request, metadata, sent, pod=whole)
     if pod is not None:
-        pod_json, token = _pod_to_inject(pod, read_labels)  # not *: compiled, a direct call
-        return _admission_request(uid, request, metadata, pod_json, token)
+        pod_json, token, unnamed = _pod_to_inject(pod, read_labels)  # not *: a direct call
+        return _admission_request(uid, request, metadata, pod_json, token, decoded=unnamed)
     return _admission_request(uid, request, metadata, pod_json)
 
 
 def _created_in_one_pass(
     body: bytes, read_labels: frozenset[str] | None
 ) -> AdmissionRequest | None:
-    """The creation of a pod, decoded in one pass; None for anything else. A body that
-    names the status annotation is, but for a rare pod, an injected pod coming back (every
-    reinvocation): first read as such (`_injected_at_once`)."""
-    if _STATUS_KEY in body:
-        injected = _injected_at_once(body, read_labels)
-        if injected is not None:
-            return injected
+    """The creation of a pod, decoded in one pass; None for anything else. An injected pod
+    coming back (every reinvocation) is read again, as such (`_injected_at_once`): a search
+    of every body for the status annotation first cost each new pod 1.5 us of its 5 us
+    decode, where a reinvocation's second decode costs it 5 us, and reinvocations are few."""
     created = _pod_creation(wire.decode_review_with_pod, body)
     if created is None:
         return None
     request, pod, metadata = created
     if STATUS in (metadata.get("annotations") or {}):
+        injected = _injected_at_once(body, read_labels)
+        if injected is not None:
+            return injected
         return _injected_in_one_pass(body, request, metadata, read_labels)
-    pod_json, token = _pod_to_inject(pod, read_labels)  # not *: compiled, a direct call
-    return _admission_request(request["uid"], request, metadata, pod_json, token)
-
-
-# How an injected pod's annotations name its status, as the API server writes it.
-_STATUS_KEY = orjson.dumps(STATUS) + b":"
+    pod_json, token, unnamed = _pod_to_inject(pod, read_labels)  # not *: a direct call
+    return _admission_request(request["uid"], request, metadata, pod_json, token, decoded=unnamed)
 
 
 def _injected_at_once(body: bytes, read_labels: frozenset[str] | None) -> AdmissionRequest | None:
@@ -335,7 +336,7 @@ def _pod_creation(decode: Callable[[bytes], Mapping[str, Any]], body: bytes) -> 
 
 # A surrogate written as an escape (`\ud800`), in either case: one search (two with `in`
 # took 15 us for an 11 KB body).
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD]")
+_ESCAPED_SURROGATE: Final = re.compile(rb"\\u[dD]")
 
 
 def _readable(body: bytes) -> bool:
@@ -390,8 +391,11 @@ def _injected(
     return _admission_request(uid, request, metadata, pod_json, token, checked, whole)
 
 
-def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[bytes, str | None]:
-    """The pod as `mutation` takes it, and its token volume's name: without what the
+def _pod_to_inject(
+    pod: wire.Pod, read_labels: frozenset[str] | None
+) -> tuple[bytes, str | None, wire.Pod]:
+    """The pod as `mutation` takes it (its JSON and itself), and its token volume's name:
+    without what the
     injector never reads but the API server makes different in every pod (its name, and
     its token volume's name, normalised), a controller sets per replica (labels the rules
     do not read) or a new revision changes (annotations not Outrigger's), so that the pods
@@ -401,7 +405,7 @@ def _pod_to_inject(pod: wire.Pod, read_labels: frozenset[str] | None) -> tuple[b
     token = token_volume(unnamed)
     if token is not None:
         rename_volume(cast(dict[str, Any], unnamed), token, TOKEN_VOLUME_PLACEHOLDER)
-    return wire.encode(unnamed), token
+    return wire.encode(unnamed), token, unnamed
 
 
 def _admission_request(
@@ -412,6 +416,7 @@ def _admission_request(
     token_volume: str | None = None,
     checked: bytes | None = None,
     pod: Any = None,
+    decoded: Any = None,
 ) -> AdmissionRequest:
     owner = _owner(metadata)
     return AdmissionRequest(
@@ -425,6 +430,7 @@ def _admission_request(
         checked=checked,
         token_volume=token_volume,
         pod=pod,
+        decoded=decoded,
     )
 
 
@@ -567,7 +573,7 @@ def _mutation_as_read(request: AdmissionRequest, policy: Policy, own_namespace: 
     if request.pod is not None:
         return _mutated(request.pod, request.namespace, own_namespace, policy)
     assert request.pod_json is not None  # answered before: no pod creation
-    return mutation(request.pod_json, request.namespace, policy, own_namespace)
+    return mutation(request.pod_json, request.namespace, policy, own_namespace, request.decoded)
 
 
 def _as_sent(request: AdmissionRequest, token_volume: str) -> AdmissionRequest:
@@ -577,7 +583,7 @@ def _as_sent(request: AdmissionRequest, token_volume: str) -> AdmissionRequest:
         return request.named_as_sent(request.pod_json)
     pod = orjson.loads(cast(bytes, request.pod_json))
     rename_volume(pod, TOKEN_VOLUME_PLACEHOLDER, token_volume)
-    return request.named_as_sent(orjson.dumps(pod))
+    return request.named_as_sent(orjson.dumps(pod), pod)
 
 
 def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
@@ -594,36 +600,25 @@ def _unnamed(pod: wire.Pod, read_labels: frozenset[str] | None) -> wire.Pod:
 
 
 # Of the metadata the wire format decodes, what the injector reads.
-_READ_METADATA = frozenset({"labels", "annotations"})
+_READ_METADATA: Final = frozenset({"labels", "annotations"})
 
 
 class VerifiedForms:
     """The checked forms of injected pods found to hold what the policy renders, per policy
-    version and namespace, as digests: at most `size` (the oldest forgotten first). Read
-    from the event loop and the worker threads alike, hence the lock."""
+    version and namespace, as digests: at most `size` (the least recently met forgotten
+    first)."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._forms: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._forms: Recent[tuple[str, str, bytes], bool] = Recent(size)
 
     def holds(self, request: AdmissionRequest, policy: Policy) -> bool:
         key = _verified_key(request, policy)
-        if key is None:
-            return False
-        with self._lock:
-            if key not in self._forms:
-                return False
-            self._forms.move_to_end(key)
-            return True
+        return key is not None and self._forms.get(key) is not None
 
     def remember(self, request: AdmissionRequest, policy: Policy) -> None:
         key = _verified_key(request, policy)
         if key is not None:
-            with self._lock:
-                self._forms[key] = None
-                if len(self._forms) > self._size:
-                    self._forms.popitem(last=False)
+            self._forms.keep(key, True)
 
 
 def _verified_key(request: AdmissionRequest, policy: Policy) -> tuple[str, str, bytes] | None:
@@ -640,28 +635,34 @@ def _normalises(policy: Policy) -> bool:
 _VERIFIED = VerifiedForms()
 
 
-def mutation(pod_json: bytes, namespace: str, policy: Policy, own_namespace: str = "") -> Mutation:
+def mutation(
+    pod_json: bytes, namespace: str, policy: Policy, own_namespace: str = "", pod: Any = None
+) -> Mutation:
     """Inject into the pod and encode the patch; memoised, as pods come in series.
 
     The replicas of a workload are created alike, so a rollout asks the same question once per
     replica. `inject` is a pure function of exactly these arguments (`pod_json` holds every
-    field it reads), so a cached answer is the answer. The pod is decoded afresh from the key,
-    so no cached object is ever shared with a request. Denials raise and are not cached.
-    Pods past MAX_CACHED_BYTES are not kept (`cache_small`'s rule, checked here: its wrapper
-    cost a memoised answer 2% of its instructions).
+    field it reads), so a remembered answer is the answer. `pod`: `pod_json` as the request
+    decoded it (never shared), injected into where no answer is remembered; else it is decoded
+    afresh from `pod_json`. Denials raise and are not remembered, nor are pods past
+    MAX_CACHED_BYTES (as `cache_small` keeps them out of its caches).
     """
     if len(pod_json) > MAX_CACHED_BYTES:
-        return _decoded_mutation(pod_json, namespace, own_namespace, policy)
-    return _memoised_mutation(pod_json, namespace, own_namespace, policy)
+        return _mutated(_decoded(pod_json, pod), namespace, own_namespace, policy)
+    key = (pod_json, namespace, own_namespace, policy)
+    answer = ANSWERS.get(key)
+    if answer is None:
+        answer = _mutated(_decoded(pod_json, pod), namespace, own_namespace, policy)
+        ANSWERS.keep(key, answer)
+    return answer
 
 
-def _decoded_mutation(
-    pod_json: bytes, namespace: str, own_namespace: str, policy: Policy
-) -> Mutation:
-    return _mutated(cast(dict[str, Any], orjson.loads(pod_json)), namespace, own_namespace, policy)
+# `mutation`'s memory: the answers for the pods asked about last.
+ANSWERS: Final[Recent[tuple[bytes, str, str, Policy], Mutation]] = Recent(1024)
 
 
-_memoised_mutation = lru_cache(maxsize=1024)(_decoded_mutation)
+def _decoded(pod_json: bytes, pod: Any) -> dict[str, Any]:
+    return cast(dict[str, Any], orjson.loads(pod_json) if pod is None else pod)
 
 
 def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Policy) -> Mutation:
@@ -671,7 +672,7 @@ def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Po
     if injection.pod is pod:
         return Mutation(None, warnings, (), injection.reason, _names_placeholder(warnings))
     try:
-        operations = orjson.dumps(diff(pod, injection.pod))
+        operations = orjson.dumps(_with_written(diff(pod, injection.pod), injection.written))
     except orjson.JSONEncodeError:  # orjson writes 254 levels; a Pod's fields nest a dozen
         raise InjectionDenied(
             f"request.object is not a valid Pod: {_TOO_DEEP} to write in a JSON Patch",
@@ -687,6 +688,25 @@ def _mutated(pod: dict[str, Any], namespace: str, own_namespace: str, policy: Po
         return Mutation(None, warnings, injected, reason, token_operations=tuple(parts))
     patch = pybase64.b64encode_as_string(operations)
     return Mutation(patch, warnings, injected, reason, named or len(parts) > 1)
+
+
+def _with_written(
+    operations: list[dict[str, Any]], written: tuple[tuple[object, bytes], ...]
+) -> list[dict[str, Any]]:
+    """The operations with each value whose JSON is written already (`Injection.written`:
+    the sidecars' containers, shared by the pods that ask alike) as that JSON, alone or in
+    a list (`/spec/initContainers`): orjson copies it where it would write it again."""
+    if not written:
+        return operations
+    known = {id(value): orjson.Fragment(json) for value, json in written}
+    for operation in operations:
+        value = operation.get("value")
+        if isinstance(value, list):
+            if any(id(item) in known for item in value):
+                operation["value"] = [known.get(id(item), item) for item in value]
+        elif id(value) in known:
+            operation["value"] = known[id(value)]
+    return operations
 
 
 def split_at_placeholder(operations: bytes) -> tuple[list[bytes], bool]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -34,9 +34,9 @@ from webhook.limits import MAX_ANNOTATION_BYTES, echo, has_control_characters
 if TYPE_CHECKING:
     from webhook.core.policy import SidecarTemplate
 
-PREFIX = "outrigger.dev/"
-INJECT = PREFIX + "inject"
-STATUS = PREFIX + "status"
+PREFIX: Final = "outrigger.dev/"
+INJECT: Final = PREFIX + "inject"
+STATUS: Final = PREFIX + "status"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from webhook.core import annotations as ann
 from webhook.core.templates import RenderedSidecar
 
 # Why a pod came out without sidecars (metric labels, as those of webhook.core.selection):
 # only rule defaults asked, for sidecars that cannot run in a Windows or a hostNetwork pod.
-WINDOWS_SKIPPED = "windows-skipped"
-HOST_NETWORK_SKIPPED = "host-network-skipped"
-OS_LABEL = "kubernetes.io/os"
-_WINDOWS = "windows"
-_REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+WINDOWS_SKIPPED: Final = "windows-skipped"
+HOST_NETWORK_SKIPPED: Final = "host-network-skipped"
+OS_LABEL: Final = "kubernetes.io/os"
+_WINDOWS: Final = "windows"
+_REQUIRED: Final = "requiredDuringSchedulingIgnoredDuringExecution"
 
 
 @dataclass(frozen=True, slots=True)

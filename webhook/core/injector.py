@@ -46,9 +46,9 @@ from webhook.limits import MAX_ANNOTATION_BYTES, cache_small, echo
 
 Pod = dict[str, Any]
 # Pods whose annotations are not even read: warnings about them would be noise.
-_LEFT_ALONE = frozenset({NAMESPACE_EXCLUDED, RULE_EXCLUDED})
+_LEFT_ALONE: Final = frozenset({NAMESPACE_EXCLUDED, RULE_EXCLUDED})
 # A pod whose status did not match what it holds, injected afresh.
-REINJECTED = "reinjected"
+REINJECTED: Final = "reinjected"
 
 
 # Plain classes with Final fields, made per review: native classes when compiled, read-only
@@ -74,12 +74,14 @@ class Injection:
         injected: tuple[str, ...] = (),
         warnings: tuple[str, ...] = (),
         explanation: tuple[str, ...] = (),
+        written: tuple[tuple[object, bytes], ...] = (),
     ) -> None:
         self.pod: Final = pod
         self.reason: Final = reason
         self.injected: Final = injected
         self.warnings: Final = warnings
         self.explanation: Final = explanation
+        self.written: Final = written
 
 
 class InjectionDenied(Exception):
@@ -117,7 +119,9 @@ def inject(pod: Pod, context: RequestContext, policy: Policy) -> Injection:
             pod, ALREADY_INJECTED, explanation=("already injected as the policy renders it",)
         )
     explanation = (*fresh.explanation, f"{ann.STATUS} did not match the pod: injected afresh")
-    return Injection(fresh.pod, REINJECTED, fresh.injected, fresh.warnings, explanation)
+    return Injection(
+        fresh.pod, REINJECTED, fresh.injected, fresh.warnings, explanation, fresh.written
+    )
 
 
 def _inject(
@@ -158,7 +162,8 @@ def _inject(
     sidecars = with_app_containers(spec, sidecars)
     sidecars, identity_warnings = run_as_app_user(spec, sidecars)
     sidecars, grace_warnings = _within_grace(spec, sidecars)
-    injected_spec, raise_warning = _raised_resources(_injected_spec(spec, sidecars), sidecars)
+    spec_with_sidecars, written = _injected_spec(spec, sidecars)
+    injected_spec, raise_warning = _raised_resources(spec_with_sidecars, sidecars)
     warnings = (*warnings, *identity_warnings, *grace_warnings, *raise_warning)
     status = orjson.dumps({"injected": names, "policy": policy.version}).decode()
     added = {key: value for sidecar in sidecars for key, value in sidecar.pod_annotations}
@@ -169,7 +174,7 @@ def _inject(
     }
     resources = (f"{s.name} resources: {'; '.join(s.resource_sources)}" for s in sidecars)
     explanation = (*decision.explanation, *resources)
-    return Injection(injected_pod, INJECTED, names, warnings, explanation)
+    return Injection(injected_pod, INJECTED, names, warnings, explanation, written)
 
 
 @cache_small(1024, lambda _namespace, _own, labels, ours, _policy: _size(labels) + _size(ours))
@@ -302,14 +307,19 @@ def without_injection(pod: Pod, claimed: tuple[str, ...], policy: Policy) -> Pod
     return {**pod, "metadata": {**metadata, "annotations": annotations}, "spec": spec}
 
 
-def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]) -> Pod:
+def _injected_spec(
+    spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
+) -> tuple[Pod, tuple[tuple[object, bytes], ...]]:
+    """The spec with the sidecars, and the JSON of their containers (`Injection.written`)."""
     mounts = [mount for sidecar in sidecars for mount in sidecar.app_volume_mounts]
     containers: list[dict[str, Any]] = spec["containers"]
     if mounts:
         containers = [with_mounts(container, mounts) for container in containers]
     token = api_token_mount(spec)
-    native = [with_api_token(s.container, token) for s in sidecars if s.native]
-    classic = [with_api_token(s.container, token) for s in sidecars if not s.native]
+    placed = [(sidecar, *_placed(sidecar, token)) for sidecar in sidecars]
+    native = [container for sidecar, container, _ in placed if sidecar.native]
+    classic = [container for sidecar, container, _ in placed if not sidecar.native]
+    written = tuple((container, json) for _, container, json in placed if json is not None)
     injected = {**spec, "containers": [*containers, *classic]}
     if native:
         # First, so that the app's own init containers can already use them.
@@ -320,7 +330,29 @@ def _injected_spec(spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...
     pull_secrets = _added_pull_secrets(spec, sidecars)
     if pull_secrets:
         injected["imagePullSecrets"] = [*(spec.get("imagePullSecrets") or ()), *pull_secrets]
-    return injected
+    return injected, written
+
+
+def _placed(
+    sidecar: RenderedSidecar, token: dict[str, Any] | None
+) -> tuple[dict[str, Any], bytes | None]:
+    """The sidecar's container with the pod's API token mount, and its JSON (None where
+    orjson cannot write it: the patch's encoding says why). Kept on the sidecar for a pod
+    without that mount and for the placeholder's name (webhook.admission.review names every
+    pod's token volume so where the policy allows), so that the pods that ask alike share
+    the container and their patches its JSON: writing an Envoy bootstrap's escaped JSON took
+    most of a new pod's patch encoding. A pod's own name is not kept: no other pod has it."""
+    name = None if token is None else token["name"]
+    placement = sidecar.placements.get(name)
+    if placement is None:
+        container = with_api_token(sidecar.container, token)
+        try:
+            placement = (container, orjson.dumps(container))
+        except orjson.JSONEncodeError:
+            placement = (container, None)
+        if name is None or name == TOKEN_VOLUME_PLACEHOLDER:
+            sidecar.placements[name] = placement
+    return placement
 
 
 def _added_pull_secrets(
@@ -430,8 +462,8 @@ def _run_to_completion_problems(
 
 
 # What Fluent Bit and Envoy need after SIGTERM to flush and exit (Fluent Bit's grace is 5 s).
-_EXIT_SECONDS = 5
-_DEFAULT_GRACE_SECONDS = 30  # the pod's terminationGracePeriodSeconds when unset
+_EXIT_SECONDS: Final = 5
+_DEFAULT_GRACE_SECONDS: Final = 30  # the pod's terminationGracePeriodSeconds when unset
 
 
 def _within_grace(
@@ -543,7 +575,7 @@ def _list(value: Any, where: str) -> list[Any]:
 
 # What the API server makes different in every pod of one workload: the ServiceAccount
 # plugin's token volume (named TOKEN_VOLUME_PREFIX and five random characters).
-TOKEN_VOLUME_PLACEHOLDER = TOKEN_VOLUME_PREFIX + "*"  # not a volume name anyone can give
+TOKEN_VOLUME_PLACEHOLDER: Final = TOKEN_VOLUME_PREFIX + "*"  # not a volume name anyone can give
 
 
 def token_volume(pod: Any) -> str | None:

@@ -10,10 +10,10 @@ ones added by index and surplus ones removed from the end. Tests check every pat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 Operation = dict[str, Any]
-_ABSENT = object()
+_ABSENT: Final = object()
 
 
 def escape(key: str) -> str:

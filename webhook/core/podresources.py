@@ -19,20 +19,31 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_CEILING, Decimal, DecimalException
-from typing import Any
+from typing import Any, Final
 
 from webhook.limits import echo
 
 REQUESTS, LIMITS = "requests", "limits"
-_QUANTITY = re.compile(
+_QUANTITY: Final = re.compile(
     r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+|[numkMGTPE])?"
 )
-_BINARY = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-_DECIMAL_SUFFIX = {exponent: suffix for suffix, exponent in _DECIMAL.items()}
+_BINARY: Final = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_DECIMAL: Final = {
+    "n": -9,
+    "u": -6,
+    "m": -3,
+    "": 0,
+    "k": 3,
+    "M": 6,
+    "G": 9,
+    "T": 12,
+    "P": 15,
+    "E": 18,
+}
+_DECIMAL_SUFFIX: Final = {exponent: suffix for suffix, exponent in _DECIMAL.items()}
 # Kubernetes reads a quantity as an int64 of its unit ("8Ei"); the API server stores larger
 # ones ("1e300000"), but writing their sum would take as many digits: such a value is refused.
-_LARGEST = Decimal(2**63)
+_LARGEST: Final = Decimal(2**63)
 Container = Mapping[str, Any]
 
 

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from webhook.core import annotations as ann
 from webhook.core.policy import Policy, Rule
 
 # Why a pod came out as it did: log fields, `--explain` output, metric labels.
-INJECTED = "injected"
-ALREADY_INJECTED = "already-injected"
-NOT_REQUESTED = "not-requested"
-OPTED_OUT = "opted-out"
-NAMESPACE_EXCLUDED = "namespace-excluded"
-RULE_EXCLUDED = "rule-excluded"
-_NOT_EXEMPT = (
+INJECTED: Final = "injected"
+ALREADY_INJECTED: Final = "already-injected"
+NOT_REQUESTED: Final = "not-requested"
+OPTED_OUT: Final = "opted-out"
+NAMESPACE_EXCLUDED: Final = "namespace-excluded"
+RULE_EXCLUDED: Final = "rule-excluded"
+_NOT_EXEMPT: Final = (
     "rule {rule!r} excludes the pod by its labels, which exempt it from no rule's require "
     "(the pod's creator writes them): only the required sidecars are injected"
 )

@@ -15,9 +15,9 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from webhook.ambassador.envoy import (
     HEALTH_PATH,
@@ -48,12 +48,12 @@ from webhook.core.sidecarresources import Override
 from webhook.core.sidecarresources import apply as apply_overrides
 from webhook.limits import echo
 
-_REFERENCE = re.compile(r"\$\{([a-z0-9.-]+)\}")
-_STRING_FIELDS = frozenset({"command", "args"})
-_SECRETS = "envoy.secrets"  # internal: the Secrets the ambassador mounts
-_SDS = "envoy.sds"  # internal: the SDS files naming the certificates in them
-_CPU = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(m?)")
-_DEFAULT_CONCURRENCY = 2
+_REFERENCE: Final = re.compile(r"\$\{([a-z0-9.-]+)\}")
+_STRING_FIELDS: Final = frozenset({"command", "args"})
+_SECRETS: Final = "envoy.secrets"  # internal: the Secrets the ambassador mounts
+_SDS: Final = "envoy.sds"  # internal: the SDS files naming the certificates in them
+_CPU: Final = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)(m?)")
+_DEFAULT_CONCURRENCY: Final = 2
 
 
 class TemplateError(ValueError):
@@ -86,6 +86,12 @@ class RenderedSidecar:
     config_annotation: str = ""
     # Each resource value and where it came from, and what follows from them (inject --explain).
     resource_sources: tuple[str, ...] = ()
+    # Its container as placed in pods, and that container's JSON, per name of the pod's API
+    # token volume (`webhook.core.injector._placed`): made once, shared by the pods that ask
+    # alike. Not copied by `dataclasses.replace`: a changed sidecar is placed afresh.
+    placements: dict[str | None, tuple[dict[str, Any], bytes | None]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @property
     def native(self) -> bool:

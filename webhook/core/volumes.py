@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -33,8 +33,8 @@ def without_mounts(container: Container, removed: Callable[[object], bool]) -> C
 # Where the ServiceAccount admission plugin mounts the pod's API token volume
 # (`DefaultAPITokenMountPath`), in every container that mounts nothing there, and how it
 # names that volume: `kube-api-access-` and five random characters.
-API_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
-TOKEN_VOLUME_PREFIX = "kube-api-access-"
+API_TOKEN_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_VOLUME_PREFIX: Final = "kube-api-access-"
 
 
 def api_token_mount(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -117,7 +117,7 @@ def normalised(path: str) -> str:
 # resources that a namespace's LimitRange defaults, and the service-account token mount that
 # the ServiceAccount admission plugin appends to every container (`kube-api-access-<hash>`)
 # when it runs again after the webhooks. Nothing else may differ.
-API_DEFAULTS = frozenset(
+API_DEFAULTS: Final = frozenset(
     {
         "terminationMessagePath",
         "terminationMessagePolicy",
@@ -132,12 +132,12 @@ API_DEFAULTS = frozenset(
         "apiVersion",  # a downwardAPI item's fieldRef
     }
 )
-_DEFAULTED_MAPS = frozenset({"requests", "limits"})  # LimitRanger's defaults
+_DEFAULTED_MAPS: Final = frozenset({"requests", "limits"})  # LimitRanger's defaults
 # Lists whose items are known by a key and whose order means nothing to Kubernetes. Where the
 # token volume and its mounts sit depends on whether the ServiceAccount plugin ran before the
 # injection (the webhook) or after it (`outrigger inject`, then a create): the order of the
 # others is what the webhook wrote, but the removal and re-adding of re-injection moves them.
-_KEYED_LISTS = {"volumes": "name", "volumeMounts": "mountPath"}
+_KEYED_LISTS: Final = {"volumes": "name", "volumeMounts": "mountPath"}
 
 
 def contains(actual: Any, expected: Any, key: str = "") -> bool:
@@ -211,10 +211,10 @@ def _remembered_contains(actual: Any, expected: Any) -> bool:
 # Containers and volumes checked by `_remembered_contains`: at most about 4 MiB of keys.
 # Read and written from the event loop and worker threads alike; a lost entry is only
 # checked again.
-_REMEMBERED_LISTS = frozenset({"containers", "initContainers", "volumes"})
-_CHECKED_ITEM_BYTES = 16 * 1024
-_CHECKED_ITEM_ENTRIES = 256
-_CHECKED_ITEMS: dict[tuple[bytes, bytes], bool] = {}
+_REMEMBERED_LISTS: Final = frozenset({"containers", "initContainers", "volumes"})
+_CHECKED_ITEM_BYTES: Final = 16 * 1024
+_CHECKED_ITEM_ENTRIES: Final = 256
+_CHECKED_ITEMS: Final[dict[tuple[bytes, bytes], bool]] = {}
 
 
 def _added_by_api(key: str, value: Any, parent: str) -> bool:

@@ -16,7 +16,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
-from typing import Literal, cast, get_args
+from typing import Final, Literal, cast, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import (
@@ -45,30 +45,32 @@ ConnectionClosed = Literal["cap", "handshake", "pipelining", "upgrade"]
 # What became of a decision worth a Kubernetes Event (`webhook.cluster.events`).
 EventResult = Literal["sent", "aggregated", "dropped", "failed"]
 # From 50 us (a memoised answer) to 100 ms (the largest admissible configuration, uncached).
-DURATION_BUCKETS = (
+DURATION_BUCKETS: Final = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 )  # fmt: skip
-_EXPECTED_SERIES = (
+_EXPECTED_SERIES: Final = (
     ("injected", "injected"),
     ("unchanged", "not-requested"),
     ("denied", "invalid-annotation"),
     ("bad_request", "malformed"),
     ("error", "internal"),
 )
-_REVIEWS = "outrigger_admission_reviews"
-_REVIEWS_HELP = (
+_REVIEWS: Final = "outrigger_admission_reviews"
+_REVIEWS_HELP: Final = (
     "AdmissionReviews answered, by outcome (injected, unchanged, denied, bad_request, error) "
     "and reason."
 )
-_SIDECARS = "outrigger_sidecars_injected"
-_SIDECARS_HELP = "Sidecars injected into pods, by sidecar template."
-_DURATION = "outrigger_admission_review_duration_seconds"
-_DURATION_HELP = "Time the webhook spent on a review (decoding, deciding, building, encoding)."
-_POLICY_INFO = "outrigger_policy"  # exposed as outrigger_policy_info{version="..."} 1
-_POLICY_INFO_HELP = "The policy in force; its version is recorded in the status annotation."
+_SIDECARS: Final = "outrigger_sidecars_injected"
+_SIDECARS_HELP: Final = "Sidecars injected into pods, by sidecar template."
+_DURATION: Final = "outrigger_admission_review_duration_seconds"
+_DURATION_HELP: Final = (
+    "Time the webhook spent on a review (decoding, deciding, building, encoding)."
+)
+_POLICY_INFO: Final = "outrigger_policy"  # exposed as outrigger_policy_info{version="..."} 1
+_POLICY_INFO_HELP: Final = "The policy in force; its version is recorded in the status annotation."
 # What `generate_latest` writes, as prometheus-client's own server labels it when the scraper
 # asks for nothing newer (its CONTENT_TYPE_LATEST is 1.0.0 in recent releases, 0.0.4 in older).
-TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+TEXT_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
