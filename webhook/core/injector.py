@@ -359,6 +359,8 @@ def _added_pull_secrets(
     spec: Mapping[str, Any], sidecars: tuple[RenderedSidecar, ...]
 ) -> list[dict[str, str]]:
     """The templates' imagePullSecrets the pod does not name yet, each once, in order."""
+    if not any(sidecar.image_pull_secrets for sidecar in sidecars):
+        return []
     present = {
         s.get("name")
         for s in _list(spec.get("imagePullSecrets"), "spec.imagePullSecrets")
@@ -513,10 +515,13 @@ def _port_problems(sidecar: RenderedSidecar, ports: Mapping[Any, Any]) -> list[s
             f"container's ports, admin interface and readiness endpoint must differ)"
             f"{_settable(sidecar)}"
         ]
+    taken = distinct.intersection(ports)
+    if not taken:  # the usual case, answered without sorting or a list to build
+        return []
     return [
         f"container {ports[port]!r} already uses port {port}, which {sidecar.name} needs "
         f"(containers of a pod share one network namespace){_settable(sidecar)}"
-        for port in sorted(distinct.intersection(ports))
+        for port in sorted(taken)
     ]
 
 

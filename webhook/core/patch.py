@@ -44,11 +44,11 @@ def _diff_objects(
     before: dict[str, Any], after: dict[str, Any], path: str, operations: list[Operation]
 ) -> None:
     start = len(operations)
-    get = before.get
     added = 0
-    # One comprehension finds what is not shared with the original: usually a key or two.
-    for key, value in [item for item in after.items() if get(item[0], _ABSENT) is not item[1]]:
-        previous = get(key, _ABSENT)
+    for key, value in after.items():
+        previous = before.get(key, _ABSENT)
+        if previous is value:  # shared with the original: most keys
+            continue
         child = f"{path}/{escape(key)}"
         if previous is _ABSENT:
             added += 1
