@@ -237,7 +237,9 @@ def test_concurrent_bodies_at_the_size_limit_hold_bounded_memory(
     while any(thread.is_alive() for thread in senders):
         peak = max(peak, rss_kib(process.pid))
         time.sleep(0.05)
-    wait_for(lambda: rss_kib(process.pid) - before < 48 * 1024, 10)
+    # A second after the burst the heap's free pages go back (`release_free_pages`): without
+    # that, 25-46 MiB stayed resident; with it, 14-15.
+    wait_for(lambda: rss_kib(process.pid) - before < 32 * 1024, 10)
     after = rss_kib(process.pid)
     print(
         f"24 bodies of 8 MiB at once: {statuses.count(200)} answered, {statuses.count(503)} "
@@ -246,7 +248,7 @@ def test_concurrent_bodies_at_the_size_limit_hold_bounded_memory(
     )
     assert sorted(set(statuses)) in ([200], [200, 503]), statuses
     assert peak - before < 160 * 1024, "request bodies held at once exceeded their budget"
-    assert after - before < 48 * 1024, "memory was not returned after the burst"
+    assert after - before < 32 * 1024, "memory was not returned after the burst"
     assert metric(server, "outrigger_requests_refused_busy_total") == statuses.count(503)
 
 

@@ -61,3 +61,35 @@ def test_tls_reads_come_from_the_heap_and_large_bodies_get_mappings() -> None:
     assert counts["tls_read"] == counts["before"], "a 256 KiB read got a mapping of its own"
     assert counts["body"] == counts["before"] + 1, "an 8 MiB body was carved from the heap"
     assert counts["after"] == counts["before"], "the 8 MiB body's mapping was kept"
+
+
+# Blocks of a TLS read's size freed between live ones, as a burst of large bodies leaves them.
+_FRAGMENTED = r"""
+import json
+from webhook.serving.memory import release_free_pages, return_freed_memory
+
+def resident_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+return_freed_memory()
+reads, kept = [], []
+for _ in range(200):  # 50 MiB of reads, each followed by a small block that stays
+    reads.append(bytes(256 * 1024))
+    kept.append(bytes(1024))
+del reads
+freed = resident_kib()
+released = release_free_pages()
+print(json.dumps({"released": released, "freed": freed, "trimmed": resident_kib()}))
+"""
+
+
+def test_the_free_pages_between_live_blocks_go_back_to_the_system() -> None:
+    """Freeing gives back only a heap's top; `release_free_pages` (malloc_trim) gives back
+    the free pages between live blocks too."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _FRAGMENTED], capture_output=True, text=True, check=True, timeout=60
+    )
+    sizes = json.loads(probe.stdout)
+    assert sizes["released"] is True
+    assert sizes["freed"] - sizes["trimmed"] > 16 * 1024, sizes  # 25 MiB here; 0 untrimmed

@@ -29,6 +29,7 @@ from webhook.admission.review import (
 from webhook.core.policy import Policy
 from webhook.serving.decisions import log_decision
 from webhook.serving.logs import Throttled
+from webhook.serving.memory import release_free_pages
 from webhook.serving.metrics import TEXT_FORMAT, Metrics
 
 MUTATE_PATH = "/mutate"
@@ -40,6 +41,8 @@ INLINE_BODY_BYTES = 256 * 1024
 # answer take about three times its body, so this bounds them near 100 MiB (the chart's
 # memory limit is 256Mi). One body alone is always admitted, whatever its size.
 BODY_BUDGET_BYTES = 32 * 1024 * 1024
+# After a large body, when the heap's free pages go back to the system (`release_free_pages`).
+RELEASE_AFTER_SECONDS = 1.0
 _JSON = "application/json"
 _TOO_LARGE = b'{"error":"request body too large"}'
 BUSY = b'{"error":"too many large requests at once; retry"}'
@@ -135,9 +138,11 @@ class _Share:
     def __init__(self, budget: BodyBudget) -> None:
         self._budget = budget
         self._held = 0
+        self.asked = 0  # the most bytes asked for, held or not
 
     def hold(self, size: int) -> None:
         """Hold at least `size` bytes; raises `_Busy` when the budget has no room for them."""
+        self.asked = max(self.asked, size)
         if size > self._held:
             if not self._budget.take(size - self._held):
                 raise _Busy
@@ -165,6 +170,7 @@ class AdmissionEndpoint:
         self.metrics = Metrics() if metrics is None else metrics
         self.observer = observer
         self.budget = BodyBudget()
+        self._release: asyncio.TimerHandle | None = None
         self._busy_warning = Throttled(
             "request bodies at their budget (%d bytes held at once): answered %d request(s) "
             "503 since the last such line"
@@ -188,6 +194,20 @@ class AdmissionEndpoint:
                 await _respond(send, 503, BUSY, ((b"retry-after", b"1"),))
             finally:
                 share.give_back()
+                if share.asked > INLINE_BODY_BYTES:
+                    self._release_memory_soon()
+
+    def _release_memory_soon(self) -> None:
+        """Give the heap's free pages back to the system a second after a large body (once
+        for a burst of them: `release_free_pages`), so that a burst does not leave the
+        process near its memory limit."""
+        if self._release is None:
+            loop = asyncio.get_running_loop()
+            self._release = loop.call_later(RELEASE_AFTER_SECONDS, self._released)
+
+    def _released(self) -> None:
+        self._release = None
+        release_free_pages()
 
     def hold_body(self, size: int) -> bool:
         """Take `size` bytes of the body budget for a review answered without ASGI

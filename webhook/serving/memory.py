@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+from typing import Any
 
 log = logging.getLogger("outrigger.server")
 
@@ -28,6 +30,30 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 512 * 1024
 TRIM_THRESHOLD_BYTES = 1024 * 1024
 ARENAS = 2
+
+
+def release_free_pages() -> bool:
+    """glibc's `malloc_trim(0)`: every whole free page of its heaps back to the system, those
+    between live blocks included (freeing only ever gives back the top of a heap). Called a
+    second after a burst of large bodies, whose TLS reads (256 KiB each, under the threshold)
+    are carved from the heap: two dozen 8 MiB bodies left 25-46 MiB resident behind a few
+    live blocks, 14-15 MiB once trimmed. False where the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def return_freed_memory() -> bool:
