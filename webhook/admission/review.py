@@ -695,18 +695,29 @@ def _with_written(
 ) -> list[dict[str, Any]]:
     """The operations with each value whose JSON is written already (`Injection.written`:
     the sidecars' containers, shared by the pods that ask alike) as that JSON, alone or in
-    a list (`/spec/initContainers`): orjson copies it where it would write it again."""
+    a list (`/spec/initContainers`): orjson copies it where it would write it again. Found
+    by identity among the few written (a dict by `id` cost more: each id a new int)."""
     if not written:
         return operations
-    known = {id(value): orjson.Fragment(json) for value, json in written}
     for operation in operations:
-        value = operation.get("value")
-        if isinstance(value, list):
-            if any(id(item) in known for item in value):
-                operation["value"] = [known.get(id(item), item) for item in value]
-        elif id(value) in known:
-            operation["value"] = known[id(value)]
+        if "value" not in operation:  # a removal
+            continue
+        value = operation["value"]
+        if isinstance(value, list):  # a new list: the pod's own is left as it is
+            operation["value"] = [_as_written(item, written) for item in value]
+        else:
+            operation["value"] = _as_written(value, written)
     return operations
+
+
+def _as_written(value: object, written: tuple[tuple[object, bytes], ...]) -> object:
+    for shared, json in written:
+        if value is shared:
+            return _FRAGMENT(json)
+    return value
+
+
+_FRAGMENT: Final = orjson.Fragment
 
 
 def split_at_placeholder(operations: bytes) -> tuple[list[bytes], bool]:
