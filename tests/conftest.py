@@ -74,8 +74,13 @@ def as_pod(pod: dict[str, Any]) -> dict[str, Any]:
 def fields(record: Any) -> dict[str, Any]:
     """A review record's fields by name (`AdmissionRequest`, `Verdict`...: plain classes,
     compared by identity), every field its constructor takes: to compare two by value."""
+    return {name: _by_value(value) for name, value in _arguments(record).items()}
+
+
+def _arguments(record: Any) -> dict[str, Any]:
+    """What a record's constructor took, by name: its fields as they are."""
     names = inspect.signature(type(record)).parameters
-    return {name: _by_value(getattr(record, name)) for name in names}
+    return {name: getattr(record, name) for name in names}
 
 
 def _by_value(value: Any) -> Any:
@@ -84,8 +89,9 @@ def _by_value(value: Any) -> Any:
 
 
 def replaced(record: T, **changes: Any) -> T:
-    """A copy of a review record with `changes` (what NamedTuple's `_replace` did)."""
-    made: T = type(record)(**{**fields(record), **changes})
+    """A copy of a review record with `changes` (what NamedTuple's `_replace` did); the
+    records it holds are kept as they are (`fields` would give them as dicts)."""
+    made: T = type(record)(**{**_arguments(record), **changes})
     return made
 
 
