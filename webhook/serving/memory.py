@@ -38,37 +38,34 @@ def release_free_pages() -> bool:
     second after a burst of large bodies, whose TLS reads (256 KiB each, under the threshold)
     are carved from the heap: two dozen 8 MiB bodies left 25-46 MiB resident behind a few
     live blocks, 14-15 MiB once trimmed. False where the C library has no malloc_trim."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is None:
         return False
     trim(0)
     return True
 
 
-@functools.cache
-def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim
-
-
 def return_freed_memory() -> bool:
     """Set glibc's malloc as above; False (and a debug line) where the C library is not
     glibc (musl, say), whose allocator returns large blocks by itself."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
-        log.debug("no glibc mallopt in %s: the allocator is left as it is", name)
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
+        log.debug("no glibc mallopt in the C library: the allocator is left as it is")
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
         (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         (_M_ARENA_MAX, ARENAS),
     )
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+@functools.cache
+def _glibc(function: str, *argument_types: Any) -> Any:
+    """glibc's `function`, taking `argument_types`; None where the C library has none."""
+    try:
+        found = getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)
+    except (OSError, AttributeError, TypeError):
+        return None
+    found.argtypes = list(argument_types)
+    return found
