@@ -395,12 +395,11 @@ def _pod_to_inject(
     pod: wire.Pod, read_labels: frozenset[str] | None
 ) -> tuple[bytes, str | None, wire.Pod]:
     """The pod as `mutation` takes it (its JSON and itself), and its token volume's name:
-    without what the
-    injector never reads but the API server makes different in every pod (its name, and
-    its token volume's name, normalised), a controller sets per replica (labels the rules
-    do not read) or a new revision changes (annotations not Outrigger's), so that the pods
-    of one workload, and of its revisions of one shape, share an answer. The name and owner
-    stay in the request for the decision log and the Events."""
+    without what the injector never reads but the API server makes different in every pod
+    (its name, and its token volume's name, normalised), a controller sets per replica
+    (labels the rules do not read) or a new revision changes (annotations not Outrigger's),
+    so that the pods of one workload, and of its revisions of one shape, share an answer.
+    The name and owner stay in the request for the decision log and the Events."""
     unnamed = _unnamed(pod, read_labels)
     token = token_volume(unnamed)
     if token is not None:
@@ -717,6 +716,7 @@ def _as_written(value: object, written: tuple[tuple[object, bytes], ...]) -> obj
     return value
 
 
+# Compiled, a Final name is a C static; `orjson.Fragment` would be looked up on each call.
 _FRAGMENT: Final = orjson.Fragment
 
 
